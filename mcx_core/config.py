@@ -1,0 +1,446 @@
+"""Experiment configuration: pydantic models that mirror the YAML files in `configs/` one to one.
+
+Every error names the YAML path of the field it is about (`gistnet.training.phases[1].max_steps: ...`),
+so a researcher can fix a config without reading this file. Relative paths in a config resolve
+against the project root (the directory `mcx` runs in, or `$MCX_HOME`).
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+EMBEDDED_SOURCES = ("embedded:shakespeare", "embedded:stdlib")
+
+
+class ConfigError(ValueError):
+    """A config that cannot be used. `problems` holds one `field.path: message` line per problem."""
+
+    def __init__(self, source: str, problems: list[str]):
+        self.source = source
+        self.problems = problems
+        super().__init__(f"{source}: " + "; ".join(problems))
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+
+# ---------------------------------------------------------------------------------------------- dataset
+
+
+class CorpusConfig(Section):
+    """One corpus: an embedded one (`embedded:shakespeare`, `embedded:stdlib`) or a file glob."""
+
+    source: str
+    kind: Literal["narrative", "code", "recall"] = "narrative"
+    max_documents: int | None = Field(default=None, gt=0)
+    strip_gutenberg: bool = True
+
+
+class SplitSource(Section):
+    """The seed document's explicit split form: one file glob per split."""
+
+    source: str
+    output_path: str | None = None
+
+
+class DatasetConfig(Section):
+    dataset_name: str = "megacontext"
+    tokenizer: str = Field(default="auto", description="'auto' = the base model's tokenizer, or a local dir")
+    block_size: int = Field(default=32, gt=0)
+    context_tokens: int = Field(default=1024, gt=0)
+    horizon: int = Field(default=64, gt=0)
+    stride_tokens: int | None = Field(default=None, gt=0, description="default: one whole sample")
+    min_document_tokens: int | None = Field(default=None, gt=0, description="default: one sample")
+    corpora: dict[str, CorpusConfig] = Field(default_factory=dict)
+    splits: dict[str, SplitSource] = Field(default_factory=dict)
+    split_fractions: dict[str, float] = Field(default_factory=lambda: {"train": 0.8, "val": 0.1, "test": 0.1})
+    max_samples_per_split: dict[str, int] = Field(default_factory=dict)
+    output_dir: str = "artifacts/datasets"
+
+    @property
+    def sample_tokens(self) -> int:
+        return self.context_tokens + self.horizon
+
+    @model_validator(mode="after")
+    def _check(self) -> "DatasetConfig":
+        if self.context_tokens % self.block_size:
+            raise ValueError(
+                f"context_tokens ({self.context_tokens}) must be a multiple of block_size ({self.block_size})"
+            )
+        if self.stride_tokens is not None and self.stride_tokens % self.block_size:
+            raise ValueError(f"stride_tokens must be a multiple of block_size ({self.block_size})")
+        if not self.corpora and not self.splits:
+            raise ValueError("give at least one corpus under `corpora` or explicit `splits`")
+        if self.corpora:
+            total = sum(self.split_fractions.values())
+            if abs(total - 1.0) > 1e-6:
+                raise ValueError(f"split_fractions must sum to 1 (got {total:g})")
+            if any(v < 0 for v in self.split_fractions.values()):
+                raise ValueError("split_fractions must be >= 0")
+        if any(v <= 0 for v in self.max_samples_per_split.values()):
+            raise ValueError("max_samples_per_split values must be > 0")
+        return self
+
+
+# ---------------------------------------------------------------------------------------------- models
+
+
+class TinyModelConfig(Section):
+    """A randomly initialised Llama for tests: seconds, not minutes."""
+
+    hidden_size: int = Field(default=64, gt=0)
+    num_layers: int = Field(default=2, gt=0)
+    num_heads: int = Field(default=4, gt=0)
+    intermediate_size: int = Field(default=128, gt=0)
+    max_position_embeddings: int = Field(default=4096, gt=0)
+
+
+class BaseModelConfig(Section):
+    name: str = "HuggingFaceTB/SmolLM2-135M-Instruct"
+    source: Literal["embedded_gguf", "local", "tiny_random"] = "embedded_gguf"
+    path: str | None = Field(default=None, description="local Hugging Face model directory (source=local)")
+    dtype: Literal["float32", "bfloat16", "float16", "auto"] = Field(default="float32", alias="torch_dtype")
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    run_name: str | None = None
+    tiny: TinyModelConfig = Field(default_factory=TinyModelConfig)
+    cache_dir: str = ".cache/models"
+
+    @model_validator(mode="after")
+    def _check(self) -> "BaseModelConfig":
+        if self.source == "local" and not self.path:
+            raise ValueError("source 'local' needs `path` (a local Hugging Face model directory)")
+        return self
+
+
+class PhaseConfig(Section):
+    name: str
+    objective: Literal["pooling_mse", "delta_nll"]
+    max_steps: int = Field(gt=0)
+    lr: float | None = Field(default=None, gt=0)
+    kl_weight: float = Field(default=0.0, ge=0)
+
+
+class GistNetModelConfig(Section):
+    hidden_size: int | Literal["auto"] = "auto"
+    block_size: int = Field(default=32, gt=0)
+    num_heads: int = Field(default=4, gt=0)
+    num_layers: int = Field(default=2, gt=0)
+    ffn_mult: int = Field(default=4, gt=0)
+    pooling: Literal["query", "cls", "mean"] = "query"
+    dropout: float = Field(default=0.0, ge=0, lt=1)
+    share_levels: bool = Field(default=False, description="one module for LOD1 and LOD2")
+
+
+class TrainingConfig(Section):
+    batch_size: int = Field(default=4, gt=0)
+    lr: float = Field(default=3e-4, gt=0)
+    weight_decay: float = Field(default=0.01, ge=0)
+    warmup_steps: int = Field(default=10, ge=0)
+    grad_clip: float = Field(default=1.0, gt=0)
+    log_every: int = Field(default=1, gt=0)
+    checkpoint_every: int = Field(default=0, ge=0, description="0 = only at the end of a phase")
+
+
+class GistNetTrainingConfig(TrainingConfig):
+    phases: list[PhaseConfig] = Field(
+        default_factory=lambda: [
+            PhaseConfig(name="pooling-pretrain", objective="pooling_mse", max_steps=50),
+            PhaseConfig(name="substitution", objective="delta_nll", max_steps=100),
+        ]
+    )
+    gists_per_sample: int | Literal["all"] = "all"
+
+
+class GistNetConfig(Section):
+    model: GistNetModelConfig = Field(default_factory=GistNetModelConfig)
+    training: GistNetTrainingConfig = Field(default_factory=GistNetTrainingConfig)
+
+
+class LensNetModelConfig(Section):
+    hidden_size: int = Field(default=128, gt=0)
+    num_layers: int = Field(default=2, gt=0)
+    num_heads: int = Field(default=4, gt=0)
+    tail_gists: int = Field(default=4, ge=0)
+
+
+class LensNetTrainingConfig(TrainingConfig):
+    max_steps: int = Field(default=200, gt=0)
+    ranking_weight: float = Field(default=0.5, ge=0)
+    budget_weight: float = Field(default=0.1, ge=0)
+    legality_weight: float = Field(default=1.0, ge=0)
+
+
+class LensNetConfig(Section):
+    model: LensNetModelConfig = Field(default_factory=LensNetModelConfig)
+    training: LensNetTrainingConfig = Field(default_factory=LensNetTrainingConfig)
+
+
+class LoRAConfig(Section):
+    rank: int = Field(default=8, gt=0)
+    alpha: float = Field(default=16.0, gt=0)
+    dropout: float = Field(default=0.0, ge=0, lt=1)
+    target_modules: list[str] = Field(default_factory=lambda: ["q_proj", "v_proj"])
+    training: LensNetTrainingConfig = Field(default_factory=LensNetTrainingConfig)
+
+
+class WorkingContextConfig(Section):
+    w_max: int = Field(default=128, gt=0, description="the budget the runtime and acceptance gate use")
+    eval_w_max: list[int] = Field(default_factory=lambda: [128, 256])
+    recent_tokens: int = Field(default=64, ge=0)
+    position_scheme: Literal["center", "compact"] = "center"
+    sink_tokens: int = Field(default=32, ge=0, description="recency baseline keeps this many first tokens")
+
+    @field_validator("eval_w_max")
+    @classmethod
+    def _positive(cls, v: list[int]) -> list[int]:
+        if not v or any(w <= 0 for w in v):
+            raise ValueError("must be a non-empty list of positive integers")
+        return v
+
+
+class AllocatorConfig(Section):
+    tau_expand: float = Field(default=0.2, ge=0, le=1)
+    tau_collapse: float = Field(default=0.2, ge=0, le=1)
+    n_diff: int = Field(default=4, gt=0)
+    cooldown_steps: int = Field(default=2, ge=0)
+    min_residency: int = Field(default=3, ge=0)
+
+
+class DeltasConfig(Section):
+    samples: int = Field(default=16, gt=0)
+    contexts_per_sample: int = Field(default=2, gt=0)
+    max_candidates: int = Field(default=16, gt=0)
+    batch_size: int = Field(default=8, gt=0)
+
+
+class RuntimeConfig(Section):
+    steps: int = Field(default=100, gt=0, description="acceptance needs 1000")
+    refocus_every: int = Field(default=32, gt=0)
+    documents: int = Field(default=2, gt=0)
+
+
+class EvaluationConfig(Section):
+    samples_per_dataset: int = Field(default=16, gt=0)
+    batch_size: int = Field(default=4, gt=0)
+    split: Literal["train", "val", "test"] = "test"
+
+
+class SweepConfig(Section):
+    w_max: list[int] = Field(default_factory=lambda: [128, 256])
+    datasets: list[str] = Field(default_factory=lambda: ["narrative", "code", "recall"])
+    samples: int = Field(default=8, gt=0)
+    cron: str = "0 2 * * *"
+
+
+class AcceptanceConfig(Section):
+    """SPEC §8: the POC gate. Values here, never as literals in code."""
+
+    delta_nll_max: float = 0.1
+    delta_nll_1024x_max: float = 0.2
+    swap_rate_max: float = 0.25
+    swap_rate_critical: float = 0.5
+    mean_residency_min: float = 3.0
+    utilization_min: float = 0.8
+    utilization_max: float = 1.0
+    latency_overhead_max: float = 0.10
+    causality_violations_max: int = 0
+    nan_free_steps: int = 100
+    split_min_samples: int = Field(default=1, ge=0, description="each split must hold at least this many")
+
+
+class AlertsConfig(Section):
+    swap_rate_critical: float = 0.5
+    latency_ratio_max: float = 1.5
+    delta_nll_divergence: float = 0.05
+    command: str | None = None
+    webhook_url: str | None = None
+
+
+class MLflowConfig(Section):
+    tracking_uri: str | None = Field(default=None, description="default: sqlite:///<root>/mlruns/mlflow.db")
+    experiment: str | None = Field(default=None, description="default: the config's name")
+    artifact_location: str | None = Field(default=None, description="default: <root>/mlruns/artifacts")
+    system_metrics: bool = False
+
+
+class MegaContextConfig(Section):
+    name: str
+    description: str = ""
+    seed: int = 1234
+    artifacts_dir: str = "artifacts"
+    dataset: DatasetConfig
+    base_model: BaseModelConfig = Field(default_factory=BaseModelConfig)
+    gistnet: GistNetConfig = Field(default_factory=GistNetConfig)
+    lensnet: LensNetConfig = Field(default_factory=LensNetConfig)
+    lora: LoRAConfig = Field(default_factory=LoRAConfig)
+    working_context: WorkingContextConfig = Field(default_factory=WorkingContextConfig)
+    allocator: AllocatorConfig = Field(default_factory=AllocatorConfig)
+    deltas: DeltasConfig = Field(default_factory=DeltasConfig)
+    runtime: RuntimeConfig = Field(default_factory=RuntimeConfig)
+    evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig)
+    sweep: SweepConfig = Field(default_factory=SweepConfig)
+    acceptance: AcceptanceConfig = Field(default_factory=AcceptanceConfig)
+    alerts: AlertsConfig = Field(default_factory=AlertsConfig)
+    mlflow: MLflowConfig = Field(default_factory=MLflowConfig)
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        if not v.strip():
+            raise ValueError("must not be empty")
+        return v
+
+    @model_validator(mode="after")
+    def _check(self) -> "MegaContextConfig":
+        block = self.dataset.block_size
+        if self.gistnet.model.block_size != block:
+            raise ValueError(
+                f"gistnet.model.block_size ({self.gistnet.model.block_size}) must equal "
+                f"dataset.block_size ({block})"
+            )
+        wc = self.working_context
+        if wc.w_max not in wc.eval_w_max:
+            raise ValueError(f"working_context.w_max ({wc.w_max}) must be one of eval_w_max {wc.eval_w_max}")
+        if wc.recent_tokens % block:
+            raise ValueError(f"working_context.recent_tokens must be a multiple of block_size ({block})")
+        for w in wc.eval_w_max:
+            if w < wc.recent_tokens + block:
+                raise ValueError(
+                    f"working_context.eval_w_max value {w} leaves no room beyond recent_tokens "
+                    f"({wc.recent_tokens}) + one block"
+                )
+        return self
+
+    # Convenience views ------------------------------------------------------------------------------
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json", by_alias=False), sort_keys=False)
+
+    def flat(self) -> dict[str, Any]:
+        """`section.sub.key -> value` for MLflow params (lists joined by commas)."""
+        return flatten(self.model_dump(mode="json"))
+
+    def dataset_hash(self, tokenizer_id: str) -> str:
+        """Identity of the block datasets: same dataset section + tokenizer → same files."""
+        payload = {"dataset": self.dataset.model_dump(mode="json"), "tokenizer": tokenizer_id}
+        return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    if isinstance(tree, dict):
+        for k, v in tree.items():
+            out.update(flatten(v, f"{prefix}{k}."))
+    elif isinstance(tree, list) and any(isinstance(v, dict) for v in tree):
+        for i, v in enumerate(tree):
+            out.update(flatten(v, f"{prefix}{i}."))
+    else:
+        out[prefix.rstrip(".")] = ",".join(map(str, tree)) if isinstance(tree, list) else tree
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- loading
+
+
+def project_root() -> Path:
+    return Path(os.environ.get("MCX_HOME") or os.getcwd()).resolve()
+
+
+def resolve_path(p: str | os.PathLike, root: Path | None = None) -> Path:
+    path = Path(p).expanduser()
+    return path if path.is_absolute() else (root or project_root()) / path
+
+
+def _loc(loc: tuple[Any, ...]) -> str:
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        else:
+            out += ("." if out else "") + str(part)
+    return out or "<root>"
+
+
+def _pydantic_problems(err: ValidationError) -> list[str]:
+    problems = []
+    for e in err.errors():
+        # Drop pydantic's internal tags (e.g. 'function-after[_check()]') from the location.
+        loc = tuple(p for p in e["loc"] if not (isinstance(p, str) and "[" in p and "]" in p))
+        msg = e["msg"]
+        if e["type"] == "extra_forbidden":
+            msg = "unknown key"
+        elif e["type"] == "missing":
+            msg = "missing required field"
+        msg = msg.removeprefix("Value error, ")
+        problems.append(f"{_loc(loc)}: {msg}")
+    return problems
+
+
+def parse_config(data: Any, source: str = "<config>") -> MegaContextConfig:
+    if not isinstance(data, dict):
+        raise ConfigError(source, ["<root>: the file must hold a YAML mapping"])
+    try:
+        return MegaContextConfig.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(source, _pydantic_problems(err)) from None
+
+
+def load_config(path: str | os.PathLike, overrides: dict[str, Any] | None = None) -> MegaContextConfig:
+    """Read, validate and return a config. `overrides` use dotted keys: {'runtime.steps': 5}."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(str(p), [f"<file>: config file not found: {p.resolve()}"])
+    try:
+        data = yaml.safe_load(p.read_text(encoding="utf-8"))
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
+        raise ConfigError(str(p), [f"<yaml>: not valid YAML{where}: {getattr(err, 'problem', err)}"]) from None
+    except UnicodeDecodeError:
+        raise ConfigError(str(p), ["<file>: not a UTF-8 text file"]) from None
+    for key, value in (overrides or {}).items():
+        _set_dotted(data, key, value)
+    return parse_config(data, str(p))
+
+
+def _set_dotted(data: dict, key: str, value: Any) -> None:
+    node = data
+    parts = key.split(".")
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+    node[parts[-1]] = value
+
+
+def check_files(cfg: MegaContextConfig, root: Path | None = None) -> list[str]:
+    """Problems with files a config names (missing model dir, globs that match nothing)."""
+    problems: list[str] = []
+    bm = cfg.base_model
+    if bm.source == "local":
+        d = resolve_path(bm.path, root)
+        if not (d / "config.json").is_file():
+            problems.append(f"base_model.path: no Hugging Face model directory at {d} (config.json missing)")
+    for name, corpus in cfg.dataset.corpora.items():
+        if corpus.source in EMBEDDED_SOURCES:
+            continue
+        if corpus.source.startswith("embedded:"):
+            problems.append(
+                f"dataset.corpora.{name}.source: unknown embedded corpus {corpus.source!r} "
+                f"(known: {', '.join(EMBEDDED_SOURCES)})"
+            )
+        elif not glob.glob(str(resolve_path(corpus.source, root)), recursive=True):
+            problems.append(f"dataset.corpora.{name}.source: no file matches {resolve_path(corpus.source, root)}")
+    for split, src in cfg.dataset.splits.items():
+        if not glob.glob(str(resolve_path(src.source, root)), recursive=True):
+            problems.append(f"dataset.splits.{split}.source: no file matches {resolve_path(src.source, root)}")
+    tok = cfg.dataset.tokenizer
+    if tok != "auto" and not resolve_path(tok, root).is_dir():
+        problems.append(f"dataset.tokenizer: no local tokenizer directory at {resolve_path(tok, root)}")
+    return problems

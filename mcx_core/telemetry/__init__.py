@@ -1,0 +1,1 @@
+"""Telemetry: one definition per metric (`metrics`), and sinks that record them (`sinks`)."""

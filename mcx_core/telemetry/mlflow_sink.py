@@ -1,0 +1,141 @@
+"""The one module that talks to MLflow. Uses `MlflowClient` with explicit run ids (no global active
+run), so Dagster's multi-process executor and nested runs behave."""
+
+from __future__ import annotations
+
+import math
+import os
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+from mcx_core.telemetry.sinks import NullSink
+
+MAX_PARAM_LEN = 6000
+
+
+def default_tracking_uri(root: Path) -> str:
+    return f"sqlite:///{(root / 'mlruns' / 'mlflow.db').resolve()}"
+
+
+def default_artifact_location(root: Path) -> str:
+    return (root / "mlruns" / "artifacts").resolve().as_uri()
+
+
+def git_commit(root: Path) -> str:
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=5, check=True
+        )
+        return out.stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def _client(tracking_uri: str):
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    from mlflow import MlflowClient
+
+    Path(tracking_uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+    return MlflowClient(tracking_uri=tracking_uri)
+
+
+def ensure_experiment(tracking_uri: str, name: str, artifact_location: str | None) -> str:
+    client = _client(tracking_uri)
+    exp = client.get_experiment_by_name(name)
+    if exp is not None:
+        return exp.experiment_id
+    return client.create_experiment(name, artifact_location=artifact_location)
+
+
+class MLflowSink(NullSink):
+    """An MLflow run. Create with `MLflowSink.start(...)`, end with `.end(status)`."""
+
+    def __init__(self, tracking_uri: str, run_id: str) -> None:
+        self.tracking_uri = tracking_uri
+        self.run_id = run_id
+        self.client = _client(tracking_uri)
+        self._system = None
+
+    @classmethod
+    def start(
+        cls,
+        tracking_uri: str,
+        experiment: str,
+        run_name: str,
+        tags: dict[str, str] | None = None,
+        artifact_location: str | None = None,
+        parent_run_id: str | None = None,
+        system_metrics: bool = False,
+    ) -> "MLflowSink":
+        exp_id = ensure_experiment(tracking_uri, experiment, artifact_location)
+        tags = dict(tags or {})
+        if parent_run_id:
+            tags["mlflow.parentRunId"] = parent_run_id
+        run = _client(tracking_uri).create_run(exp_id, tags=tags, run_name=run_name)
+        sink = cls(tracking_uri, run.info.run_id)
+        if system_metrics:
+            sink._start_system_metrics()
+        return sink
+
+    @property
+    def experiment_id(self) -> str:
+        return self.client.get_run(self.run_id).info.experiment_id
+
+    def _start_system_metrics(self) -> None:
+        try:
+            from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+            self._system = SystemMetricsMonitor(self.run_id, sampling_interval=5, samples_before_logging=1)
+            self._system.start()
+        except Exception:  # system metrics are a convenience; never fail a run over them
+            self._system = None
+
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+        from mlflow.entities import Metric
+
+        ts = int(time.time() * 1000)
+        batch = [
+            Metric(k, float(v), ts, step or 0)
+            for k, v in metrics.items()
+            if v is not None and math.isfinite(float(v))
+        ]
+        if batch:
+            self.client.log_batch(self.run_id, metrics=batch)
+        bad = sorted(k for k, v in metrics.items() if v is None or not math.isfinite(float(v)))
+        if bad:
+            self.client.set_tag(self.run_id, "nonfinite_metrics", ",".join(bad)[:5000])
+
+    def log_params(self, params: dict[str, Any]) -> None:
+        from mlflow.entities import Param
+
+        items = [Param(k, str(v)[:MAX_PARAM_LEN]) for k, v in params.items()]
+        for i in range(0, len(items), 100):
+            self.client.log_batch(self.run_id, params=items[i : i + 100])
+
+    def set_tags(self, tags: dict[str, str]) -> None:
+        for k, v in tags.items():
+            self.client.set_tag(self.run_id, k, str(v))
+
+    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
+        p = Path(path)
+        if p.is_dir():
+            self.client.log_artifacts(self.run_id, str(p), artifact_path)
+        else:
+            self.client.log_artifact(self.run_id, str(p), artifact_path)
+
+    def log_text(self, text: str, artifact_file: str) -> None:
+        self.client.log_text(self.run_id, text, artifact_file)
+
+    def log_table(self, rows: dict[str, list], artifact_file: str) -> None:
+        self.client.log_table(self.run_id, data=rows, artifact_file=artifact_file)
+
+    def end(self, status: str = "FINISHED") -> None:
+        if self._system is not None:
+            self._system.finish()
+            self._system = None
+        self.client.set_terminated(self.run_id, status=status)
+
+    def metric_history(self, key: str) -> list[tuple[int, float]]:
+        return [(m.step, m.value) for m in self.client.get_metric_history(self.run_id, key)]

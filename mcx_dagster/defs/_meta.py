@@ -1,0 +1,32 @@
+"""Small helpers that turn mcx_core results into Dagster metadata."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import dagster as dg
+
+
+def floats(values: dict, prefix: str = "") -> dict:
+    """Numbers as float metadata, so the UI charts them across materializations."""
+    out = {}
+    for k, v in values.items():
+        if isinstance(v, bool) or not isinstance(v, int | float):
+            continue
+        out[f"{prefix}{k}"] = dg.MetadataValue.float(float(v) if math.isfinite(float(v)) else float("nan"))
+    return out
+
+
+def markdown_file(path: Path) -> dg.MetadataValue:
+    return dg.MetadataValue.md(Path(path).read_text(encoding="utf-8"))
+
+
+def problems_result(problems: list[str], passed_text: str, **metadata) -> dg.AssetCheckResult:
+    """A check result that names every problem (first 20) and counts them."""
+    meta = {"problems": dg.MetadataValue.int(len(problems)), **metadata}
+    if problems:
+        meta["details"] = dg.MetadataValue.md("\n".join(f"- {p}" for p in problems[:20]))
+    else:
+        meta["details"] = dg.MetadataValue.text(passed_text)
+    return dg.AssetCheckResult(passed=not problems, metadata=meta)

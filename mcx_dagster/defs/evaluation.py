@@ -1,0 +1,31 @@
+"""Evaluation assets: ΔNLL@H reports."""
+
+import dagster as dg
+
+from mcx_dagster.defs._meta import floats, markdown_file
+from mcx_dagster.defs.resources import MegaContextSettings, MLflowTracker
+
+
+@dg.asset(group_name="evaluation", deps=["block_dataset", "base_model"], kinds={"parquet"})
+def baseline_eval(
+    context: dg.AssetExecutionContext, settings: MegaContextSettings, mlflow: MLflowTracker
+) -> dg.MaterializeResult:
+    """ΔNLL@H of the recency and untrained mean-pool baselines against the full history, on held-out
+    samples of each dataset, for every W_max in `working_context.eval_w_max`."""
+    from mcx_core import pipeline
+
+    cfg = settings.load()
+    with mlflow.run(context, cfg, settings.root_dir()) as sink:
+        lm, _ = pipeline.prepare_base_model(cfg)
+        result = pipeline.run_baseline_eval(cfg, lm, sink)
+    meta = {}
+    for s in result["summary"]:
+        meta.update(floats(s, prefix=f"{s['dataset']}/w{s['w_max']}/"))
+    return dg.MaterializeResult(
+        metadata={
+            **meta,
+            "seconds": dg.MetadataValue.float(result["seconds"]),
+            "report": markdown_file(result["report"]["markdown"]),
+            "table": dg.MetadataValue.path(str(result["table"])),
+        }
+    )

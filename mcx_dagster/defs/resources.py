@@ -1,0 +1,113 @@
+"""Resources, bound in one place: the experiment config, artifact paths, MLflow and DuckDB."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import dagster as dg
+
+DEFAULT_CONFIG = "configs/default.yaml"
+
+
+def project_root() -> Path:
+    """`$MCX_HOME`, else the repository this package lives in (the directory `make dev` runs from)."""
+    return Path(os.environ.get("MCX_HOME") or Path(__file__).resolve().parents[2]).resolve()
+
+
+class MegaContextSettings(dg.ConfigurableResource):
+    """Which experiment config the assets run, and the project root its relative paths resolve against."""
+
+    config_path: str = DEFAULT_CONFIG
+    root: str = ""
+
+    def root_dir(self) -> Path:
+        return Path(self.root).resolve() if self.root else project_root()
+
+    def load(self):
+        from mcx_core.config import load_config
+
+        os.environ["MCX_HOME"] = str(self.root_dir())
+        path = Path(self.config_path)
+        return load_config(path if path.is_absolute() else self.root_dir() / path)
+
+
+class ArtifactPathsResource(dg.ConfigurableResource):
+    """Absolute paths of the artifact folders for a config (datasets, reports, deltas, traces...)."""
+
+    def for_config(self, cfg):
+        from mcx_core.pipeline import ArtifactPaths
+
+        return ArtifactPaths.from_config(cfg)
+
+
+class MLflowTracker(dg.ConfigurableResource):
+    """Opens one MLflow run per asset materialization, tagged both ways with the Dagster run.
+
+    Defaults: `sqlite:///<root>/mlruns/mlflow.db`, artifacts in `<root>/mlruns/artifacts`, experiment
+    named after the config. `mlflow` is imported only when a run starts (it costs seconds).
+    """
+
+    tracking_uri: str = ""
+    artifact_location: str = ""
+
+    @contextlib.contextmanager
+    def run(self, context: dg.AssetExecutionContext, cfg, root: Path, name: str | None = None) -> Iterator:
+        from mcx_core.telemetry.mlflow_sink import (
+            MLflowSink,
+            default_artifact_location,
+            default_tracking_uri,
+            git_commit,
+        )
+
+        uri = self.tracking_uri or cfg.mlflow.tracking_uri or default_tracking_uri(root)
+        artifacts = self.artifact_location or cfg.mlflow.artifact_location or default_artifact_location(root)
+        asset = context.asset_key.to_user_string()
+        tags = {
+            "dagster.run_id": context.run_id,
+            "dagster.asset_key": asset,
+            "dagster.job": context.job_name,
+            "mcx.config_name": cfg.name,
+            "mcx.git_commit": git_commit(root),
+        }
+        sink = MLflowSink.start(
+            uri,
+            cfg.mlflow.experiment or cfg.name,
+            run_name=name or f"{asset}-{context.run_id[:8]}",
+            tags=tags,
+            artifact_location=artifacts,
+            system_metrics=cfg.mlflow.system_metrics,
+        )
+        sink.log_params(cfg.flat())
+        sink.log_text(cfg.to_yaml(), "config/config.yaml")
+        context.instance.add_run_tags(context.run_id, {f"mlflow.run_id.{asset.replace('/', '.')}": sink.run_id})
+        context.add_output_metadata({"mlflow_run_id": sink.run_id, "mlflow_tracking_uri": uri})
+        try:
+            yield sink
+        except BaseException:
+            sink.end("FAILED")
+            raise
+        sink.end("FINISHED")
+
+
+class DuckDBResource(dg.ConfigurableResource):
+    """An in-memory DuckDB with views over the Parquet/Arrow/JSONL artifacts (absolute paths)."""
+
+    def connect(self, artifacts_root: Path):
+        from mcx_core.query import connect
+
+        return connect(artifacts_root)
+
+
+@dg.definitions
+def resources() -> dg.Definitions:
+    return dg.Definitions(
+        resources={
+            "settings": MegaContextSettings(config_path=os.environ.get("MCX_CONFIG", DEFAULT_CONFIG)),
+            "paths": ArtifactPathsResource(),
+            "mlflow": MLflowTracker(tracking_uri=os.environ.get("MLFLOW_TRACKING_URI", "")),
+            "duckdb": DuckDBResource(),
+        }
+    )

@@ -75,15 +75,16 @@ def materialize(config_path: str, selection: str | None):
     sys.exit(0 if result.success and not _failed_checks(result) else 1)
 
 
-def run_materialize(definitions, selection: str | None, instance):
-    """Materialize `selection` (all assets when None) of `definitions`; never raises on step failure."""
+def run_materialize(definitions, selection: str | None, instance, resources: dict | None = None):
+    """Materialize `selection` (all assets when None) of `definitions`; never raises on step failure.
+    `resources` replaces bound resources by key (tests point them at temporary stores)."""
     import dagster as dg
 
     assets = list(definitions.assets or []) + list(definitions.asset_checks or [])
     return dg.materialize(
         assets,
         instance=instance,
-        resources=definitions.resources,
+        resources={**(definitions.resources or {}), **(resources or {})},
         selection=selection,
         raise_on_error=False,
     )

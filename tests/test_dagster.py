@@ -1,0 +1,91 @@
+"""The Dagster code location: definitions load, and a real in-process materialize of the smoke config
+(tiny random model, real text) against a temporary Dagster instance and a temporary MLflow store."""
+
+from pathlib import Path
+
+import dagster as dg
+import pytest
+import yaml
+
+from mcx_dagster.cli import run_materialize
+from mcx_dagster.definitions import defs
+from mcx_dagster.defs.resources import MegaContextSettings, MLflowTracker
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_definitions_load_with_blocking_dataset_checks():
+    d = defs()
+    keys = {k.to_user_string() for k in d.resolve_all_asset_keys()}
+    assert {"block_dataset", "base_model", "baseline_eval"} <= keys
+    checks = {c.name: c for cd in d.asset_checks for c in cd.check_specs}
+    for name in ("block_dataset_deterministic", "block_dataset_no_cross_document", "block_dataset_split_sizes"):
+        assert checks[name].blocking, name
+    assert set(d.resources) >= {"settings", "paths", "mlflow", "duckdb"}
+
+
+@pytest.fixture
+def smoke_project(tmp_path, monkeypatch):
+    """A throwaway project root holding a copy of the smoke config (model cache shared with the repo)."""
+    data = yaml.safe_load((ROOT / "configs" / "smoke.yaml").read_text())
+    data["base_model"]["cache_dir"] = str(ROOT / ".cache" / "models")
+    cfg = tmp_path / "smoke.yaml"
+    cfg.write_text(yaml.safe_dump(data))
+    monkeypatch.setenv("MCX_HOME", str(tmp_path))
+    monkeypatch.setenv("DAGSTER_HOME", str(tmp_path / "dagster_home"))
+    (tmp_path / "dagster_home").mkdir()
+    return tmp_path, cfg
+
+
+def test_materialize_smoke_logs_to_mlflow_and_passes_checks(smoke_project):
+    root, cfg_path = smoke_project
+    uri = f"sqlite:///{root / 'mlflow.db'}"
+    with dg.DagsterInstance.get() as instance:
+        result = run_materialize(
+            defs(),
+            None,
+            instance,
+            resources={
+                "settings": MegaContextSettings(config_path=str(cfg_path), root=str(root)),
+                "mlflow": MLflowTracker(tracking_uri=uri),
+            },
+        )
+        assert result.success
+        evaluations = {e.check_name: e for e in result.get_asset_check_evaluations()}
+        assert {"block_dataset_deterministic", "block_dataset_no_cross_document", "block_dataset_split_sizes"} <= set(
+            evaluations
+        )
+        assert all(e.passed for e in evaluations.values()), {k: e.metadata for k, e in evaluations.items()}
+        # The Dagster run points at its MLflow runs ...
+        run_tags = instance.get_run_by_id(result.run_id).tags
+        mlflow_ids = {k: v for k, v in run_tags.items() if k.startswith("mlflow.run_id.")}
+        assert set(mlflow_ids) == {"mlflow.run_id.block_dataset", "mlflow.run_id.base_model", "mlflow.run_id.baseline_eval"}
+
+    # ... and every MLflow run points back at the Dagster run, with params, config and metrics.
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=uri)
+    run = client.get_run(mlflow_ids["mlflow.run_id.baseline_eval"])
+    assert run.info.status == "FINISHED"
+    assert run.data.tags["dagster.run_id"] == result.run_id
+    assert run.data.tags["dagster.asset_key"] == "baseline_eval"
+    assert run.data.tags["mcx.config_name"] == "smoke"
+    assert run.data.params["dataset.context_tokens"] == "256"
+    for ds in ("narrative", "code"):
+        for w in (64, 96):
+            for m in ("nll_full", "delta_nll_recency_mean", "delta_nll_meanpool_p95"):
+                assert f"eval/{ds}/w{w}/{m}" in run.data.metrics, (ds, w, m)
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"config", "reports", "eval"} <= artifacts
+    exp = client.get_experiment(run.info.experiment_id)
+    assert exp.name == "smoke"
+
+    # Files the user reads: the report with its plot, the per-token table.
+    reports = root / "artifacts" / "smoke" / "reports"
+    assert (reports / "baseline_eval.md").read_text().count("| narrative |") == 2
+    assert (reports / "baseline_eval.png").stat().st_size > 1000
+    assert (root / "artifacts" / "smoke" / "eval" / "baseline_eval.parquet").is_file()
+
+    # Float metadata, so the UI charts them across materializations.
+    mat = result.asset_materializations_for_node("baseline_eval")[0]
+    assert isinstance(mat.metadata["narrative/w64/delta_nll_recency_mean"], dg.FloatMetadataValue)

@@ -94,7 +94,9 @@ def test_missing_model_directory_is_named(tmp_path):
     data["base_model"] = {"source": "local", "path": str(tmp_path / "no_model")}
     cfg = parse_config(data)
     problems = check_files(cfg, ROOT)
-    assert problems == [f"base_model.path: no Hugging Face model directory at {tmp_path / 'no_model'} (config.json missing)"]
+    assert problems == [
+        f"base_model.path: no Hugging Face model directory at {tmp_path / 'no_model'} (config.json missing)"
+    ]
 
 
 def test_overrides_and_flat_params():
@@ -118,7 +120,9 @@ def test_cli_validate_config_one_line_per_problem(tmp_path):
     assert out.stderr.strip() == f"error: {p}: allocator.n_diff: Input should be greater than 0"
     good = subprocess.run(
         [sys.executable, "-m", "mcx_dagster.cli", "validate-config", str(ROOT / "configs" / "smoke.yaml")],
-        capture_output=True, text=True, cwd=ROOT,
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
     )
     assert good.returncode == 0, good.stderr
     assert "name: smoke" in good.stdout

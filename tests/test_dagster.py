@@ -19,7 +19,11 @@ def test_definitions_load_with_blocking_dataset_checks():
     keys = {k.to_user_string() for k in d.resolve_all_asset_keys()}
     assert {"block_dataset", "base_model", "baseline_eval"} <= keys
     checks = {c.name: c for cd in d.asset_checks for c in cd.check_specs}
-    for name in ("block_dataset_deterministic", "block_dataset_no_cross_document", "block_dataset_split_sizes"):
+    for name in (
+        "block_dataset_deterministic",
+        "block_dataset_no_cross_document",
+        "block_dataset_split_sizes",
+    ):
         assert checks[name].blocking, name
     assert set(d.resources) >= {"settings", "paths", "mlflow", "duckdb"}
 
@@ -52,14 +56,20 @@ def test_materialize_smoke_logs_to_mlflow_and_passes_checks(smoke_project):
         )
         assert result.success
         evaluations = {e.check_name: e for e in result.get_asset_check_evaluations()}
-        assert {"block_dataset_deterministic", "block_dataset_no_cross_document", "block_dataset_split_sizes"} <= set(
-            evaluations
-        )
+        assert {
+            "block_dataset_deterministic",
+            "block_dataset_no_cross_document",
+            "block_dataset_split_sizes",
+        } <= set(evaluations)
         assert all(e.passed for e in evaluations.values()), {k: e.metadata for k, e in evaluations.items()}
         # The Dagster run points at its MLflow runs ...
         run_tags = instance.get_run_by_id(result.run_id).tags
         mlflow_ids = {k: v for k, v in run_tags.items() if k.startswith("mlflow.run_id.")}
-        assert set(mlflow_ids) == {"mlflow.run_id.block_dataset", "mlflow.run_id.base_model", "mlflow.run_id.baseline_eval"}
+        assert set(mlflow_ids) == {
+            "mlflow.run_id.block_dataset",
+            "mlflow.run_id.base_model",
+            "mlflow.run_id.baseline_eval",
+        }
 
     # ... and every MLflow run points back at the Dagster run, with params, config and metrics.
     from mlflow import MlflowClient

@@ -28,5 +28,5 @@ def block_dataset(
             "tokenizer": manifest["tokenizer"],
             "path": dg.MetadataValue.path(str(pipeline.datasets_dir(cfg))),
         },
-        data_version=dg.DataVersion(manifest["config_hash"]),
+        data_version=dg.DataVersion(manifest["data_version"]),
     )

@@ -1,0 +1,188 @@
+"""GistNet (SPEC §3): a block of 32 vectors -> one gist in the base model's input-embedding space.
+
+The input is 32 token embeddings (an LOD0 block -> an LOD1 gist) or 32 LOD1 gists (-> an LOD2 gist):
+`[batch, 32, d_model] -> [batch, d_model]`. A small bidirectional transformer reads the 32 slots
+(no causal mask: every slot, and the CLS slot, sees the whole block), then a pooling head reduces them
+to one vector: a learned `query` cross-attending over the slots, a prepended `cls` slot, or the `mean`.
+
+Initialisation — why the untrained net *is* the mean-pool baseline:
+    gist = meanpool(x) + rms(x) * proj_out(head(encoder(x / rms(x))))        proj_out = 0 at init
+  - `meanpool` is the SPEC §7 baseline (mean of the 32 inputs rescaled to their mean norm), so before
+    any training a gist already lies in the distribution of vectors the frozen base model reads, and
+    JT1 starts from a known ΔNLL instead of from random vectors that make the base model's NLL explode
+    (large, noisy first gradients).
+  - `proj_out` is zero, not the encoder: d gist / d proj_out = the pooled features ≠ 0, so the first
+    step moves `proj_out` and the encoder gets gradients from the second step on (the zero-init
+    residual of ReZero / adaLN-zero).
+  - The net works in units of the block's RMS (`x / rms` in, `rms *` out), so it is scale-equivariant,
+    GistNet(c·x) = c·GistNet(x): the same init and learning rate behave alike for token embeddings of
+    norm ~3 (SmolLM2), ~0.2 (the tiny test model) and for LOD1 gists, whatever norm JT1 gives them.
+The output norm is free to move away from the input norm as training finds useful.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from mcx_core.config import GistNetModelConfig
+
+WEIGHTS_FILE = "gistnet.safetensors"
+CONFIG_FILE = "config.json"
+
+
+class Attention(nn.Module):
+    """Multi-head attention with no mask: queries from `x_q`, keys/values from `x_kv`."""
+
+    def __init__(self, dim: int, num_heads: int, dropout: float):
+        super().__init__()
+        assert dim % num_heads == 0, f"hidden size {dim} must be divisible by num_heads {num_heads}"
+        self.num_heads = num_heads
+        self.q = nn.Linear(dim, dim)
+        self.kv = nn.Linear(dim, 2 * dim)
+        self.out = nn.Linear(dim, dim)
+        self.dropout = dropout
+
+    def forward(self, x_q: torch.Tensor, x_kv: torch.Tensor) -> torch.Tensor:  # [B, Q, h], [B, S, h] -> [B, Q, h]
+        B, Q, h = x_q.shape
+        S = x_kv.shape[1]
+        q = self.q(x_q).view(B, Q, self.num_heads, -1).transpose(1, 2)  # [B, nh, Q, hd]
+        k, v = self.kv(x_kv).view(B, S, 2, self.num_heads, -1).permute(2, 0, 3, 1, 4)  # 2 x [B, nh, S, hd]
+        y = F.scaled_dot_product_attention(
+            q, k, v, is_causal=False, dropout_p=self.dropout if self.training else 0.0
+        )  # bidirectional
+        return self.out(y.transpose(1, 2).reshape(B, Q, h))
+
+
+class EncoderBlock(nn.Module):
+    """Pre-LayerNorm transformer block over the slots, bidirectional."""
+
+    def __init__(self, dim: int, num_heads: int, ffn_mult: int, dropout: float):
+        super().__init__()
+        self.ln1 = nn.LayerNorm(dim)
+        self.attn = Attention(dim, num_heads, dropout)
+        self.ln2 = nn.LayerNorm(dim)
+        self.mlp = nn.Sequential(nn.Linear(dim, ffn_mult * dim), nn.GELU(), nn.Linear(ffn_mult * dim, dim))
+        self.drop = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [B, S, h]
+        a = self.ln1(x)
+        x = x + self.drop(self.attn(a, a))
+        return x + self.drop(self.mlp(self.ln2(x)))
+
+
+def mean_pool(x: torch.Tensor) -> torch.Tensor:
+    """The SPEC §7 mean-pool gist: mean of the inputs, rescaled to their mean norm. [B, S, d] -> [B, d]."""
+    pooled = x.mean(dim=1)
+    target_norm = x.norm(dim=-1).mean(dim=1, keepdim=True)
+    return pooled * target_norm / pooled.norm(dim=-1, keepdim=True).clamp_min(1e-6)
+
+
+class GistNet(nn.Module):
+    """One level's compressor: [B, 32, d_model] -> [B, d_model]."""
+
+    def __init__(self, d_model: int, cfg: GistNetModelConfig):
+        super().__init__()
+        self.d_model = d_model
+        self.cfg = cfg
+        h = d_model if cfg.hidden_size == "auto" else cfg.hidden_size
+        self.proj_in = nn.Identity() if h == d_model else nn.Linear(d_model, h)
+        self.slot_pos = nn.Parameter(0.02 * torch.randn(cfg.block_size, h))
+        self.cls = nn.Parameter(0.02 * torch.randn(1, 1, h)) if cfg.pooling == "cls" else None
+        self.blocks = nn.ModuleList(
+            [EncoderBlock(h, cfg.num_heads, cfg.ffn_mult, cfg.dropout) for _ in range(cfg.num_layers)]
+        )
+        self.ln_f = nn.LayerNorm(h)
+        if cfg.pooling == "query":
+            self.query = nn.Parameter(0.02 * torch.randn(1, 1, h))
+            self.pool_attn = Attention(h, cfg.num_heads, cfg.dropout)
+        self.proj_out = nn.Linear(h, d_model)
+        nn.init.zeros_(self.proj_out.weight)  # untrained GistNet == mean pool (module docstring)
+        nn.init.zeros_(self.proj_out.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [B, 32, d_model] -> [B, d_model]
+        B, S, _ = x.shape
+        assert S == self.cfg.block_size, f"GistNet expects blocks of {self.cfg.block_size} slots, got {S}"
+        rms = x.norm(dim=-1).mean(dim=1, keepdim=True).clamp_min(1e-6) / self.d_model**0.5  # [B, 1]
+        z = self.proj_in(x / rms[:, :, None]) + self.slot_pos  # [B, 32, h], unit scale
+        if self.cls is not None:
+            z = torch.cat([self.cls.expand(B, -1, -1), z], dim=1)  # [B, 33, h]: the CLS slot sees every slot
+        for block in self.blocks:
+            z = block(z)
+        z = self.ln_f(z)
+        if self.cfg.pooling == "query":
+            pooled = self.pool_attn(self.query.expand(B, -1, -1), z)[:, 0]  # [B, h]
+        elif self.cfg.pooling == "cls":
+            pooled = z[:, 0]
+        else:
+            pooled = z.mean(dim=1)
+        return mean_pool(x) + rms * self.proj_out(pooled)  # [B, d_model]
+
+
+class Gister(nn.Module):
+    """The tree's GistFn: `gister(level, inputs [n, 32, d]) -> gists [n, d]`.
+
+    One GistNet per level (LOD1, LOD2, ...) or, with `share_levels`, one module for every level.
+    """
+
+    def __init__(self, d_model: int, cfg: GistNetModelConfig, max_level: int = 2):
+        super().__init__()
+        self.d_model = d_model
+        self.cfg = cfg
+        self.max_level = max_level
+        self.nets = nn.ModuleList([GistNet(d_model, cfg) for _ in range(1 if cfg.share_levels else max_level)])
+
+    def net(self, level: int) -> GistNet:
+        if not 1 <= level <= self.max_level:
+            raise ValueError(f"no GistNet for level {level} (levels 1..{self.max_level})")
+        return self.nets[0 if self.cfg.share_levels else level - 1]
+
+    def forward(self, level: int, inputs: torch.Tensor) -> torch.Tensor:  # [n, 32, d] -> [n, d]
+        p = self.nets[0].proj_out.weight
+        return self.net(level)(inputs.to(device=p.device, dtype=p.dtype)).to(inputs.dtype)
+
+    def save_pretrained(self, directory: str | Path) -> Path:
+        """Weights as safetensors + a JSON config; `Gister.from_pretrained(directory)` reads them back."""
+        d = Path(directory)
+        d.mkdir(parents=True, exist_ok=True)
+        state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
+        save_file(state, str(d / WEIGHTS_FILE))
+        config = {"d_model": self.d_model, "max_level": self.max_level, "model": self.cfg.model_dump(mode="json")}
+        (d / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
+        return d
+
+    @classmethod
+    def from_pretrained(cls, directory: str | Path, device: str | torch.device = "cpu") -> "Gister":
+        d = Path(directory)
+        config = json.loads((d / CONFIG_FILE).read_text())
+        gister = cls(config["d_model"], GistNetModelConfig(**config["model"]), max_level=config["max_level"])
+        gister.load_state_dict(load_file(str(d / WEIGHTS_FILE)), strict=True)
+        return gister.to(device).eval()
+
+
+def num_parameters(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+@torch.no_grad()
+def profile(gister: Gister, n_blocks: int = 64, repeats: int = 3) -> dict[str, float]:
+    """Parameter count and per-block latency (ms) of LOD1 gisting, alone and batched; for telemetry."""
+    p = gister.nets[0].proj_out.weight
+    was_training = gister.training
+    gister.eval()
+    out: dict[str, float] = {"gistnet/parameters": float(num_parameters(gister))}
+    for name, n in (("gistnet/latency_ms_single_block", 1), ("gistnet/latency_ms_per_block", n_blocks)):
+        x = torch.randn(n, gister.cfg.block_size, gister.d_model, device=p.device, dtype=p.dtype)
+        gister(1, x)  # warm-up
+        t0 = time.perf_counter()
+        for _ in range(repeats):
+            gister(1, x)
+        out[name] = 1000 * (time.perf_counter() - t0) / (repeats * n)
+    gister.train(was_training)
+    return out

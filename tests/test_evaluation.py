@@ -1,0 +1,113 @@
+"""ΔNLL@H evaluation on a tiny random Llama: targets are next tokens, conditions respect W_max, and the
+summary arithmetic matches the metric definitions."""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from mcx_core import evaluation as E
+from mcx_core.config import BaseModelConfig
+from mcx_core.model import BaseLM, freeze, tiny_llama
+from mcx_core.telemetry import metrics as M
+
+ROOT = Path(__file__).resolve().parents[1]
+VOCAB = 512
+
+
+@pytest.fixture(scope="module")
+def lm() -> BaseLM:
+    model = freeze(tiny_llama(BaseModelConfig(source="tiny_random"), vocab_size=VOCAB, seed=0))
+    return BaseLM(model=model, tokenizer=None, model_id="tiny-test")
+
+
+def _ids(n, seed=0):
+    return torch.randint(0, VOCAB, (n,), generator=torch.Generator().manual_seed(seed))
+
+
+def test_horizon_targets_are_next_tokens(lm):
+    """The copy-task pitfall: horizon token j is predicted from position C-1+j, as HF's own loss does."""
+    C, H = 96, 16
+    ids = _ids(C + H)
+    ours = E.horizon_nll(lm, [E.full_condition(lm)(ids[:C], 0)], ids[C:].unsqueeze(0))[0]
+    logits = lm.model(ids.unsqueeze(0)).logits[0]
+    reference = torch.nn.functional.cross_entropy(logits[C - 1 : C + H - 1], ids[C:], reduction="none")
+    torch.testing.assert_close(ours, reference, rtol=1e-4, atol=1e-4)
+    # Scoring the token *at* each position instead would give a different number.
+    copy = torch.nn.functional.cross_entropy(logits[C : C + H], ids[C:], reduction="none")
+    assert not torch.allclose(ours, copy)
+
+
+def test_recency_keeps_sink_and_newest_tokens(lm):
+    C, w = 256, 96
+    ids = _ids(C)
+    c = E.recency_condition(lm, sink_tokens=32)(ids, w)
+    assert c.embeds.shape[0] == w
+    assert c.positions.tolist() == list(range(32)) + list(range(C - 64, C))
+    assert c.horizon_start == C
+    torch.testing.assert_close(c.embeds[40], lm.embed(ids[C - 64 + 8]))
+    compact = E.recency_condition(lm, sink_tokens=32, position_scheme="compact")(ids, w)
+    assert compact.positions.tolist() == list(range(w)) and compact.horizon_start == w
+    short = E.recency_condition(lm, sink_tokens=32)(ids[:50], w)
+    assert short.positions.tolist() == list(range(50))
+
+
+def test_meanpool_gister_is_norm_matched_mean():
+    x = torch.randn(3, 32, 8) * torch.arange(1, 9)
+    g = E.MeanPoolGister()(1, x)
+    assert g.shape == (3, 8)
+    torch.testing.assert_close(g.norm(dim=-1), x.norm(dim=-1).mean(dim=1))
+    cos = torch.nn.functional.cosine_similarity(g, x.mean(dim=1), dim=-1)
+    torch.testing.assert_close(cos, torch.ones(3))
+
+
+def test_working_context_condition_fits_budget(lm):
+    C, w = 512, 64
+    ids = _ids(C)
+    cond = E.working_context_condition(lm, E.MeanPoolGister(), block_size=32, recent_tokens=32)
+    c = cond(ids, w)
+    assert c.embeds.shape[0] <= w
+    assert c.horizon_start == C
+    # The newest recent tokens are raw, at their absolute positions.
+    assert c.positions[-32:].tolist() == list(range(C - 32, C))
+    torch.testing.assert_close(c.embeds[-1], lm.embed(ids[-1]))
+
+
+def test_evaluate_and_summarize(lm):
+    C, H = 256, 16
+    data = {"narr": ([f"s{i}" for i in range(3)], np.stack([_ids(C + H, seed=i).numpy() for i in range(3)]))}
+    conditions = {
+        "full": E.full_condition(lm),
+        "recency": E.recency_condition(lm, 32),
+        "meanpool": E.working_context_condition(lm, E.MeanPoolGister(), 32, 32),
+    }
+    rows = E.evaluate(lm, data, conditions, [64, 96], C, H, batch_size=2, progress=False)
+    assert len(rows) == 3 * (1 + 2 + 2)
+    assert all(len(r.token_nll) == H and np.isfinite(r.nll) for r in rows)
+    (s64, s96) = E.summarize(rows, methods=["meanpool"])
+    assert (s64["w_max"], s96["w_max"]) == (64, 96)
+    nll = {(r.condition, r.w_max, r.sample_id): r.nll for r in rows}
+    full = np.array([nll[("full", 0, f"s{i}")] for i in range(3)])
+    rec = np.array([nll[("recency", 64, f"s{i}")] for i in range(3)])
+    mp = np.array([nll[("meanpool", 64, f"s{i}")] for i in range(3)])
+    assert s64["delta_nll_recency_mean"] == pytest.approx((rec - full).mean())
+    assert s64["delta_nll_meanpool_p95"] == pytest.approx(np.percentile(mp - full, 95))
+    assert s64["recovery_meanpool"] == pytest.approx((rec.mean() - mp.mean()) / (rec.mean() - full.mean()))
+    table = E.rows_to_table(rows)
+    assert table.num_rows == len(rows) and table.column("token_nll").type.value_type.bit_width == 32
+
+
+def test_metric_definitions():
+    assert M.delta_nll([2.0, 3.0], [1.5, 1.0]).tolist() == [0.5, 2.0]
+    assert M.recovery(nll_recency=3.0, nll_method=2.5, nll_full=2.0) == pytest.approx(0.5)
+    assert M.recovery(3.0, 3.5, 2.0) == pytest.approx(-0.5)
+    assert np.isnan(M.recovery(2.0, 2.0, 2.0))
+    assert M.swap_rate(2, 1, 12) == pytest.approx(0.25)
+    assert M.budget_utilization(96, 128) == pytest.approx(0.75)
+    assert M.latency_overhead(110.0, 100.0) == pytest.approx(0.10)
+    assert M.p95(list(range(101))) == pytest.approx(95.0)
+    with pytest.raises(ValueError):
+        M.delta_nll([1.0], [1.0, 2.0])
+    with pytest.raises(ValueError):
+        M.mean([])

@@ -127,6 +127,7 @@ class PhaseConfig(Section):
     max_steps: int = Field(gt=0)
     lr: float | None = Field(default=None, gt=0)
     kl_weight: float = Field(default=0.0, ge=0)
+    lod2_weight: float = Field(default=0.5, ge=0, description="delta_nll: weight of the 1024x LOD2 stress context")
 
 
 class GistNetModelConfig(Section):
@@ -158,6 +159,7 @@ class GistNetTrainingConfig(TrainingConfig):
         ]
     )
     gists_per_sample: int | Literal["all"] = "all"
+    sample_pool: int = Field(default=64, gt=0, description="JT1 trains on this many samples (teacher NLL cached)")
 
 
 class GistNetConfig(Section):
@@ -177,6 +179,12 @@ class LensNetTrainingConfig(TrainingConfig):
     ranking_weight: float = Field(default=0.5, ge=0)
     budget_weight: float = Field(default=0.1, ge=0)
     legality_weight: float = Field(default=1.0, ge=0)
+    holdout_fraction: float = Field(
+        default=0.2, ge=0, lt=1, description="JT2: share of delta-table sample_ids held out for evaluation"
+    )
+    utility_floor: float = Field(
+        default=0.01, gt=0, description="JT2: utilities are divided by max(max |utility| of the context, this)"
+    )
 
 
 class LensNetConfig(Section):
@@ -220,6 +228,9 @@ class DeltasConfig(Section):
     contexts_per_sample: int = Field(default=2, gt=0)
     max_candidates: int = Field(default=16, gt=0)
     batch_size: int = Field(default=8, gt=0)
+    perturb_moves: int = Field(
+        default=4, gt=0, description="a perturbed context is 1..perturb_moves random legal moves from the recency one"
+    )
 
 
 class RuntimeConfig(Section):
@@ -232,6 +243,11 @@ class EvaluationConfig(Section):
     samples_per_dataset: int = Field(default=16, gt=0)
     batch_size: int = Field(default=4, gt=0)
     split: Literal["train", "val", "test"] = "test"
+    distance_blocks: list[int] = Field(
+        default_factory=lambda: [1, 2, 4, 8, 16, 30],
+        description="gist one block this many blocks before the cursor (boundary/distance probe)",
+    )
+    distance_probe_samples: int = Field(default=4, ge=0)
 
 
 class SweepConfig(Section):

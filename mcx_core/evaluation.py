@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 from mcx_core.model import BaseLM
 from mcx_core.telemetry import metrics as M
 from mcx_core.tree import MegaContextTree
-from mcx_core.working_context import WorkingContext
+from mcx_core.working_context import WorkingContext, entry_for
 
 
 @dataclass
@@ -56,8 +56,15 @@ def horizon_nll_grad(lm: BaseLM, batch: list[ConditionInput], horizons: torch.Te
         [torch.arange(c.horizon_start, c.horizon_start + H, device=lm.device) for c in batch]
     )  # [B, H]
     positions = torch.cat([torch.stack([c.positions for c in batch]).to(lm.device), h_pos], dim=1)
+    # An explicit all-ones mask: without one, transformers 5 reads non-consecutive position ids (gists at
+    # span centres, recency's sink + newest tokens) as packed separate sequences and masks attention
+    # across every jump, so the horizon would only see the last contiguous run of positions.
     out = lm.model(
-        inputs_embeds=torch.cat([embeds, h_emb], dim=1), position_ids=positions, logits_to_keep=H + 1, use_cache=False
+        inputs_embeds=torch.cat([embeds, h_emb], dim=1),
+        position_ids=positions,
+        attention_mask=torch.ones(positions.shape, dtype=torch.long, device=lm.device),
+        logits_to_keep=H + 1,
+        use_cache=False,
     )
     logits = out.logits[:, :-1].float()  # [B, H, V]: positions T-1 .. T+H-2
     assert logits.shape[1] == H, (logits.shape, T, H)
@@ -121,6 +128,57 @@ def working_context_condition(
     return build
 
 
+def _tree(lm: BaseLM, gist_fn, block_size: int, history: torch.Tensor) -> MegaContextTree:
+    tree = MegaContextTree(lm.d_model, embed_fn=lm.embed, gist_fn=gist_fn, block_size=block_size)
+    tree.ingest(history)
+    return tree
+
+
+def _read(lm: BaseLM, tree: MegaContextTree, entries, position_scheme: str) -> ConditionInput:
+    # recent_tokens=0: probes place gists anywhere, the legality rule for live contexts does not apply.
+    wc = WorkingContext(tree, w_max=tree.cursor, recent_tokens=0, position_scheme=position_scheme, entries=entries)
+    wc.check_invariants()
+    embeds, positions, _ = wc.assemble(lm.embed)
+    return ConditionInput(embeds, positions, tree.cursor if position_scheme == "center" else positions.numel())
+
+
+def max_compression_condition(lm: BaseLM, gist_fn, block_size: int, position_scheme: str = "center") -> Condition:
+    """The 1024× stress test: every whole LOD2 span of the history (oldest first) is one LOD2 gist,
+    the rest stays raw, and the horizon starts right after a span boundary (samples are block-aligned).
+    With a 1024-token history the model reads a single vector. Independent of W_max."""
+
+    @torch.no_grad()
+    def build(history: torch.Tensor, w_max: int) -> ConditionInput:
+        tree = _tree(lm, gist_fn, block_size, history)
+        n2 = tree.num_nodes(2)
+        if n2 == 0:
+            raise ValueError(f"a 1024x condition needs a history of at least {block_size**2} tokens")
+        first_raw = n2 * block_size  # LOD0 block index after the last LOD2 span
+        entries = [entry_for(tree, 2, i) for i in range(n2)]
+        entries += [entry_for(tree, 0, b) for b in range(first_raw, tree.num_nodes(0))]
+        return _read(lm, tree, entries, position_scheme)
+
+    return build
+
+
+def single_gist_condition(
+    lm: BaseLM, gist_fn, block_size: int, distance_blocks: int, position_scheme: str = "center"
+) -> Condition:
+    """The full history with exactly one LOD1 block replaced by its gist, `distance_blocks` blocks
+    before the cursor: the marginal cost of gisting a block as a function of its distance."""
+
+    @torch.no_grad()
+    def build(history: torch.Tensor, w_max: int) -> ConditionInput:
+        tree = _tree(lm, gist_fn, block_size, history)
+        target = tree.num_nodes(1) - distance_blocks
+        if not 0 <= target < tree.num_nodes(1):
+            raise ValueError(f"no complete block {distance_blocks} blocks before the cursor")
+        entries = [entry_for(tree, 1 if b == target else 0, b) for b in range(tree.num_nodes(0))]
+        return _read(lm, tree, entries, position_scheme)
+
+    return build
+
+
 # ---------------------------------------------------------------------------------------------- evaluation
 
 
@@ -132,6 +190,7 @@ class EvalRow:
     w_max: int
     nll: float  # mean over the horizon
     token_nll: list[float]  # per horizon position
+    context_len: int  # positions the base model read before the horizon (its cost)
 
 
 def evaluate(
@@ -143,17 +202,18 @@ def evaluate(
     horizon: int,
     batch_size: int = 4,
     progress: bool = True,
+    w_independent: frozenset[str] = frozenset({"full"}),
 ) -> list[EvalRow]:
     """Score every condition on every sample. `datasets[name] = (sample_ids, ids [N, C+H])`.
 
-    The `full` condition does not depend on W_max and is scored once per sample (w_max = 0).
+    Conditions in `w_independent` (the full history, probes) are scored once per sample (w_max = 0).
     """
     rows: list[EvalRow] = []
     jobs = [
-        (ds, cond, (0 if cond == "full" else w))
+        (ds, cond, w)
         for ds in datasets
         for cond in conditions
-        for w in ([0] if cond == "full" else w_max_values)
+        for w in ([0] if cond in w_independent else w_max_values)
     ]
     total = sum(len(datasets[ds][0]) for ds, _, _ in jobs)
     bar = tqdm(total=total, desc="ΔNLL eval", unit="sample", disable=not progress)
@@ -168,7 +228,10 @@ def evaluate(
                 nll = horizon_nll(lm, [inputs[j] for j in group], horizons[group]).cpu()
                 for j, per_tok in zip(group, nll):
                     rows.append(
-                        EvalRow(ds, sample_ids[i + j], cond, w, float(per_tok.mean()), per_tok.tolist())
+                        EvalRow(
+                            ds, sample_ids[i + j], cond, w, float(per_tok.mean()), per_tok.tolist(),
+                            inputs[j].embeds.shape[0],
+                        )
                     )
             bar.update(len(chunk))
     bar.close()
@@ -208,6 +271,25 @@ def summarize(rows: list[EvalRow], methods: list[str]) -> list[dict]:
     return out
 
 
+def summarize_fixed(rows: list[EvalRow], condition: str) -> list[dict]:
+    """Per dataset: ΔNLL@H (mean, p95) of a W_max-independent condition against the full history."""
+    by_key = {(r.dataset, r.condition, r.sample_id): r for r in rows if r.w_max == 0}
+    out = []
+    for ds in sorted({r.dataset for r in rows}):
+        ids = sorted(s for (d, c, s) in by_key if d == ds and c == condition)
+        if not ids:
+            continue
+        vals = np.array([by_key[(ds, condition, s)].nll for s in ids])
+        full = np.array([by_key[(ds, "full", s)].nll for s in ids])
+        summary = {"dataset": ds, "condition": condition, "n_samples": len(ids)}
+        summary.update(M.summarize(M.delta_nll(vals, full), "delta_nll"))
+        # History tokens per position the model read: 32x for LOD1-only, 1024x for one LOD2 gist.
+        ratios = [by_key[(ds, "full", s)].context_len / by_key[(ds, condition, s)].context_len for s in ids]
+        summary["compression"] = float(np.mean(ratios))
+        out.append(summary)
+    return out
+
+
 def rows_to_table(rows: list[EvalRow]):
     import pyarrow as pa
 
@@ -219,5 +301,16 @@ def rows_to_table(rows: list[EvalRow]):
             "w_max": pa.array([r.w_max for r in rows], pa.int32()),
             "nll": [r.nll for r in rows],
             "token_nll": pa.array([r.token_nll for r in rows], pa.list_(pa.float32())),
+            "context_len": pa.array([r.context_len for r in rows], pa.int32()),
         }
     )
+
+
+def rows_from_table(table) -> list[EvalRow]:
+    """The inverse of `rows_to_table` (reuse scored rows instead of recomputing them)."""
+    d = table.to_pydict()
+    return [
+        EvalRow(d["dataset"][i], d["sample_id"][i], d["condition"][i], d["w_max"][i], d["nll"][i],
+                d["token_nll"][i], d["context_len"][i])
+        for i in range(table.num_rows)
+    ]

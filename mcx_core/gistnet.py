@@ -32,6 +32,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from mcx_core.config import GistNetModelConfig
+from mcx_core.telemetry import metrics as M
 
 WEIGHTS_FILE = "gistnet.safetensors"
 CONFIG_FILE = "config.json"
@@ -176,8 +177,8 @@ def profile(gister: Gister, n_blocks: int = 64, repeats: int = 3) -> dict[str, f
     p = gister.nets[0].proj_out.weight
     was_training = gister.training
     gister.eval()
-    out: dict[str, float] = {"gistnet/parameters": float(num_parameters(gister))}
-    for name, n in (("gistnet/latency_ms_single_block", 1), ("gistnet/latency_ms_per_block", n_blocks)):
+    out: dict[str, float] = {M.GISTNET_PARAMETERS: float(num_parameters(gister))}
+    for name, n in ((M.GISTNET_LATENCY_SINGLE_MS, 1), (M.GISTNET_LATENCY_MS, n_blocks)):
         x = torch.randn(n, gister.cfg.block_size, gister.d_model, device=p.device, dtype=p.dtype)
         gister(1, x)  # warm-up
         t0 = time.perf_counter()

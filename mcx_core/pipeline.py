@@ -208,3 +208,79 @@ def write_baseline_report(cfg: MegaContextConfig, summary: list[dict], out: Path
     md_path = reports.atomic_write_text(out / "baseline_eval.md", md + "\n")
     json_path = reports.write_json(out / "baseline_eval.json", summary)
     return {"markdown": md_path, "plot": plot, "json": json_path}
+
+
+# ---------------------------------------------------------------------------------------------- compression
+
+
+def train_ids(cfg: MegaContextConfig) -> np.ndarray:
+    """Every corpus's train split, stacked: [N, context_tokens + horizon]."""
+    out = datasets_dir(cfg)
+    manifest = data.load_manifest(out)
+    return np.concatenate([data.load_samples(out, corpus, "train") for corpus in sorted(manifest["corpora"])])
+
+
+def train_gistnet(cfg: MegaContextConfig, lm: BaseLM, sink: TelemetrySink | None = None, cycle: int = 0,
+                  resume: bool = True, init_from: Path | None = None, progress: bool = True):
+    """JT1: train GistNet on the train splits; returns the trainer's `JT1Result`."""
+    from mcx_core.training.jt1 import train_jt1
+
+    return train_jt1(
+        cfg, lm, train_ids(cfg), ArtifactPaths.from_config(cfg).checkpoints, sink or NullSink(),
+        cycle=cycle, resume=resume, progress=progress, init_from=init_from,
+    )
+
+
+def probe_blocks(cfg: MegaContextConfig, lm: BaseLM, n: int = 16):
+    """Fixed probe blocks for gist drift: the first `n` blocks of each corpus's val split, embedded."""
+    import torch
+
+    out = datasets_dir(cfg)
+    K = cfg.dataset.block_size
+    blocks = []
+    for corpus in sorted(data.load_manifest(out)["corpora"]):
+        ids = data.load_samples(out, corpus, "val", limit=1)[0, : min(n, cfg.dataset.context_tokens // K) * K]
+        blocks.append(torch.as_tensor(ids).view(-1, K))
+    with torch.no_grad():
+        return lm.embed(torch.cat(blocks)).float()  # [n_blocks, K, d]
+
+
+def previous_checkpoint(cfg: MegaContextConfig, current: Path, phase: int = 1) -> Path | None:
+    """The newest complete JT{phase} checkpoint other than `current` (for drift)."""
+    from mcx_core.training import common
+
+    done = [
+        p for p in ArtifactPaths.from_config(cfg).checkpoints.glob(f"JT{phase}_cycle*_step*")
+        if (p / common.TRAINER_STATE_FILE).is_file() and p.resolve() != Path(current).resolve()
+    ]
+    return max(done, key=lambda p: p.stat().st_mtime, default=None)
+
+
+def gist_drift(cfg: MegaContextConfig, lm: BaseLM, current: Path) -> tuple[float | None, Path | None]:
+    from mcx_core.training.jt1 import gist_drift as drift
+    from mcx_core.training.jt1 import load_gister
+
+    prev = previous_checkpoint(cfg, current)
+    if prev is None:
+        return None, None
+    probes = probe_blocks(cfg, lm)
+    return drift(load_gister(prev, lm), load_gister(current, lm), probes), prev
+
+
+def run_gist_eval(cfg: MegaContextConfig, lm: BaseLM, checkpoint: Path, sink: TelemetrySink | None = None,
+                  progress: bool = True) -> dict:
+    """ΔNLL@H of the checkpoint's gists vs full / recency / mean-pool, 1024× stress, boundary probes."""
+    import pyarrow.parquet as pq
+
+    from mcx_core import gist_eval
+    from mcx_core.training.jt1 import load_gister
+
+    paths = ArtifactPaths.from_config(cfg)
+    baseline = paths.eval / "baseline_eval.parquet"
+    table = pq.read_table(baseline) if baseline.is_file() else None
+    # Reuse the baseline scores only when the table has every column (older tables are rescored).
+    baseline_rows = evaluation.rows_from_table(table) if table is not None and "context_len" in table.column_names else None
+    return gist_eval.run(
+        cfg, lm, load_gister(checkpoint, lm), load_eval_samples(cfg), paths.root, Path(checkpoint).name,
+        sink, progress, baseline_rows,
+    )

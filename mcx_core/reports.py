@@ -70,6 +70,10 @@ def grouped_bar_plot(
     ax.set_ylabel(ylabel)
     ax.set_title(title)
     ax.legend(fontsize=8)
+    return _save(fig, plt, path)
+
+
+def _save(fig, plt, path: Path) -> Path:
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.stem}.tmp{os.getpid()}{path.suffix}")
@@ -77,6 +81,32 @@ def grouped_bar_plot(
     plt.close(fig)
     tmp.replace(path)
     return path
+
+
+def scatter_plot(
+    path: Path,
+    points: dict[str, tuple[Sequence[float], Sequence[float]]],
+    xlabel: str,
+    ylabel: str,
+    title: str,
+    hline: float | None = None,
+    hline_label: str | None = None,
+    logx: bool = False,
+) -> Path:
+    """One colour per series of (x, y) points; optional threshold line (e.g. the acceptance ΔNLL)."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for name, (xs, ys) in points.items():
+        ax.scatter(xs, ys, s=14, alpha=0.7, label=name)
+    if hline is not None:
+        ax.axhline(hline, color="red", linestyle="--", label=hline_label)
+    if logx:
+        ax.set_xscale("log")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.legend(fontsize=7, ncol=2)
+    return _save(fig, plt, path)
 
 
 def line_plot(
@@ -90,10 +120,4 @@ def line_plot(
     ax.set_ylabel(ylabel)
     ax.set_title(title)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.tmp{os.getpid()}{path.suffix}")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    tmp.replace(path)
-    return path
+    return _save(fig, plt, path)

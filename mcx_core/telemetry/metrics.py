@@ -6,7 +6,7 @@ means the same thing wherever it appears.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 import numpy as np
 
@@ -15,6 +15,19 @@ TRAIN_LOSS = "train/loss"
 TRAIN_DELTA_NLL_MEAN = "train/delta_nll_mean"
 TRAIN_DELTA_NLL_P95 = "train/delta_nll_p95"
 TRAIN_HORIZON = "train/horizon_length"
+TRAIN_NLL = "train/nll"  # mean horizon NLL of the batch with the trained compression
+TRAIN_KL = "train/kl"  # KL(teacher ‖ student) over the horizon, per token
+TRAIN_LOD2_DELTA_NLL = "train/lod2_delta_nll"  # prefix: _mean/_p95 via summarize (1024x stress context)
+TRAIN_POOLING_MSE = "train/pooling_mse"  # ||gist - target||² / ||target||², LOD1
+TRAIN_POOLING_MSE_LOD2 = "train/pooling_mse_lod2"
+TRAIN_GRAD_NORM = "train/grad_norm"  # before clipping
+TRAIN_LR = "train/lr"
+TRAIN_PHASE_INDEX = "train/phase_index"
+TRAIN_TOKENS_PER_S = "train/tokens_per_s"  # base-model positions (delta_nll) or gisted tokens (pooling_mse) / s
+TRAIN_NAN = "train/nan"  # 1 when a step's loss or gradient was not finite
+GISTNET_PARAMETERS = "gistnet/parameters"
+GISTNET_LATENCY_MS = "gistnet/latency_ms_per_block"  # batched (64 blocks per call)
+GISTNET_LATENCY_SINGLE_MS = "gistnet/latency_ms_single_block"
 SWAP_RATE = "runtime/swap_rate"
 NUM_EXPANDS = "runtime/num_expands"
 NUM_COLLAPSES = "runtime/num_collapses"
@@ -24,6 +37,19 @@ BUDGET_LIMIT = "runtime/budget_limit"
 LATENCY_MS = "runtime/latency_ms"
 MEAN_RESIDENCY = "runtime/mean_residency"
 CAUSALITY_VIOLATION = "debug/causality_violation"
+TRAIN_LENSNET_LOSS = "train/lensnet_loss"  # the JT2 objective: the weighted sum of the four terms below
+TRAIN_LENSNET_REGRESSION = "train/lensnet_regression"  # MSE of scores vs normalised utilities
+TRAIN_LENSNET_RANKING = "train/lensnet_ranking"  # pairwise hinge within a context
+TRAIN_LENSNET_BUDGET = "train/lensnet_budget"  # squared mean score per context (zero-sum)
+TRAIN_LENSNET_LEGALITY = "train/lensnet_legality"  # raw score mass on illegal directions
+TRAIN_LENSNET_RANKING_ACCURACY = "train/lensnet_ranking_accuracy"  # held-out rows
+TRAIN_LENSNET_RANK_CORRELATION = "train/lensnet_rank_correlation"  # held-out rows, Spearman
+TRAIN_LENSNET_LR = "train/lensnet_lr"
+TRAIN_LENSNET_GRAD_NORM = "train/lensnet_grad_norm"  # before clipping
+LENSNET_PARAMETERS = "lensnet/parameters"
+DELTAS_ROWS = "deltas/rows"
+DELTAS_CONTEXTS = "deltas/contexts"
+DELTAS_SECONDS = "deltas/seconds"
 
 
 def _arr(values: Sequence[float] | np.ndarray) -> np.ndarray:
@@ -87,6 +113,52 @@ def budget_utilization(cost: int, w_max: int) -> float:
 def latency_overhead(step_ms: float, baseline_ms: float) -> float:
     """(MegaContext step − frozen base model step on the same active positions) / baseline step."""
     return (step_ms - baseline_ms) / baseline_ms
+
+
+def causality_violations(spans: Iterable, cursor: int) -> int:
+    """Entries (anything with an `end`) LensNet reads whose span ends after the cursor. Must be 0."""
+    return sum(1 for s in spans if s.end > cursor)
+
+
+def pairwise_ranking_accuracy(scores, utilities, groups, min_gap: float = 0.0) -> float:
+    """Share of pairs within a group (a working context) that `scores` order like `utilities`.
+
+    Only pairs whose utilities differ by more than `min_gap` count; a tie in the scores counts half.
+    NaN when no group has such a pair. Chance level is 0.5.
+    """
+    s, u, g = _arr(scores), _arr(utilities), np.asarray(groups)
+    if not (s.shape == u.shape == g.shape):
+        raise ValueError(f"shape mismatch: scores {s.shape}, utilities {u.shape}, groups {g.shape}")
+    right, total = 0.0, 0
+    for key in np.unique(g):
+        idx = np.flatnonzero(g == key)
+        du = u[idx, None] - u[None, idx]  # [n, n]
+        ds = s[idx, None] - s[None, idx]
+        pairs = du > min_gap  # each unordered pair once, oriented so that utility i > utility j
+        right += float((ds[pairs] > 0).sum() + 0.5 * (ds[pairs] == 0).sum())
+        total += int(pairs.sum())
+    return right / total if total else float("nan")
+
+
+def _ranks(a: np.ndarray) -> np.ndarray:
+    """Ranks 0..n-1 with ties given their average rank."""
+    order = np.argsort(a, kind="stable")
+    ranks = np.empty(len(a))
+    ranks[order] = np.arange(len(a))
+    _, inverse, counts = np.unique(a, return_inverse=True, return_counts=True)
+    sums = np.bincount(inverse, weights=ranks)
+    return (sums / counts)[inverse]
+
+
+def spearman(x, y) -> float:
+    """Spearman rank correlation (Pearson of the tie-averaged ranks); NaN if either side is constant."""
+    a, b = _arr(x), _arr(y)
+    if a.shape != b.shape:
+        raise ValueError(f"shape mismatch: {a.shape} vs {b.shape}")
+    ra, rb = _ranks(a), _ranks(b)
+    ra, rb = ra - ra.mean(), rb - rb.mean()
+    denom = np.sqrt((ra**2).sum() * (rb**2).sum())
+    return float((ra * rb).sum() / denom) if denom > 0 else float("nan")
 
 
 def is_finite(values) -> bool:

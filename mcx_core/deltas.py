@@ -1,0 +1,480 @@
+"""Counterfactual delta tables (SPEC §6): ΔNLL@H labels for LensNet, and the oracle policy.
+
+For a working context and the H tokens after its cursor, every candidate action (each legal expand,
+each legal collapse) is scored by
+
+    delta_nll = NLL(horizon | context after the action) − NLL(horizon | context before)
+
+(mean over the H horizon tokens, `evaluation.horizon_nll`), so a negative delta is an action that helps.
+Both the labels (`generate_delta_table`) and `OraclePolicy` go through `evaluate_candidates`, which
+runs one forward per group of up to `batch_size` equal-length contexts.
+
+Budget: an expand adds K − 1 positions. When that would overflow `w_max`, the expand is evaluated
+together with the minimal extra collapse that makes room: the finest-level, oldest legal collapse that
+does not touch the expanded entry (the order `WorkingContext.collapse_to_fit` uses). Its row names the
+partner in `paired_block_id` and has `token_cost` 0 (the net change in cost). With a 1024-token history
+and w_max 128 the most detailed context is full, so most expands are such swaps, all paired with the
+same oldest collapsible block: within a context they still rank which span deserves detail most.
+
+Contexts per training sample: the most detailed one that fits (`WorkingContext.initial`, kind
+"recency", always labelled) plus `contexts_per_sample − 1` "perturbed" ones, each 1..`perturb_moves`
+random legal moves away from it (a move is any legal collapse or any expand that fits the budget; the
+entry a move created is not moved back at once). Ages at the current level (a LensNet feature) cannot
+be known outside a runtime run: entries the walk did not touch get a random age in 0..AGE_SCALE, so the
+feature spans what the runtime shows without carrying label information, and an entry created by the
+walk gets the number of moves made since.
+
+Files: `out_path` is the delta table (Parquet, `DELTA_SCHEMA`, one row per evaluated action; the SPEC §6
+columns plus what JT2 and analysis need). Next to it, `contexts_path(out_path)` (`*.contexts.arrow`, Arrow
+IPC, `CONTEXT_SCHEMA`, one row per labelled context) holds what rebuilds a context exactly: the history and
+horizon token ids, the entries as JSON and the ages. It is Arrow rather than Parquet so the DuckDB view
+`deltas` (`deltas/**/*.parquet`) keeps one schema. Both are written to a temporary name and renamed,
+contexts first, so a delta table never exists without its contexts.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from dataclasses import asdict, dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.ipc as ipc
+import pyarrow.parquet as pq
+import torch
+from tqdm.auto import tqdm
+
+from mcx_core.config import MegaContextConfig
+from mcx_core.evaluation import ConditionInput, horizon_nll
+from mcx_core.lensnet import AGE_SCALE
+from mcx_core.model import BaseLM
+from mcx_core.tree import EmbedFn, GistFn, MegaContextTree
+from mcx_core.working_context import Entry, WorkingContext
+
+ACTIONS = ("expand", "collapse")
+
+DELTA_SCHEMA = pa.schema(
+    [
+        # SPEC §6
+        ("run_id", pa.string()),
+        ("cycle", pa.int32()),
+        ("sample_id", pa.string()),
+        ("block_id", pa.string()),  # span id of the entry acted on, e.g. "L1:000012"
+        ("level", pa.int32()),  # its level before the action
+        ("action", pa.string()),  # "expand" | "collapse"
+        ("delta_nll", pa.float64()),  # nll_after - nll_before, nats per horizon token
+        ("token_cost", pa.int32()),  # change of the context's cost (0 for an expand paired with a collapse)
+        ("distance_to_cursor", pa.int32()),  # cursor - span_end, tokens
+        ("horizon", pa.int32()),  # H
+        ("timestamp", pa.timestamp("us", tz="UTC")),
+        # what the labels were computed with, and where the row sits
+        ("gistnet_checkpoint", pa.string()),  # the GistNet the tree's gists came from (on-policy labels)
+        ("context_id", pa.string()),  # key into the contexts file
+        ("entry_index", pa.int32()),  # index of the entry in its context (LensNet's score index)
+        ("w_max", pa.int32()),
+        ("span_start", pa.int32()),  # the entry's span
+        ("span_end", pa.int32()),
+        ("nll_before", pa.float64()),
+        ("nll_after", pa.float64()),
+        ("paired_block_id", pa.string()),  # null, or the entry collapsed to make room for an expand
+    ]
+)
+NULLABLE = {"paired_block_id"}
+
+CONTEXT_SCHEMA = pa.schema(
+    [
+        ("context_id", pa.string()),
+        ("run_id", pa.string()),
+        ("cycle", pa.int32()),
+        ("sample_id", pa.string()),
+        ("kind", pa.string()),  # "recency" (WorkingContext.initial) | "perturbed"
+        ("w_max", pa.int32()),
+        ("recent_tokens", pa.int32()),
+        ("position_scheme", pa.string()),
+        ("block_size", pa.int32()),
+        ("max_level", pa.int32()),
+        ("cursor", pa.int32()),
+        ("entries", pa.string()),  # JSON list of Entry fields
+        ("ages", pa.list_(pa.int32())),
+        ("history_ids", pa.list_(pa.int32())),  # [cursor]
+        ("horizon_ids", pa.list_(pa.int32())),  # [H]
+        ("nll_before", pa.float64()),
+        ("gistnet_checkpoint", pa.string()),
+    ]
+)
+
+
+def contexts_path(delta_path: str | os.PathLike) -> Path:
+    """The companion contexts file of a delta table: `x.parquet` -> `x.contexts.arrow`."""
+    p = Path(delta_path)
+    return p.with_name(p.name.removesuffix(".parquet") + ".contexts.arrow")
+
+
+# ---------------------------------------------------------------------------------------------- counterfactuals
+
+
+@dataclass(frozen=True)
+class Candidate:
+    action: str  # "expand" | "collapse"
+    index: int  # entry index in the context before the action
+    paired_collapse: int | None = None  # expand only: entry index collapsed first to make room
+
+
+def copy_context(wc: WorkingContext) -> WorkingContext:
+    return WorkingContext(wc.tree, wc.w_max, wc.recent_tokens, wc.position_scheme, wc.entries)
+
+
+def _run(wc: WorkingContext, j: int) -> range:
+    """Entry indices a collapse at j replaces (one LOD0 block, or K gists)."""
+    return range(j, j + (1 if wc.entries[j].level == 0 else wc.tree.block_size))
+
+
+def candidate_actions(wc: WorkingContext) -> list[Candidate]:
+    """Every legal collapse and every legal expand of `wc`; an expand that would overflow `w_max` is
+    paired with the finest-level, oldest legal collapse not involving it, or left out if none exists."""
+    n = len(wc.entries)
+    collapsible = [j for j in range(n) if wc.can_collapse(j)]
+    by_priority = sorted(collapsible, key=lambda j: (wc.entries[j].level, wc.entries[j].start))
+    out = [Candidate("collapse", j) for j in collapsible]
+    for i in range(n):
+        if not wc.can_expand(i):
+            continue
+        extra = wc.expand_cost(i)
+        if wc.cost + extra <= wc.w_max:
+            out.append(Candidate("expand", i))
+            continue
+        for j in by_priority:
+            if i not in _run(wc, j) and wc.cost + extra - wc.collapse_saving(j) <= wc.w_max:
+                out.append(Candidate("expand", i, paired_collapse=j))
+                break
+    return out
+
+
+def apply_candidate(wc: WorkingContext, cand: Candidate) -> WorkingContext:
+    """A new context: `wc` after the action (the paired collapse first, so the budget holds throughout)."""
+    out = copy_context(wc)
+    if cand.action == "collapse":
+        out.collapse(cand.index)
+        return out
+    target = wc.entries[cand.index]
+    if cand.paired_collapse is not None:
+        out.collapse(cand.paired_collapse)
+    out.expand(out.entries.index(target))  # the collapse may have shifted the target's index
+    return out
+
+
+def context_input(wc: WorkingContext, embed_fn: EmbedFn) -> ConditionInput:
+    embeds, positions, _ = wc.assemble(embed_fn)
+    start = wc.entries[-1].end if wc.position_scheme == "center" else positions.numel()
+    return ConditionInput(embeds, positions, start)
+
+
+def mean_horizon_nll(
+    lm: BaseLM, inputs: list[ConditionInput], horizons: list[torch.Tensor], batch_size: int
+) -> list[float]:
+    """Mean horizon NLL of each input (`horizons[j]` [H] long): one forward per group of up to
+    `batch_size` inputs of the same length (`horizon_nll` needs equal lengths; no padding)."""
+    by_length: dict[int, list[int]] = {}
+    for j, c in enumerate(inputs):
+        by_length.setdefault(c.embeds.shape[0], []).append(j)
+    out = [math.nan] * len(inputs)
+    for group in by_length.values():
+        for a in range(0, len(group), batch_size):
+            chunk = group[a : a + batch_size]
+            nll = horizon_nll(lm, [inputs[j] for j in chunk], torch.stack([horizons[j] for j in chunk]))  # [b, H]
+            for j, value in zip(chunk, nll.mean(dim=1).tolist()):
+                out[j] = value
+    return out
+
+
+def evaluate_candidates(
+    lm: BaseLM,
+    contexts: list[WorkingContext],
+    horizons: list[torch.Tensor],
+    candidates: list[list[Candidate]],
+    batch_size: int,
+) -> list[tuple[float, list[float]]]:
+    """For each context: (NLL before, [NLL after each of its candidates]), all in shared batches."""
+    inputs, owners = [], []
+    for c, (wc, cands) in enumerate(zip(contexts, candidates)):
+        for wc_variant in [wc] + [apply_candidate(wc, cand) for cand in cands]:
+            inputs.append(context_input(wc_variant, lm.embed))
+            owners.append(c)
+    nll = mean_horizon_nll(lm, inputs, [horizons[c] for c in owners], batch_size)
+    out, pos = [], 0
+    for cands in candidates:
+        out.append((nll[pos], nll[pos + 1 : pos + 1 + len(cands)]))
+        pos += 1 + len(cands)
+    return out
+
+
+def normalised_utilities(delta_nll, floor: float) -> np.ndarray:
+    """Utility u = −ΔNLL of a context's actions, divided by max(max |u|, floor): [R] -> [R] in [-1, 1].
+    The floor keeps a context where nothing matters from blowing noise up to ±1."""
+    u = -np.asarray(delta_nll, dtype=np.float64)
+    return np.clip(u / max(float(np.abs(u).max(initial=0.0)), floor), -1.0, 1.0)
+
+
+def score_targets(utility, sign, can_expand, can_collapse) -> torch.Tensor:
+    """The score each action asks of its entry: +u for an expand, −u for a collapse (`sign` ±1), clamped
+    to the directions the entry allows (<= 0 if it cannot expand, >= 0 if it cannot collapse). All [R]."""
+    t = torch.as_tensor(sign, dtype=torch.float32) * torch.as_tensor(utility, dtype=torch.float32)
+    t = torch.where(can_expand, t, t.clamp(max=0))
+    return torch.where(can_collapse, t, t.clamp(min=0))
+
+
+# ---------------------------------------------------------------------------------------------- sampling contexts
+
+
+def perturbed_context(
+    wc: WorkingContext, rng: np.random.Generator, max_moves: int
+) -> tuple[WorkingContext, list[int]]:
+    """`wc` after 1..max_moves random legal moves within budget, and each entry's age at its level."""
+    out = copy_context(wc)
+    birth = {e: -int(rng.integers(0, AGE_SCALE + 1)) for e in out.entries}  # move count when it got its level
+    created: list[Entry] = []
+    moves = int(rng.integers(1, max_moves + 1))
+    made = 0
+    for _ in range(moves):
+        options = [
+            c
+            for c in candidate_actions(out)
+            if c.paired_collapse is None and out.entries[c.index] not in created  # no immediate undo
+        ]
+        if not options:
+            break
+        before = set(out.entries)
+        out = apply_candidate(out, options[int(rng.integers(len(options)))])
+        made += 1
+        created = [e for e in out.entries if e not in before]
+        for e in created:
+            birth[e] = made
+    return out, [made - birth[e] for e in out.entries]
+
+
+def choose_candidates(cands: list[Candidate], max_candidates: int, rng: np.random.Generator) -> list[Candidate]:
+    """A random subset of at most `max_candidates`, half collapses when there are enough of them."""
+    if len(cands) <= max_candidates:
+        return cands
+    expands = [c for c in cands if c.action == "expand"]
+    collapses = [c for c in cands if c.action == "collapse"]
+    expands = [expands[i] for i in rng.permutation(len(expands))]
+    collapses = [collapses[i] for i in rng.permutation(len(collapses))]
+    n_collapse = min(len(collapses), max(max_candidates // 2, max_candidates - len(expands)))
+    return sorted(collapses[:n_collapse] + expands[: max_candidates - n_collapse], key=lambda c: c.index)
+
+
+# ---------------------------------------------------------------------------------------------- tables
+
+
+def _now() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+def _write_atomic(path: Path, write) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _write_arrow(table: pa.Table, path: Path) -> None:
+    with pa.OSFile(str(path), "wb") as sink, ipc.new_file(sink, table.schema) as writer:
+        writer.write_table(table)
+
+
+def read_contexts(delta_path: str | os.PathLike) -> pa.Table:
+    with pa.OSFile(str(contexts_path(delta_path)), "rb") as source:
+        return ipc.open_file(source).read_all()
+
+
+def rebuild_context(row: dict, embed_fn: EmbedFn, gist_fn: GistFn, d_model: int) -> tuple[WorkingContext, list[int]]:
+    """A labelled context from its contexts-file row: the tree re-ingested with `gist_fn` (the labels are
+    only valid for the GistNet named in `gistnet_checkpoint`), the entries, and the ages."""
+    tree = MegaContextTree(d_model, embed_fn, gist_fn, block_size=row["block_size"], max_level=row["max_level"])
+    tree.ingest(torch.tensor(row["history_ids"], dtype=torch.long))
+    entries = [Entry(**e) for e in json.loads(row["entries"])]
+    wc = WorkingContext(tree, row["w_max"], row["recent_tokens"], row["position_scheme"], entries)
+    wc.check_invariants()
+    return wc, list(row["ages"])
+
+
+def generate_delta_table(
+    cfg: MegaContextConfig,
+    lm: BaseLM,
+    gister: GistFn,
+    train_ids: np.ndarray,
+    sample_ids: list[str],
+    out_path: Path,
+    run_id: str,
+    cycle: int,
+    gistnet_checkpoint: str,
+    progress: bool = True,
+) -> Path:
+    """Label `deltas.samples` training samples (a seeded choice per cycle) × `deltas.contexts_per_sample`
+    contexts; write the delta table to `out_path` and its contexts next to it. `train_ids` [N, >= C + H]."""
+    dcfg, wcc = cfg.deltas, cfg.working_context
+    C, H, K = cfg.dataset.context_tokens, cfg.dataset.horizon, cfg.dataset.block_size
+    if len(sample_ids) != len(train_ids):
+        raise ValueError(f"{len(sample_ids)} sample ids for {len(train_ids)} samples")
+    rng = np.random.default_rng([cfg.seed, cycle])
+    chosen = np.sort(rng.permutation(len(train_ids))[: dcfg.samples])
+    ids = torch.as_tensor(np.asarray(train_ids)[chosen], dtype=torch.long)
+    rows: list[dict] = []
+    context_rows: list[dict] = []
+    t0 = time.perf_counter()
+    bar = tqdm(total=len(chosen) * dcfg.contexts_per_sample, desc="delta table", unit="context", disable=not progress)
+    for s, row_ids in zip(chosen.tolist(), ids):
+        sample_id = sample_ids[s]
+        history, horizon = row_ids[:C], row_ids[C : C + H]
+        tree = MegaContextTree(lm.d_model, lm.embed, gister, block_size=K)
+        tree.ingest(history)
+        recency = WorkingContext.initial(tree, wcc.w_max, wcc.recent_tokens, wcc.position_scheme)
+        contexts = [(recency, "recency", [0] * len(recency.entries))]
+        for _ in range(dcfg.contexts_per_sample - 1):
+            wc, ages = perturbed_context(recency, rng, dcfg.perturb_moves)
+            contexts.append((wc, "perturbed", ages))
+        cands = [choose_candidates(candidate_actions(wc), dcfg.max_candidates, rng) for wc, _, _ in contexts]
+        results = evaluate_candidates(lm, [wc for wc, _, _ in contexts], [horizon] * len(contexts), cands, dcfg.batch_size)
+        stamp = _now()
+        for c, ((wc, kind, ages), context_cands, (nll_before, nll_after)) in enumerate(zip(contexts, cands, results)):
+            context_id = f"{run_id}/c{cycle}/{sample_id}/{c}"
+            context_rows.append(
+                {
+                    "context_id": context_id, "run_id": run_id, "cycle": cycle, "sample_id": sample_id,
+                    "kind": kind, "w_max": wc.w_max, "recent_tokens": wc.recent_tokens,
+                    "position_scheme": wc.position_scheme, "block_size": K, "max_level": tree.max_level,
+                    "cursor": tree.cursor, "entries": json.dumps([asdict(e) for e in wc.entries]),
+                    "ages": ages, "history_ids": history.tolist(), "horizon_ids": horizon.tolist(),
+                    "nll_before": nll_before, "gistnet_checkpoint": gistnet_checkpoint,
+                }
+            )
+            for cand, after in zip(context_cands, nll_after):
+                e = wc.entries[cand.index]
+                paired = None if cand.paired_collapse is None else wc.entries[cand.paired_collapse].span_id
+                rows.append(
+                    {
+                        "run_id": run_id, "cycle": cycle, "sample_id": sample_id, "block_id": e.span_id,
+                        "level": e.level, "action": cand.action, "delta_nll": after - nll_before,
+                        "token_cost": apply_candidate(wc, cand).cost - wc.cost,
+                        "distance_to_cursor": tree.cursor - e.end, "horizon": H, "timestamp": stamp,
+                        "gistnet_checkpoint": gistnet_checkpoint, "context_id": context_id,
+                        "entry_index": cand.index, "w_max": wc.w_max, "span_start": e.start, "span_end": e.end,
+                        "nll_before": nll_before, "nll_after": after, "paired_block_id": paired,
+                    }
+                )
+        bar.update(len(contexts))
+        bar.set_postfix(rows=len(rows), s=f"{time.perf_counter() - t0:.0f}")
+    bar.close()
+    out_path = Path(out_path)
+    contexts_table = pa.Table.from_pylist(context_rows, schema=CONTEXT_SCHEMA)
+    _write_atomic(contexts_path(out_path), lambda p: _write_arrow(contexts_table, p))
+    table = pa.Table.from_pylist(rows, schema=DELTA_SCHEMA)
+    _write_atomic(out_path, lambda p: pq.write_table(table, p))
+    return out_path
+
+
+def validate_delta_table(path: str | os.PathLike) -> list[str]:
+    """Problems with a delta table and its contexts file; empty when both are usable."""
+    path = Path(path)
+    try:
+        table = pq.read_table(path)
+    except Exception as err:  # unreadable or not Parquet: report it, do not raise
+        return [f"{path}: not a readable Parquet file ({err})"]
+    problems = []
+    for field in DELTA_SCHEMA:
+        if field.name not in table.column_names:
+            problems.append(f"column {field.name}: missing")
+        elif table.schema.field(field.name).type != field.type:
+            problems.append(f"column {field.name}: type {table.schema.field(field.name).type}, expected {field.type}")
+        elif field.name not in NULLABLE and table.column(field.name).null_count:
+            problems.append(f"column {field.name}: {table.column(field.name).null_count} nulls")
+    if problems:
+        return problems
+    if table.num_rows == 0:
+        return [f"{path}: no rows"]
+    d = table.to_pydict()
+    bad_action = sorted(set(d["action"]) - set(ACTIONS))
+    if bad_action:
+        problems.append(f"column action: values {bad_action} (allowed: {list(ACTIONS)})")
+    for name in ("delta_nll", "nll_before", "nll_after"):
+        n_bad = int((~np.isfinite(np.asarray(d[name], dtype=np.float64))).sum())
+        if n_bad:
+            problems.append(f"column {name}: {n_bad} non-finite values")
+    mismatch = np.abs(np.asarray(d["nll_after"]) - np.asarray(d["nll_before"]) - np.asarray(d["delta_nll"])) > 1e-6
+    if mismatch.any():
+        problems.append(f"column delta_nll: {int(mismatch.sum())} rows differ from nll_after - nll_before")
+    for i in range(table.num_rows):
+        where = f"row {i} ({d['context_id'][i]}, {d['action'][i]} {d['block_id'][i]})"
+        if d["action"][i] == "expand" and (d["level"][i] < 1 or d["token_cost"][i] < 0):
+            problems.append(f"{where}: an expand needs level >= 1 and token_cost >= 0")
+        if d["action"][i] == "collapse" and d["token_cost"][i] >= 0:
+            problems.append(f"{where}: a collapse must lower the cost")
+        if d["distance_to_cursor"][i] < 0 or d["span_start"][i] >= d["span_end"][i] or d["horizon"][i] <= 0:
+            problems.append(f"{where}: bad span/distance/horizon")
+        if len(problems) > 20:
+            break
+    cpath = contexts_path(path)
+    if not cpath.is_file():
+        return problems + [f"{cpath}: contexts file missing"]
+    try:
+        contexts = read_contexts(path)
+    except Exception as err:
+        return problems + [f"{cpath}: not a readable Arrow file ({err})"]
+    if not contexts.schema.equals(CONTEXT_SCHEMA):
+        return problems + [f"{cpath}: schema differs from CONTEXT_SCHEMA"]
+    missing = set(d["context_id"]) - set(contexts.column("context_id").to_pylist())
+    if missing:
+        problems.append(f"{cpath}: {len(missing)} context ids of the delta table are missing, e.g. {min(missing)}")
+    return problems
+
+
+# ---------------------------------------------------------------------------------------------- oracle
+
+
+class OraclePolicy:
+    """The upper-bound `Policy`: scores entries by their *true* counterfactual ΔNLL on the upcoming horizon.
+
+    It peeks at the future by design: `horizon_ids_fn(cursor) -> [H] long` must return the tokens that
+    follow the cursor, which no real policy can know. That is what makes it the reference LensNet is
+    measured against; never use it where the future is unknown. (It has no causality-violation count:
+    that metric is about what LensNet reads.)
+
+    Every legal action is evaluated with `evaluate_candidates` (the counterfactuals the delta tables hold;
+    an overflowing expand is paired with a collapse), and entry i gets the score JT2 regresses LensNet
+    onto: the mean over its actions of `score_targets` (utility −ΔNLL normalised by the context's largest
+    |utility|, + for an expand, − for a collapse, clamped to the legal directions). An entry whose
+    actions would all hurt gets 0 ("leave it"). One forward per candidate: slow, by nature.
+    """
+
+    name = "oracle"
+
+    def __init__(self, lm: BaseLM, horizon_ids_fn, batch_size: int = 8, utility_floor: float = 0.01):
+        self.lm = lm
+        self.horizon_ids_fn = horizon_ids_fn
+        self.batch_size = batch_size
+        self.utility_floor = utility_floor
+
+    def scores(self, wc: WorkingContext, tree: MegaContextTree, step: int) -> torch.Tensor:
+        horizon = torch.as_tensor(self.horizon_ids_fn(tree.cursor), dtype=torch.long)
+        scores = torch.zeros(len(wc.entries))
+        cands = candidate_actions(wc)
+        if horizon.numel() == 0 or not cands:
+            return scores
+        [(nll_before, nll_after)] = evaluate_candidates(self.lm, [wc], [horizon], [cands], self.batch_size)
+        utility = normalised_utilities(np.array(nll_after) - nll_before, self.utility_floor)
+        index = torch.tensor([c.index for c in cands])
+        sign = torch.tensor([1.0 if c.action == "expand" else -1.0 for c in cands])
+        can_expand = torch.tensor([wc.can_expand(i) for i in index.tolist()])
+        can_collapse = torch.tensor([wc.can_collapse(i) for i in index.tolist()])
+        targets = score_targets(utility, sign, can_expand, can_collapse)  # [n_candidates]
+        counts = torch.zeros(len(wc.entries)).index_add_(0, index, torch.ones(len(cands)))
+        return scores.index_add_(0, index, targets) / counts.clamp(min=1)

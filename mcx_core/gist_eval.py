@@ -1,0 +1,309 @@
+"""ΔNLL@H of learned gists against the full history and the two baselines (recency, mean-pool),
+at 32× (LOD1, every W_max) and 1024× (one LOD2 gist), plus where the loss comes from: by position
+of the horizon token and by distance of a single gisted block from the cursor."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+
+from mcx_core import evaluation as E
+from mcx_core import reports
+from mcx_core.config import MegaContextConfig
+from mcx_core.model import BaseLM
+from mcx_core.telemetry.sinks import NullSink, TelemetrySink
+
+STRESS = "stress1024"
+
+
+def conditions(cfg: MegaContextConfig, lm: BaseLM, gister) -> dict[str, E.Condition]:
+    wc = cfg.working_context
+    K = cfg.dataset.block_size
+    return {
+        "full": E.full_condition(lm),
+        "recency": E.recency_condition(lm, wc.sink_tokens, wc.position_scheme),
+        "meanpool": E.working_context_condition(lm, E.MeanPoolGister(), K, wc.recent_tokens, wc.position_scheme),
+        "gist": E.working_context_condition(lm, gister, K, wc.recent_tokens, wc.position_scheme),
+    }
+
+
+def evaluate_gists(
+    cfg: MegaContextConfig,
+    lm: BaseLM,
+    gister,
+    samples: dict[str, tuple[list[str], np.ndarray]],
+    progress: bool = True,
+    baseline_rows: list[E.EvalRow] | None = None,
+) -> dict:
+    """All rows and summaries of the gist evaluation (no files written). `baseline_rows` (the
+    `baseline_eval` table) supply full/recency/meanpool scores of the same samples, so they are not
+    recomputed; any sample they miss is scored here."""
+    C, H, K = cfg.dataset.context_tokens, cfg.dataset.horizon, cfg.dataset.block_size
+    ev = cfg.evaluation
+    conds = conditions(cfg, lm, gister)
+    fixed = {"full"}
+    if C >= K * K:
+        conds[STRESS] = E.max_compression_condition(lm, gister, K, cfg.working_context.position_scheme)
+        fixed.add(STRESS)
+    t0 = time.perf_counter()
+    reused = _covered(baseline_rows or [], samples, cfg.working_context.eval_w_max)
+    rows = [r for r in baseline_rows or [] if r.condition in reused and _wanted(r, samples)]
+    rows += E.evaluate(
+        lm, samples, {k: v for k, v in conds.items() if k not in reused}, cfg.working_context.eval_w_max,
+        C, H, ev.batch_size, progress, frozenset(fixed),
+    )
+    # Distance probe: one gisted block at a time, on the first few samples (each costs a full forward).
+    distances = [d for d in ev.distance_blocks if d <= C // K]
+    probe_rows: list[E.EvalRow] = []
+    if ev.distance_probe_samples and distances:
+        few = {ds: (ids[: ev.distance_probe_samples], x[: ev.distance_probe_samples]) for ds, (ids, x) in samples.items()}
+        probes = {f"gist_d{d}": E.single_gist_condition(lm, gister, K, d) for d in distances}
+        probe_rows = E.evaluate(lm, few, probes, [], C, H, ev.batch_size, progress, frozenset(probes))
+        probe_rows += [r for r in rows if r.condition == "full"]
+    seconds = time.perf_counter() - t0
+    summary = E.summarize(rows, methods=["meanpool", "gist"])
+    for s in summary:
+        s["gist_beats_recency"] = s["delta_nll_gist_mean"] < s["delta_nll_recency_mean"]
+        s["gist_beats_meanpool"] = s["delta_nll_gist_mean"] < s["delta_nll_meanpool_mean"]
+    stress = E.summarize_fixed(rows, STRESS) if STRESS in conds else []
+    distance = [
+        {"distance_blocks": d, **s} for d in distances for s in E.summarize_fixed(probe_rows, f"gist_d{d}")
+    ]
+    return {
+        "rows": rows,
+        "probe_rows": probe_rows,
+        "summary": summary,
+        "stress": stress,
+        "distance": distance,
+        "by_position": delta_by_position(rows, "gist", cfg.working_context.w_max),
+        "seconds": seconds,
+        "seconds_per_sample": seconds / max(1, sum(len(v[0]) for v in samples.values())),
+    }
+
+
+def _wanted(r: E.EvalRow, samples) -> bool:
+    return r.dataset in samples and r.sample_id in set(samples[r.dataset][0])
+
+
+def _covered(rows: list[E.EvalRow], samples, w_values: list[int]) -> set[str]:
+    """Baseline conditions scored in `rows` for every sample and every W_max needed."""
+    have = {(r.dataset, r.condition, r.w_max, r.sample_id) for r in rows}
+    out = set()
+    for cond in ("full", "recency", "meanpool"):
+        ws = [0] if cond == "full" else w_values
+        if all((ds, cond, w, s) in have for ds, (ids, _) in samples.items() for s in ids for w in ws):
+            out.add(cond)
+    return out
+
+
+def delta_by_position(rows: list[E.EvalRow], condition: str, w_max: int) -> dict[str, list[float]]:
+    """Mean ΔNLL of each horizon position (gist vs full), per dataset: boundary artifacts show here."""
+    full = {(r.dataset, r.sample_id): np.array(r.token_nll) for r in rows if r.condition == "full"}
+    out: dict[str, list[float]] = {}
+    for ds in sorted({r.dataset for r in rows}):
+        diffs = [
+            np.array(r.token_nll) - full[(ds, r.sample_id)]
+            for r in rows
+            if r.dataset == ds and r.condition == condition and r.w_max == w_max
+        ]
+        if diffs:
+            out[ds] = np.mean(diffs, axis=0).tolist()
+    return out
+
+
+def log_metrics(result: dict, sink: TelemetrySink, step: int = 0) -> dict[str, float]:
+    """The evaluation's numbers under stable names (MLflow, Dagster metadata, checks)."""
+    flat: dict[str, float] = {}
+    for s in result["summary"]:
+        for k, v in s.items():
+            if isinstance(v, float | bool) and not isinstance(v, str):
+                flat[f"eval/{s['dataset']}/w{s['w_max']}/{k}"] = float(v)
+    for s in result["stress"]:
+        flat[f"eval/{s['dataset']}/{STRESS}/delta_nll_mean"] = s["delta_nll_mean"]
+        flat[f"eval/{s['dataset']}/{STRESS}/delta_nll_p95"] = s["delta_nll_p95"]
+    for s in result["distance"]:
+        flat[f"eval/{s['dataset']}/distance/d{s['distance_blocks']}/delta_nll_mean"] = s["delta_nll_mean"]
+    flat["eval/seconds_per_sample"] = result["seconds_per_sample"]
+    sink.log_metrics(flat, step=step)
+    return flat
+
+
+def write_report(cfg: MegaContextConfig, result: dict, out: Path, checkpoint: str, name: str = "gist_eval") -> dict:
+    H = cfg.dataset.horizon
+    thr = cfg.acceptance.delta_nll_max
+    summary = result["summary"]
+    bar = reports.grouped_bar_plot(
+        out / f"{name}.png",
+        [f"{s['dataset']} W={s['w_max']}" for s in summary],
+        {
+            "recency": [s["delta_nll_recency_mean"] for s in summary],
+            "mean-pool gists": [s["delta_nll_meanpool_mean"] for s in summary],
+            "learned gists": [s["delta_nll_gist_mean"] for s in summary],
+        },
+        ylabel=f"ΔNLL@{H} (nats/token)",
+        title=f"Learned gists vs baselines ({cfg.name})",
+        hline=thr,
+        hline_label=f"acceptance ≤ {thr}",
+    )
+    scatter = reports.scatter_plot(
+        out / f"{name}_compression.png",
+        compression_points(result["rows"]),
+        xlabel="compression (history tokens per position read, log)",
+        ylabel=f"ΔNLL@{H}",
+        title="ΔNLL vs compression",
+        hline=thr,
+        hline_label=f"acceptance ≤ {thr}",
+        logx=True,
+    )
+    position = reports.line_plot(
+        out / f"{name}_by_position.png",
+        list(range(1, H + 1)),
+        result["by_position"],
+        xlabel="horizon position",
+        ylabel="ΔNLL (learned gists − full)",
+        title=f"ΔNLL by horizon position, W={cfg.working_context.w_max}",
+    )
+    plots = {"plot": bar, "scatter": scatter, "by_position": position}
+    sections = [
+        f"# Gist evaluation — config `{cfg.name}`, checkpoint `{checkpoint}`",
+        f"ΔNLL@{H} = NLL(condition) − NLL(full {cfg.dataset.context_tokens}-token history), nats per horizon "
+        f"token, held-out split `{cfg.evaluation.split}`. recovery = share of the recency gap won back. "
+        f"Acceptance: ΔNLL ≤ {thr} at W_max = {cfg.working_context.w_max}; ≤ {cfg.acceptance.delta_nll_1024x_max} "
+        "at 1024×.",
+        reports.markdown_table(
+            summary,
+            ["dataset", "w_max", "n_samples", "nll_full", "delta_nll_recency_mean", "delta_nll_meanpool_mean",
+             "delta_nll_gist_mean", "delta_nll_gist_p95", "recovery_gist", "gist_beats_recency",
+             "gist_beats_meanpool"],
+        ),
+        f"![ΔNLL by condition]({bar.name})",
+    ]
+    if result["stress"]:
+        sections += [
+            "## Maximum compression (1024×)",
+            "The oldest whole 1024-token spans are one LOD2 gist each, the horizon starts at the span boundary.",
+            reports.markdown_table(result["stress"], ["dataset", "n_samples", "compression", "delta_nll_mean", "delta_nll_p95"]),
+        ]
+    sections += ["## ΔNLL vs compression", f"![scatter]({scatter.name})"]
+    sections += ["## Boundary artifacts: ΔNLL by horizon position", f"![by position]({position.name})"]
+    if result["distance"]:
+        series: dict[str, list[float]] = {}
+        ds_list = sorted({s["dataset"] for s in result["distance"]})
+        ds_dist = sorted({s["distance_blocks"] for s in result["distance"]})
+        for ds in ds_list:
+            series[ds] = [next(s["delta_nll_mean"] for s in result["distance"] if s["dataset"] == ds and s["distance_blocks"] == d) for d in ds_dist]
+        distance = reports.line_plot(
+            out / f"{name}_by_distance.png", ds_dist, series,
+            xlabel="distance of the single gisted block from the cursor (blocks)",
+            ylabel="ΔNLL vs full", title="Cost of gisting one block, by distance",
+        )
+        plots["by_distance"] = distance
+        sections += [
+            "## ΔNLL by distance of the gisted block",
+            reports.markdown_table(result["distance"], ["dataset", "distance_blocks", "n_samples", "delta_nll_mean", "delta_nll_p95"]),
+            f"![by distance]({distance.name})",
+        ]
+    sections.append(f"Evaluation time: {result['seconds']:.1f} s ({result['seconds_per_sample']:.2f} s per sample).")
+    md = reports.atomic_write_text(out / f"{name}.md", "\n\n".join(sections) + "\n")
+    js = reports.write_json(out / f"{name}.json", {k: result[k] for k in ("summary", "stress", "distance", "by_position", "seconds")})
+    return {"markdown": md, "json": js, **plots}
+
+
+def compression_points(rows: list[E.EvalRow]) -> dict[str, tuple[list[float], list[float]]]:
+    """Per condition: (compression ratio, ΔNLL) for every scored sample — the scatter's points."""
+    full = {(r.dataset, r.sample_id): r for r in rows if r.condition == "full"}
+    points: dict[str, tuple[list[float], list[float]]] = {}
+    for r in rows:
+        if r.condition == "full":
+            continue
+        f = full[(r.dataset, r.sample_id)]
+        xs, ys = points.setdefault(f"{r.condition} ({r.dataset})", ([], []))
+        xs.append(f.context_len / r.context_len)
+        ys.append(r.nll - f.nll)
+    return points
+
+
+# ---------------------------------------------------------------------------------------------- any text
+
+
+class TextError(ValueError):
+    pass
+
+
+def samples_from_text(text: str, tokenizer, sample_tokens: int, block_size: int, max_samples: int) -> np.ndarray:
+    """Cut a text into non-overlapping, block-aligned samples of `sample_tokens` tokens."""
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    stride = -(-sample_tokens // block_size) * block_size
+    n = 0 if len(ids) < sample_tokens else 1 + (len(ids) - sample_tokens) // stride
+    if n == 0:
+        raise TextError(
+            f"the text has {len(ids)} tokens; one sample needs {sample_tokens} (history + horizon)"
+        )
+    n = min(n, max_samples)
+    return np.stack([np.asarray(ids[i * stride : i * stride + sample_tokens], dtype=np.int64) for i in range(n)])
+
+
+def read_text_file(path: Path) -> str:
+    if not path.is_file():
+        raise TextError(f"no such file: {path}")
+    raw = path.read_bytes()
+    if not raw.strip():
+        raise TextError(f"{path} is empty")
+    if b"\x00" in raw[:8192]:
+        raise TextError(f"{path} looks binary (NUL bytes); give a UTF-8 text file")
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise TextError(f"{path} is not UTF-8 text ({err.reason} at byte {err.start})") from None
+
+
+def evaluate_text(
+    cfg: MegaContextConfig, lm: BaseLM, gister, text: str, w_max: int, horizon: int, max_samples: int,
+    progress: bool = False,
+) -> dict:
+    """`mcx eval-text`: the gist evaluation on any text, as one flat dict."""
+    C, K = cfg.dataset.context_tokens, cfg.dataset.block_size
+    ids = samples_from_text(text, lm.tokenizer, C + horizon, K, max_samples)
+    rows = E.evaluate(
+        lm, {"text": ([f"text/{i:04d}" for i in range(len(ids))], ids)}, conditions(cfg, lm, gister), [w_max],
+        C, horizon, cfg.evaluation.batch_size, progress,
+    )
+    (s,) = E.summarize(rows, methods=["meanpool", "gist"])
+    return {
+        "nll_full": s["nll_full"],
+        "nll_recency": s["nll_recency"],
+        "nll_meanpool": s["nll_meanpool"],
+        "nll_gist": s["nll_gist"],
+        "delta_nll": s["delta_nll_gist_mean"],
+        "delta_nll_p95": s["delta_nll_gist_p95"],
+        "recovery": s["recovery_gist"],
+        "n_samples": s["n_samples"],
+        "w_max": w_max,
+        "horizon": horizon,
+        "history_tokens": C,
+    }
+
+
+def run(cfg: MegaContextConfig, lm: BaseLM, gister, samples, out_dir: Path, checkpoint: str,
+        sink: TelemetrySink | None = None, progress: bool = True, baseline_rows=None) -> dict:
+    """Evaluate, write the Parquet rows and the report, log everything; return the result + paths."""
+    import pyarrow.parquet as pq
+
+    sink = sink or NullSink()
+    result = evaluate_gists(cfg, lm, gister, samples, progress, baseline_rows)
+    table_path = out_dir / "eval" / "gist_eval.parquet"
+    table_path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = table_path.with_suffix(".parquet.tmp")
+    probes = [r for r in result["probe_rows"] if r.condition != "full"]  # full rows are in result["rows"]
+    pq.write_table(E.rows_to_table(result["rows"] + probes), tmp)
+    tmp.replace(table_path)
+    result["report"] = write_report(cfg, result, out_dir / "reports", checkpoint)
+    result["table"] = table_path
+    result["metrics"] = log_metrics(result, sink)
+    for p in result["report"].values():
+        sink.log_artifact(p, "reports")
+    sink.log_artifact(table_path, "eval")
+    return result
+

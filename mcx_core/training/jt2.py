@@ -1,0 +1,325 @@
+"""JT2: train LensNet from counterfactual delta tables (SPEC §4, §6), base model and GistNet frozen.
+
+Data: each labelled context is rebuilt from the delta table's contexts file (history re-ingested with
+the given GistNet, which must be the one the labels were computed with: `gistnet_checkpoint`) and turned
+into LensNet inputs once; only LensNet runs per step.
+
+Targets. For a row (an action on entry i) the utility is u = −ΔNLL, normalised per context:
+u / max(max |u| of the context, `utility_floor`), in [-1, 1]. An expand is what a positive score asks
+for, a collapse what a negative one asks for, so the row's target for score i is t = +u (expand) or
+t = −u (collapse), then clamped to what the entry can legally show (<= 0 if it cannot expand, >= 0 if it
+cannot collapse): a harmful expand of a gist that cannot collapse has target 0, "leave it".
+The *action score* of a row is a = sign · score (sign +1 expand, −1 collapse), its target ta = sign · t.
+
+Loss (weights from `lensnet.training`):
+  regression  mean over rows of (score_i − t)²  (masked scores, as the allocator reads them)
+  ranking     within a context, for every pair with ta_p > ta_q: relu((ta_p − ta_q) − (a_p − a_q)),
+              i.e. order the actions like their utilities, at least as far apart as their targets
+  budget      per context, (mean score over its entries)²: scores should not all push the same way
+  legality    mean over entries of the raw (pre-mask) score mass in an illegal direction
+Held-out evaluation (sample_ids held out, `holdout_fraction`): pairwise ranking accuracy of a against
+ta within contexts (pairs with distinct targets; chance 0.5) and Spearman of a against ta over all
+held-out rows. Targets are the legality-clamped ones: orderings LensNet's masked output can express.
+
+Checkpoints `JT2_cycle{c}_step{s}/` next to JT1's: `lensnet/` (save_pretrained), `optimizer.pt`,
+`config.yaml`, `trainer_state.json` (written last, via `common.write_checkpoint`). Step s draws its
+contexts from a generator seeded by (seed, s), so a resumed run takes the same steps as an
+uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import torch
+from tqdm.auto import tqdm
+
+from mcx_core.config import MegaContextConfig
+from mcx_core.deltas import (
+    normalised_utilities,
+    read_contexts,
+    rebuild_context,
+    score_targets,
+    validate_delta_table,
+)
+from mcx_core.gistnet import num_parameters
+from mcx_core.lensnet import LensNet, collate, entry_inputs, mask_scores
+from mcx_core.model import BaseLM
+from mcx_core.telemetry import metrics as M
+from mcx_core.telemetry.sinks import TelemetrySink
+from mcx_core.training import common
+from mcx_core.tree import GistFn
+
+log = logging.getLogger(__name__)
+
+JT = 2
+LENSNET_DIR = "lensnet"
+EVAL_BATCH = 64  # held-out contexts per LensNet forward
+
+
+@dataclass
+class JT2Result:
+    checkpoint: Path
+    metrics: dict[str, float]  # last logged metrics + run summary (jt2/*)
+    history: list[dict[str, float]]
+    nan_free: bool
+    steps: int
+
+
+@dataclass
+class ContextExample:
+    """One labelled working context: LensNet's inputs and its rows' targets."""
+
+    context_id: str
+    sample_id: str
+    inputs: tuple  # entry_inputs(...): embeds [N, d], features [N, F], tail [k, d], masks
+    entry_index: torch.Tensor  # [R] long: the entry each row acts on
+    sign: torch.Tensor  # [R] +1 expand, -1 collapse
+    target: torch.Tensor  # [R] legality-clamped target of the entry's score, in [-1, 1]
+
+
+def load_examples(
+    delta_paths: list[Path], lm: BaseLM, gister: GistFn, tail_gists: int, utility_floor: float, progress: bool = True
+) -> tuple[list[ContextExample], int]:
+    """Every labelled context of the delta tables as a `ContextExample`; also returns their max_level."""
+    examples, max_levels = [], set()
+    for path in delta_paths:
+        problems = validate_delta_table(path)
+        if problems:
+            raise ValueError(f"{path}: unusable delta table: " + "; ".join(problems[:5]))
+        rows_by_context: dict[str, list[dict]] = defaultdict(list)
+        for row in pq.read_table(path).to_pylist():
+            rows_by_context[row["context_id"]].append(row)
+        contexts = read_contexts(path).to_pylist()
+        for ctx in tqdm(contexts, desc=f"JT2 contexts ({Path(path).name})", disable=not progress):
+            rows = rows_by_context.get(ctx["context_id"])
+            if not rows:
+                continue
+            wc, ages = rebuild_context(ctx, lm.embed, gister, lm.d_model)
+            with torch.no_grad():
+                inputs = entry_inputs(wc, lm.embed, torch.tensor(ages), tail_gists)
+            inputs = tuple(t.cpu() for t in inputs[:3]) + ({k: m.cpu() for k, m in inputs[3].items()},)
+            index = torch.tensor([r["entry_index"] for r in rows], dtype=torch.long)
+            sign = torch.tensor([1.0 if r["action"] == "expand" else -1.0 for r in rows])
+            utility = normalised_utilities(np.array([r["delta_nll"] for r in rows]), utility_floor)
+            masks = inputs[3]
+            target = score_targets(utility, sign, masks["can_expand"][index], masks["can_collapse"][index])
+            examples.append(ContextExample(ctx["context_id"], ctx["sample_id"], inputs, index, sign, target))
+            max_levels.add(ctx["max_level"])
+    if not examples:
+        raise ValueError(f"no labelled contexts in {[str(p) for p in delta_paths]}")
+    if len(max_levels) != 1:
+        raise ValueError(f"delta tables mix trees of max_level {sorted(max_levels)}")
+    return examples, max_levels.pop()
+
+
+def split_holdout(examples: list[ContextExample], fraction: float, seed: int) -> tuple[list[int], list[int]]:
+    """Indices of (train, held-out) examples; whole sample_ids are held out (contexts of one history
+    never straddle the split)."""
+    samples = sorted({e.sample_id for e in examples})
+    n_hold = min(len(samples) - 1, round(fraction * len(samples))) if len(samples) > 1 else 0
+    held = {samples[i] for i in np.random.default_rng(seed).permutation(len(samples))[:n_hold]}
+    train = [i for i, e in enumerate(examples) if e.sample_id not in held]
+    return train, [i for i, e in enumerate(examples) if e.sample_id in held]
+
+
+def _row_scores(scores: torch.Tensor, batch: list[ContextExample]) -> list[torch.Tensor]:
+    """scores [B, N] -> per example, the score of the entry each row acts on ([R_b])."""
+    return [scores[b, ex.entry_index.to(scores.device)] for b, ex in enumerate(batch)]
+
+
+def jt2_loss(lensnet: LensNet, batch: list[ContextExample], cfg: MegaContextConfig) -> tuple[torch.Tensor, dict]:
+    """The four-term JT2 objective over a batch of contexts; returns (loss, metrics)."""
+    tcfg = cfg.lensnet.training
+    embeds, features, tail, masks = collate([ex.inputs for ex in batch])
+    raw = lensnet.raw_scores(embeds, features, tail, masks)  # [B, N]
+    masks = {k: m.to(raw.device) for k, m in masks.items()}
+    scores = mask_scores(raw, masks)  # [B, N], what the allocator reads
+    per_row = _row_scores(scores, batch)
+    targets = [ex.target.to(raw.device) for ex in batch]
+    regression = torch.cat([(s - t).pow(2) for s, t in zip(per_row, targets)]).mean()
+    hinge, n_pairs = raw.new_zeros(()), 0
+    for s, t, ex in zip(per_row, targets, batch):
+        sign = ex.sign.to(raw.device)
+        a, ta = sign * s, sign * t  # action scores and their targets
+        gap = ta[:, None] - ta[None, :]  # [R, R]
+        pairs = gap > 1e-6
+        hinge = hinge + torch.relu(gap - (a[:, None] - a[None, :]))[pairs].sum()
+        n_pairs += int(pairs.sum())
+    ranking = hinge / max(n_pairs, 1)
+    entry = masks["entry"].float()
+    budget = ((scores * entry).sum(1) / entry.sum(1)).pow(2).mean()
+    illegal = torch.relu(raw) * (~masks["can_expand"]) + torch.relu(-raw) * (~masks["can_collapse"])
+    legality = (illegal * entry).sum() / entry.sum()
+    loss = (
+        regression
+        + tcfg.ranking_weight * ranking
+        + tcfg.budget_weight * budget
+        + tcfg.legality_weight * legality
+    )
+    metrics = {
+        M.TRAIN_LENSNET_LOSS: loss.item(),
+        M.TRAIN_LENSNET_REGRESSION: regression.item(),
+        M.TRAIN_LENSNET_RANKING: ranking.item(),
+        M.TRAIN_LENSNET_BUDGET: budget.item(),
+        M.TRAIN_LENSNET_LEGALITY: legality.item(),
+    }
+    return loss, metrics
+
+
+@torch.no_grad()
+def evaluate_lensnet(lensnet: LensNet, examples: list[ContextExample]) -> dict[str, float]:
+    """Held-out ranking accuracy and Spearman of action scores against their targets (NaN if empty)."""
+    if not examples:
+        return {M.TRAIN_LENSNET_RANKING_ACCURACY: math.nan, M.TRAIN_LENSNET_RANK_CORRELATION: math.nan}
+    action_scores, action_targets, groups = [], [], []
+    for a in range(0, len(examples), EVAL_BATCH):
+        batch = examples[a : a + EVAL_BATCH]
+        scores = lensnet(*collate([ex.inputs for ex in batch]))  # [B, N]
+        for j, (ex, s) in enumerate(zip(batch, _row_scores(scores, batch))):
+            action_scores.append((ex.sign * s.cpu()).numpy())
+            action_targets.append((ex.sign * ex.target).numpy())
+            groups.append(np.full(len(s), a + j))
+    a_s, a_t, g = np.concatenate(action_scores), np.concatenate(action_targets), np.concatenate(groups)
+    return {
+        M.TRAIN_LENSNET_RANKING_ACCURACY: M.pairwise_ranking_accuracy(a_s, a_t, g, min_gap=1e-6),
+        M.TRAIN_LENSNET_RANK_CORRELATION: M.spearman(a_s, a_t),
+    }
+
+
+def load_lensnet(checkpoint_dir: str | Path, device: str | torch.device = "cpu") -> LensNet:
+    """The LensNet of a JT2 checkpoint (or of a `save_pretrained` directory), in eval mode."""
+    d = Path(checkpoint_dir)
+    return LensNet.from_pretrained(d / LENSNET_DIR if (d / LENSNET_DIR).is_dir() else d, device=device)
+
+
+@dataclass
+class _Run:
+    step: int = 0
+    nan_free: bool = True
+    history: list[dict[str, float]] = field(default_factory=list)
+
+
+def _save(checkpoints_dir: Path, cycle: int, lensnet: LensNet, opt, sched, cfg: MegaContextConfig, state: dict) -> Path:
+    def write(tmp: Path) -> None:
+        lensnet.save_pretrained(tmp / LENSNET_DIR)
+        common.save_optimizer(tmp / common.OPTIMIZER_FILE, opt, sched)
+        (tmp / common.CONFIG_FILE).write_text(cfg.to_yaml(), encoding="utf-8")
+        common.write_json(tmp / common.TRAINER_STATE_FILE, state)  # last: marks the directory complete
+
+    return common.write_checkpoint(Path(checkpoints_dir) / common.checkpoint_name(JT, cycle, state["step"]), write)
+
+
+def train_jt2(
+    cfg: MegaContextConfig,
+    lm: BaseLM,
+    gister: GistFn,
+    delta_paths: list[Path],
+    checkpoints_dir: Path,
+    sink: TelemetrySink,
+    cycle: int = 0,
+    resume: bool = True,
+    progress: bool = True,
+    init_from: Path | None = None,
+) -> JT2Result:
+    """Train LensNet for `lensnet.training.max_steps` steps on the delta tables' labels.
+
+    With `resume`, continue from the newest complete JT2 checkpoint of this cycle (a finished run returns
+    at once). Otherwise start from `init_from` (a JT2 checkpoint, e.g. the previous cycle's) or afresh.
+    """
+    t_start = time.perf_counter()
+    tcfg = cfg.lensnet.training
+    checkpoints_dir = Path(checkpoints_dir)
+    examples, max_level = load_examples(
+        [Path(p) for p in delta_paths], lm, gister, cfg.lensnet.model.tail_gists, tcfg.utility_floor, progress
+    )
+    train_idx, held_idx = split_holdout(examples, tcfg.holdout_fraction, cfg.seed)
+    if not train_idx:
+        raise ValueError("JT2: no training contexts left after the hold-out split")
+    held_out = [examples[i] for i in held_idx]
+
+    lensnet = LensNet(lm.d_model, cfg.lensnet.model, max_level=max_level).to(lm.device)
+    run = _Run()
+    resume_dir = common.latest_checkpoint(checkpoints_dir, JT, cycle) if resume else None
+    if resume_dir is not None:
+        state = common.read_json(resume_dir / common.TRAINER_STATE_FILE)
+        lensnet.load_state_dict(load_lensnet(resume_dir).state_dict())
+        run = _Run(**state["run"])
+        log.info("JT2: resuming from %s (step %d)", resume_dir, run.step)
+    elif init_from is not None:
+        lensnet.load_state_dict(load_lensnet(init_from).state_dict())
+    lensnet.train()
+    opt = common.make_optimizer(lensnet, tcfg.lr, tcfg.weight_decay)  # asserts every parameter is in it
+    sched = common.make_scheduler(opt, tcfg.warmup_steps, tcfg.max_steps)
+    if resume_dir is not None:
+        common.load_optimizer(resume_dir / common.OPTIMIZER_FILE, opt, sched)
+    sink.log_params({"jt2.lensnet_parameters": num_parameters(lensnet)})
+
+    def trainer_state() -> dict:
+        return {
+            "trainer": f"JT{JT}",
+            "cycle": cycle,
+            "step": run.step,
+            "max_steps": tcfg.max_steps,
+            "nan_free": run.nan_free,
+            "metrics": run.history[-1] if run.history else {},
+            "delta_tables": [str(p) for p in delta_paths],
+            "contexts": {"train": len(train_idx), "held_out": len(held_idx)},
+            "held_out_samples": sorted({e.sample_id for e in held_out}),
+            "rng": {"seed": cfg.seed, "sampling": "step s draws with torch.Generator().manual_seed(seed * 1_000_003 + s)"},
+            "base_model": {"id": lm.model_id},
+            "lensnet_parameters": num_parameters(lensnet),
+            "run": run.__dict__,
+        }
+
+    checkpoint = resume_dir
+    bar = tqdm(total=tcfg.max_steps, initial=run.step, desc="JT2 LensNet", disable=not progress)
+    while run.step < tcfg.max_steps:
+        g = common.step_generator(cfg.seed, run.step)
+        picks = torch.randperm(len(train_idx), generator=g)[: tcfg.batch_size].tolist()
+        loss, metrics = jt2_loss(lensnet, [examples[train_idx[i]] for i in picks], cfg)
+        grad_norm = math.nan
+        if math.isfinite(loss.item()):
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(lensnet.parameters(), tcfg.grad_clip))
+        if not (math.isfinite(loss.item()) and math.isfinite(grad_norm)):
+            run.nan_free = False  # stop without applying the step: the weights stay the last finite ones
+            log.error("JT2: non-finite loss/grad at step %d; training stopped", run.step)
+            sink.log_metrics({M.TRAIN_LENSNET_LOSS: math.nan, M.TRAIN_NAN: 1.0}, step=run.step)
+            break
+        lr = opt.param_groups[0]["lr"]
+        opt.step()
+        sched.step()
+        run.step += 1
+        if run.step % tcfg.log_every == 0 or run.step == tcfg.max_steps:
+            lensnet.eval()
+            metrics.update(evaluate_lensnet(lensnet, held_out))
+            lensnet.train()
+            metrics.update({M.TRAIN_LENSNET_LR: lr, M.TRAIN_LENSNET_GRAD_NORM: grad_norm})
+            sink.log_metrics(metrics, step=run.step)
+            run.history.append({"step": run.step, **metrics})
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss.item():.4f}")
+        if tcfg.checkpoint_every and run.step % tcfg.checkpoint_every == 0 and run.step < tcfg.max_steps:
+            checkpoint = _save(checkpoints_dir, cycle, lensnet, opt, sched, cfg, trainer_state())
+    bar.close()
+    if checkpoint is None or run.step != common.read_json(checkpoint / common.TRAINER_STATE_FILE)["step"]:
+        checkpoint = _save(checkpoints_dir, cycle, lensnet, opt, sched, cfg, trainer_state())
+    summary = {"jt2/steps": float(run.step), "jt2/seconds": time.perf_counter() - t_start,
+               "jt2/nan_free": float(run.nan_free)}
+    sink.log_metrics(summary, step=run.step)
+    return JT2Result(
+        checkpoint=checkpoint,
+        metrics={**(run.history[-1] if run.history else {}), **summary},
+        history=run.history,
+        nan_free=run.nan_free,
+        steps=run.step,
+    )

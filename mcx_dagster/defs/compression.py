@@ -1,0 +1,62 @@
+"""Compression assets: the trained GistNet (JT1) and its ΔNLL@H evaluation."""
+
+import dagster as dg
+
+from mcx_dagster.defs._meta import floats, markdown_file
+from mcx_dagster.defs.resources import MegaContextSettings, MLflowTracker
+
+
+@dg.asset(group_name="compression", deps=["block_dataset", "base_model"], kinds={"pytorch", "safetensors"})
+def gistnet_checkpoint(
+    context: dg.AssetExecutionContext, settings: MegaContextSettings, mlflow: MLflowTracker
+) -> dg.MaterializeResult:
+    """JT1: GistNet trained through the config's phases (pooling_mse warm start, then ΔNLL
+    substitution through the frozen base model). Resumes from the newest complete checkpoint."""
+    from mcx_core import pipeline
+
+    cfg = settings.load()
+    with mlflow.run(context, cfg, settings.root_dir()) as sink:
+        lm, _ = pipeline.prepare_base_model(cfg)
+        result = pipeline.train_gistnet(cfg, lm, sink)
+        drift, previous = pipeline.gist_drift(cfg, lm, result.checkpoint)
+        if drift is not None:
+            sink.log_metrics({"jt1/gist_drift_cosine": drift}, step=result.steps)
+        sink.log_artifact(result.checkpoint / "trainer_state.json", "checkpoint")
+    return dg.MaterializeResult(
+        metadata={
+            **floats(result.metrics),
+            "checkpoint": dg.MetadataValue.path(str(result.checkpoint)),
+            "steps": dg.MetadataValue.int(result.steps),
+            "nan_free": dg.MetadataValue.bool(result.nan_free),
+            "gist_drift_cosine": dg.MetadataValue.float(drift) if drift is not None else dg.MetadataValue.text(
+                "no previous checkpoint"
+            ),
+            "previous_checkpoint": str(previous) if previous else "",
+        }
+    )
+
+
+@dg.asset(group_name="compression", deps=["gistnet_checkpoint", "baseline_eval"], kinds={"parquet"})
+def gist_eval_report(
+    context: dg.AssetExecutionContext, settings: MegaContextSettings, mlflow: MLflowTracker
+) -> dg.MaterializeResult:
+    """ΔNLL@H of learned gists at 32× (every W_max) and 1024×, against full history, recency and
+    mean-pool gists on held-out narrative and code; by horizon position and by gisted-block distance."""
+    from mcx_core import pipeline
+    from mcx_core.training.common import latest_checkpoint
+
+    cfg = settings.load()
+    checkpoint = latest_checkpoint(pipeline.ArtifactPaths.from_config(cfg).checkpoints, 1, 0)
+    if checkpoint is None:
+        raise dg.Failure("no complete JT1 checkpoint: materialize gistnet_checkpoint first")
+    with mlflow.run(context, cfg, settings.root_dir()) as sink:
+        lm, _ = pipeline.prepare_base_model(cfg)
+        result = pipeline.run_gist_eval(cfg, lm, checkpoint, sink)
+    return dg.MaterializeResult(
+        metadata={
+            **floats({k.removeprefix("eval/"): v for k, v in result["metrics"].items()}),
+            "checkpoint": dg.MetadataValue.path(str(checkpoint)),
+            "report": markdown_file(result["report"]["markdown"]),
+            "table": dg.MetadataValue.path(str(result["table"])),
+        }
+    )

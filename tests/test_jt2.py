@@ -1,0 +1,169 @@
+"""JT2 on a tiny random Llama: targets follow the counterfactual utilities, LensNet learns a planted
+signal (held-out ranking accuracy above chance), every parameter is optimised and checkpointed, and an
+interrupted run resumes to exactly the uninterrupted result."""
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+import yaml
+
+from mcx_core import deltas as D
+from mcx_core.config import BaseModelConfig, LensNetModelConfig, parse_config
+from mcx_core.evaluation import MeanPoolGister
+from mcx_core.lensnet import LensNet
+from mcx_core.model import BaseLM, freeze, tiny_llama
+from mcx_core.telemetry import metrics as M
+from mcx_core.telemetry.sinks import MemorySink
+from mcx_core.training import common, jt2
+
+VOCAB = 512
+C, H, W = 256, 8, 96
+LENSNET = {"hidden_size": 32, "num_layers": 2, "num_heads": 4, "tail_gists": 2}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def lm() -> BaseLM:
+    model = freeze(tiny_llama(BaseModelConfig(source="tiny_random"), vocab_size=VOCAB, seed=0))
+    return BaseLM(model=model, tokenizer=None, model_id="tiny-test")
+
+
+def _cfg(**training):
+    return parse_config(
+        {
+            "name": "jt2-test",
+            "seed": 11,
+            "dataset": {"context_tokens": C, "horizon": H, "corpora": {"n": {"source": "embedded:shakespeare"}}},
+            "base_model": {"source": "tiny_random"},
+            "working_context": {"w_max": W, "eval_w_max": [W], "recent_tokens": 32},
+            "deltas": {"samples": 10, "contexts_per_sample": 3, "max_candidates": 8, "batch_size": 8},
+            "lensnet": {
+                "model": LENSNET,
+                "training": {"max_steps": 60, "batch_size": 8, "lr": 3e-3, "warmup_steps": 5,
+                             "holdout_fraction": 0.3, **training},
+            },
+        }
+    )
+
+
+def _planted(delta_nll_of, table: pa.Table) -> pa.Table:
+    """The same rows with delta_nll (and nll_after) replaced by a function of (action, distance)."""
+    d = table.to_pydict()
+    rel = np.array(d["distance_to_cursor"]) / C
+    delta = np.array([delta_nll_of(a, r) for a, r in zip(d["action"], rel)])
+    table = table.set_column(table.schema.get_field_index("delta_nll"), "delta_nll", pa.array(delta))
+    after = pa.array(np.array(d["nll_before"]) + delta)
+    return table.set_column(table.schema.get_field_index("nll_after"), "nll_after", after)
+
+
+@pytest.fixture(scope="module")
+def planted_table(lm, tmp_path_factory):
+    """Real contexts and candidates; labels planted: expanding near the cursor helps, far away hurts;
+    collapsing far away helps, near the cursor hurts. Learnable from the distance feature alone."""
+    out = tmp_path_factory.mktemp("deltas") / "planted.parquet"
+    ids = torch.randint(0, VOCAB, (10, C + H), generator=torch.Generator().manual_seed(0)).numpy()
+    D.generate_delta_table(
+        _cfg(), lm, MeanPoolGister(), ids, [f"s{i}" for i in range(10)], out,
+        run_id="planted", cycle=0, gistnet_checkpoint="meanpool", progress=False,
+    )
+    sign = {"expand": 1.0, "collapse": -1.0}
+    pq.write_table(_planted(lambda a, r: 0.2 * sign[a] * (r - 0.5), pq.read_table(out)), out)
+    assert D.validate_delta_table(out) == []
+    return out
+
+
+def test_targets_follow_utilities():
+    u = D.normalised_utilities(np.array([-0.2, 0.1, 0.0]), floor=0.01)
+    np.testing.assert_allclose(u, [1.0, -0.5, 0.0])  # u = -ΔNLL, divided by the largest |u|
+    np.testing.assert_allclose(D.normalised_utilities(np.array([1e-4, -1e-4]), floor=0.01), [-0.01, 0.01])
+    t = D.score_targets(
+        utility=[0.5, -0.5, 0.5, -0.5, -0.5],
+        sign=[1, 1, -1, -1, 1],
+        can_expand=torch.tensor([True, True, False, False, True]),
+        can_collapse=torch.tensor([False, False, True, True, True]),
+    )
+    # good expand: +; harmful expand of a gist that cannot collapse: 0 ("leave it"); good collapse: −;
+    # harmful collapse of an LOD0 block: 0; harmful expand where collapsing is legal: −
+    assert t.tolist() == [0.5, 0.0, -0.5, 0.0, -0.5]
+
+
+def test_jt2_learns_a_planted_signal_and_checkpoints_every_parameter(lm, planted_table, tmp_path):
+    cfg = _cfg()
+    init = LensNet(lm.d_model, LensNetModelConfig(**LENSNET))
+    init.save_pretrained(tmp_path / "init")
+    sink = MemorySink()
+    result = jt2.train_jt2(
+        cfg, lm, MeanPoolGister(), [planted_table], tmp_path / "ck", sink, progress=False, init_from=tmp_path / "init"
+    )
+    assert result.nan_free and result.steps == 60
+    losses = [h[M.TRAIN_LENSNET_LOSS] for h in result.history]
+    assert np.mean(losses[-5:]) < 0.5 * np.mean(losses[:5])
+    accuracy = [h[M.TRAIN_LENSNET_RANKING_ACCURACY] for h in result.history]
+    assert accuracy[-1] > 0.8 and accuracy[-1] > accuracy[0]  # held-out pairs, chance = 0.5
+    assert result.metrics[M.TRAIN_LENSNET_RANK_CORRELATION] > 0.6
+    for name in (M.TRAIN_LENSNET_REGRESSION, M.TRAIN_LENSNET_RANKING, M.TRAIN_LENSNET_BUDGET,
+                 M.TRAIN_LENSNET_LEGALITY, M.TRAIN_LENSNET_LR, M.TRAIN_LENSNET_GRAD_NORM):
+        assert len(sink.history[name]) == 60, name
+
+    ckpt = result.checkpoint
+    assert ckpt.name == "JT2_cycle0_step60"
+    assert {p.name for p in ckpt.iterdir()} == {"lensnet", "optimizer.pt", "config.yaml", "trainer_state.json"}
+    state = common.read_json(ckpt / common.TRAINER_STATE_FILE)
+    assert state["held_out_samples"] and state["contexts"]["held_out"] > 0
+    assert yaml.safe_load((ckpt / "config.yaml").read_text())["lensnet"]["model"]["hidden_size"] == 32
+    optimizer = torch.load(ckpt / common.OPTIMIZER_FILE, weights_only=True)
+    n_params = len(list(init.parameters()))
+    assert len(optimizer["optimizer"]["state"]) == n_params  # every parameter has Adam state
+    trained = jt2.load_lensnet(ckpt)
+    for (name, before), (_, after) in zip(init.state_dict().items(), trained.state_dict().items()):
+        assert not torch.equal(before, after), f"{name} never changed"
+
+
+def test_resume_after_interruption_matches_uninterrupted_run(lm, planted_table, tmp_path, monkeypatch):
+    cfg = _cfg(max_steps=8, checkpoint_every=4)
+    torch.manual_seed(0)
+    full = jt2.train_jt2(cfg, lm, MeanPoolGister(), [planted_table], tmp_path / "a", MemorySink(), progress=False)
+
+    real_loss, calls = jt2.jt2_loss, {"n": 0}
+
+    def interrupted(*args):
+        calls["n"] += 1
+        if calls["n"] == 6:
+            raise KeyboardInterrupt
+        return real_loss(*args)
+
+    monkeypatch.setattr(jt2, "jt2_loss", interrupted)
+    torch.manual_seed(0)
+    with pytest.raises(KeyboardInterrupt):
+        jt2.train_jt2(cfg, lm, MeanPoolGister(), [planted_table], tmp_path / "b", MemorySink(), progress=False)
+    assert common.latest_checkpoint(tmp_path / "b", 2, 0).name == "JT2_cycle0_step4"
+    monkeypatch.setattr(jt2, "jt2_loss", real_loss)
+    torch.manual_seed(123)  # the resumed run must not depend on the fresh init
+    resumed = jt2.train_jt2(cfg, lm, MeanPoolGister(), [planted_table], tmp_path / "b", MemorySink(), progress=False)
+    assert resumed.steps == 8 and resumed.checkpoint.name == "JT2_cycle0_step8"
+    a, b = jt2.load_lensnet(full.checkpoint).state_dict(), jt2.load_lensnet(resumed.checkpoint).state_dict()
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=0, atol=0, msg=name)
+    # a finished run returns at once
+    again = jt2.train_jt2(cfg, lm, MeanPoolGister(), [planted_table], tmp_path / "b", MemorySink(), progress=False)
+    assert again.checkpoint == resumed.checkpoint and again.steps == 8
+
+
+def test_holdout_is_by_sample_and_bad_tables_are_refused(lm, planted_table, tmp_path):
+    examples, max_level = jt2.load_examples([planted_table], lm, MeanPoolGister(), 2, 0.01, progress=False)
+    assert max_level == 2 and len(examples) == 30
+    train, held = jt2.split_holdout(examples, 0.3, seed=1)
+    assert held and not ({examples[i].sample_id for i in train} & {examples[i].sample_id for i in held})
+    bad = tmp_path / "bad.parquet"
+    pq.write_table(pq.read_table(planted_table).drop_columns(["action"]), bad)
+    with pytest.raises(ValueError, match="unusable delta table"):
+        jt2.train_jt2(_cfg(), lm, MeanPoolGister(), [bad], tmp_path / "ck", MemorySink(), progress=False)

@@ -284,3 +284,40 @@ def run_gist_eval(cfg: MegaContextConfig, lm: BaseLM, checkpoint: Path, sink: Te
         cfg, lm, load_gister(checkpoint, lm), load_eval_samples(cfg), paths.root, Path(checkpoint).name,
         sink, progress, baseline_rows,
     )
+
+
+def jt1_checkpoint(cfg: MegaContextConfig, cycle: int = 0) -> Path:
+    """The newest complete JT1 checkpoint of `cycle`, or FileNotFoundError naming where it looked."""
+    from mcx_core.training.common import latest_checkpoint
+
+    where = ArtifactPaths.from_config(cfg).checkpoints
+    found = latest_checkpoint(where, 1, cycle)
+    if found is None:
+        raise FileNotFoundError(f"no complete JT1_cycle{cycle}_step* checkpoint under {where}; train GistNet first")
+    return found
+
+
+def check_jt1_finite(cfg: MegaContextConfig, cycle: int = 0) -> tuple[list[str], dict[str, float]]:
+    """Problems with the newest JT1 checkpoint's training history (non-finite values, NaN stops)."""
+    import math
+
+    from mcx_core.training import common
+
+    state = common.read_json(jt1_checkpoint(cfg, cycle) / common.TRAINER_STATE_FILE)
+    history = state["run"]["history"]
+    problems = [f"phase {i} stopped on a non-finite loss/gradient" for i in state["run"].get("nan_phases", [])]
+    for h in history:
+        bad = [k for k, v in h.items() if isinstance(v, float) and not math.isfinite(v)]
+        if bad:
+            problems.append(f"step {int(h['step'])}: non-finite {', '.join(sorted(bad))}")
+    return problems, {"logged_steps": float(len(history)), "global_step": float(state["global_step"])}
+
+
+def read_gist_eval(cfg: MegaContextConfig) -> dict:
+    """The last gist evaluation's summary (`reports/gist_eval.json`)."""
+    import json
+
+    path = ArtifactPaths.from_config(cfg).reports / "gist_eval.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing; materialize gist_eval_report first")
+    return json.loads(path.read_text(encoding="utf-8"))

@@ -56,8 +56,12 @@ def validate_config(path: str, no_file_checks: bool):
     "--select", "selection", default=None,
     help="Dagster asset selection, e.g. 'baseline_eval' or '+baseline_eval' (default: everything).",
 )
-def materialize(config_path: str, selection: str | None):
-    """Materialize the asset graph in-process, with the same definitions the Dagster UI loads."""
+@click.option("--log-level", default="INFO", show_default=True, type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"]))
+def materialize(config_path: str, selection: str | None, log_level: str):
+    """Materialize the asset graph in-process, with the same definitions the Dagster UI loads.
+
+    Exit 0: everything materialized and every check passed; 3: everything ran but an asset check
+    (an acceptance criterion) failed; 1: a step failed."""
     _load(config_path)
     root = Path(os.environ["MCX_HOME"]).resolve()
     os.environ["MCX_CONFIG"] = str(Path(config_path).resolve())
@@ -70,12 +74,22 @@ def materialize(config_path: str, selection: str | None):
 
     from mcx_dagster.definitions import defs
 
-    result = run_materialize(defs(), selection, dg.DagsterInstance.get())
+    result = run_materialize(defs(), selection, dg.DagsterInstance.get(), log_level=log_level)
     _print_outcome(result)
-    sys.exit(0 if result.success and not _failed_checks(result) else 1)
+    failed = _failed_checks(result)
+    if step_failures(result):
+        sys.exit(1)
+    if failed:
+        for ev in failed:
+            click.echo(f"check failed: {ev.asset_key.to_user_string()}:{ev.check_name}: {ev.description or ''}", err=True)
+        sys.exit(EXIT_CHECKS_FAILED)
 
 
-def run_materialize(definitions, selection: str | None, instance, resources: dict | None = None):
+EXIT_CHECKS_FAILED = 3
+
+
+def run_materialize(definitions, selection: str | None, instance, resources: dict | None = None,
+                    log_level: str = "INFO"):
     """Materialize `selection` (all assets when None) of `definitions`; never raises on step failure.
     `resources` replaces bound resources by key (tests point them at temporary stores)."""
     import dagster as dg
@@ -87,7 +101,18 @@ def run_materialize(definitions, selection: str | None, instance, resources: dic
         resources={**(definitions.resources or {}), **(resources or {})},
         selection=selection,
         raise_on_error=False,
+        run_config={"loggers": {"console": {"config": {"log_level": log_level}}}},
     )
+
+
+def step_failures(result) -> list[str]:
+    """Steps that failed for a reason other than a failed blocking check (which is a result, not an
+    error: the check reports by how much the criterion was missed)."""
+    failed_checks = {ev.check_name for ev in _failed_checks(result)}
+    return [
+        e.step_key for e in result.all_events
+        if e.is_step_failure and not any(name in e.step_key for name in failed_checks)
+    ]
 
 
 def _failed_checks(result) -> list:
@@ -114,6 +139,53 @@ def _print_outcome(result) -> None:
         elif ev.is_step_skipped:
             table.add_row("step", ev.step_key, "[yellow]skipped[/]")
     console.print(table)
+
+
+@main.command("eval-text")
+@click.option("--config", "config_path", required=True, type=click.Path(dir_okay=False), help="Experiment YAML.")
+@click.option("--checkpoint", required=True, type=click.Path(), help="A JT1 checkpoint directory.")
+@click.option("--text", "text_path", required=True, type=click.Path(), help="Any UTF-8 text file.")
+@click.option("--w-max", type=click.IntRange(min=1), default=None, help="Working budget (default: working_context.w_max).")
+@click.option("--horizon", type=click.IntRange(min=1), default=None, help="Horizon H (default: dataset.horizon).")
+@click.option("--samples", type=click.IntRange(min=1), default=8, show_default=True, help="At most this many samples.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object (default: a table).")
+def eval_text(config_path, checkpoint, text_path, w_max, horizon, samples, as_json):
+    """ΔNLL@H of a checkpoint's gists vs full history, recency and mean-pool on any text file."""
+    cfg = _load(config_path)
+    from mcx_core import gist_eval
+
+    try:
+        text = gist_eval.read_text_file(Path(text_path))
+    except gist_eval.TextError as err:
+        _fail(str(err))
+    ck = Path(checkpoint)
+    if not (ck / "gistnet").is_dir():
+        _fail(f"{ck} is not a JT1 checkpoint (no gistnet/ inside); see artifacts/checkpoints/JT1_cycle*_step*")
+    w = w_max or cfg.working_context.w_max
+    H = horizon or cfg.dataset.horizon
+    if w < cfg.working_context.recent_tokens + cfg.dataset.block_size:
+        _fail(f"--w-max {w} leaves no room for gists beside the {cfg.working_context.recent_tokens} recent tokens")
+
+    from mcx_core.model import load_base_model
+    from mcx_core.training.jt1 import load_gister
+
+    lm = load_base_model(cfg.base_model, cfg.dataset, seed=cfg.seed)
+    try:
+        out = gist_eval.evaluate_text(cfg, lm, load_gister(ck, lm), text, w, H, samples, progress=not as_json)
+    except gist_eval.TextError as err:
+        _fail(str(err))
+    if as_json:
+        click.echo(json.dumps(out))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"{text_path}: ΔNLL@{H}, W_max={w}")
+    table.add_column("metric")
+    table.add_column("value")
+    for k, v in out.items():
+        table.add_row(k, f"{v:.4f}" if isinstance(v, float) else str(v))
+    Console().print(table)
 
 
 @main.command()

@@ -30,3 +30,19 @@ def problems_result(problems: list[str], passed_text: str, **metadata) -> dg.Ass
     else:
         meta["details"] = dg.MetadataValue.text(passed_text)
     return dg.AssetCheckResult(passed=not problems, metadata=meta)
+
+
+def gates_result(gates, **metadata) -> dg.AssetCheckResult:
+    """A check result from `mcx_core.acceptance` gates: value, threshold and margin of each as float
+    metadata; the description names every miss and by how much."""
+    from mcx_core.acceptance import summarize
+
+    meta = {}
+    for g in gates:
+        meta[f"{g.name}"] = dg.MetadataValue.float(g.value if math.isfinite(g.value) else float("nan"))
+        meta[f"{g.name}/threshold"] = dg.MetadataValue.float(g.threshold)
+        meta[f"{g.name}/margin"] = dg.MetadataValue.float(g.margin if math.isfinite(g.margin) else float("nan"))
+    meta["details"] = dg.MetadataValue.md("\n".join(f"- {'✅' if g.passed else '❌'} {g.message}" for g in gates))
+    return dg.AssetCheckResult(
+        passed=all(g.passed for g in gates), metadata={**meta, **metadata}, description=summarize(gates)
+    )

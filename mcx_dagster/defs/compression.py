@@ -2,7 +2,7 @@
 
 import dagster as dg
 
-from mcx_dagster.defs._meta import floats, markdown_file
+from mcx_dagster.defs._meta import floats, gates_result, markdown_file, problems_result
 from mcx_dagster.defs.resources import MegaContextSettings, MLflowTracker
 
 
@@ -60,3 +60,40 @@ def gist_eval_report(
             "table": dg.MetadataValue.path(str(result["table"])),
         }
     )
+
+
+# ---------------------------------------------------------------------------------------------- checks
+
+
+@dg.asset_check(asset="gistnet_checkpoint", blocking=True)
+def gistnet_training_finite(settings: MegaContextSettings) -> dg.AssetCheckResult:
+    """Every logged JT1 step has a finite loss, ΔNLL and gradient norm, and no phase stopped on NaN/inf."""
+    from mcx_core import pipeline
+
+    problems, meta = pipeline.check_jt1_finite(settings.load())
+    return problems_result(problems, "all logged JT1 steps finite", **floats(meta))
+
+
+@dg.asset_check(asset="gist_eval_report", blocking=True)
+def gist_delta_nll_within_threshold(settings: MegaContextSettings) -> dg.AssetCheckResult:
+    """Learned 32× gists: ΔNLL@H ≤ `acceptance.delta_nll_max` on every dataset at `working_context.w_max`."""
+    from mcx_core import acceptance, pipeline
+
+    cfg = settings.load()
+    result = pipeline.read_gist_eval(cfg)
+    return gates_result(acceptance.gist_delta_nll_gates(cfg, result["summary"]))
+
+
+@dg.asset_check(asset="gist_eval_report")
+def gist_stress_1024x_within_threshold(settings: MegaContextSettings) -> dg.AssetCheckResult:
+    """Maximum compression (one LOD2 gist per 1024 tokens): ΔNLL@H ≤ `acceptance.delta_nll_1024x_max`."""
+    from mcx_core import acceptance, pipeline
+
+    cfg = settings.load()
+    result = pipeline.read_gist_eval(cfg)
+    if not result["stress"]:
+        return dg.AssetCheckResult(
+            passed=True,
+            description=f"not applicable: {cfg.dataset.context_tokens}-token histories hold no 1024-token span",
+        )
+    return gates_result(acceptance.stress_gates(cfg, result["stress"]))

@@ -1,0 +1,92 @@
+"""The acceptance gate (SPEC §8) as data: each criterion is a `Gate` — a measured value, the
+configured threshold, pass/fail and a one-line message that says by how much. Asset checks, the CLI
+and reports all use these, so a threshold is compared in exactly one place."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+from mcx_core.config import MegaContextConfig
+
+_OPS = {
+    "<=": lambda v, t: v <= t,
+    ">=": lambda v, t: v >= t,
+}
+
+
+@dataclass(frozen=True)
+class Gate:
+    name: str  # e.g. "narrative/w128/delta_nll_gist_mean"
+    label: str  # what a person reads, e.g. "narrative ΔNLL@64 at W_max=128"
+    value: float
+    threshold: float
+    op: str  # "<=" or ">="
+
+    @property
+    def passed(self) -> bool:
+        return math.isfinite(self.value) and _OPS[self.op](self.value, self.threshold)
+
+    @property
+    def margin(self) -> float:
+        """How far inside the threshold the value is (negative: by how much it misses)."""
+        if not math.isfinite(self.value):
+            return float("-inf")
+        return self.threshold - self.value if self.op == "<=" else self.value - self.threshold
+
+    @property
+    def message(self) -> str:
+        if not math.isfinite(self.value):
+            return f"{self.label}: {self.value} is not finite (threshold {self.op} {self.threshold:g})"
+        if self.passed:
+            return f"{self.label}: {self.value:.4g} {self.op} {self.threshold:g} (margin {self.margin:.4g})"
+        bad = ">" if self.op == "<=" else "<"
+        return f"{self.label}: {self.value:.4g} {bad} {self.threshold:g}, misses by {-self.margin:.4g}"
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "passed": self.passed, "margin": self.margin, "message": self.message}
+
+
+def at_most(name: str, label: str, value: float, threshold: float) -> Gate:
+    return Gate(name, label, float(value), float(threshold), "<=")
+
+
+def at_least(name: str, label: str, value: float, threshold: float) -> Gate:
+    return Gate(name, label, float(value), float(threshold), ">=")
+
+
+def gist_delta_nll_gates(cfg: MegaContextConfig, summary: list[dict], w_max: int | None = None) -> list[Gate]:
+    """ΔNLL@H of learned gists ≤ `acceptance.delta_nll_max`, one gate per dataset at `w_max`
+    (default: `working_context.w_max`). `summary`: `gist_eval`'s per-(dataset, W_max) rows."""
+    w = w_max or cfg.working_context.w_max
+    H = cfg.dataset.horizon
+    rows = [s for s in summary if s["w_max"] == w]
+    if not rows:
+        raise ValueError(f"the gist evaluation has no rows at W_max={w} (has {sorted({s['w_max'] for s in summary})})")
+    return [
+        at_most(
+            f"{s['dataset']}/w{w}/delta_nll_gist_mean", f"{s['dataset']} ΔNLL@{H} at W_max={w}",
+            s["delta_nll_gist_mean"], cfg.acceptance.delta_nll_max,
+        )
+        for s in sorted(rows, key=lambda s: s["dataset"])
+    ]
+
+
+def stress_gates(cfg: MegaContextConfig, stress: list[dict]) -> list[Gate]:
+    """1024× stress: one LOD2 gist per 1024-token span, ΔNLL ≤ `acceptance.delta_nll_1024x_max`."""
+    H = cfg.dataset.horizon
+    return [
+        at_most(
+            f"{s['dataset']}/stress1024/delta_nll_mean", f"{s['dataset']} ΔNLL@{H} at 1024× compression",
+            s["delta_nll_mean"], cfg.acceptance.delta_nll_1024x_max,
+        )
+        for s in sorted(stress, key=lambda s: s["dataset"])
+    ]
+
+
+def summarize(gates: list[Gate]) -> str:
+    """One line: all passed, or each failure's message."""
+    failed = [g for g in gates if not g.passed]
+    if not failed:
+        return f"all {len(gates)} criteria met"
+    return "; ".join(g.message for g in failed)

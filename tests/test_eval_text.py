@@ -1,0 +1,89 @@
+"""`mcx eval-text`: the gist evaluation on any text file, as one JSON object; bad files get one clear
+line and a non-zero exit."""
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+from click.testing import CliRunner
+
+from mcx_core.config import load_config
+from mcx_core.gistnet import Gister
+from mcx_core.model import load_base_model
+from mcx_dagster.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+KEYS = {
+    "nll_full", "nll_recency", "nll_meanpool", "nll_gist", "delta_nll", "delta_nll_p95", "recovery",
+    "n_samples", "w_max", "horizon", "history_tokens",
+}
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory):
+    """The smoke config (tiny random Llama, 256-token histories) and an untrained GistNet checkpoint."""
+    root = tmp_path_factory.mktemp("evaltext")
+    data = yaml.safe_load((ROOT / "configs" / "smoke.yaml").read_text())
+    data["base_model"]["cache_dir"] = str(ROOT / ".cache" / "models")
+    cfg_path = root / "smoke.yaml"
+    cfg_path.write_text(yaml.safe_dump(data))
+    cfg = load_config(cfg_path)
+    lm = load_base_model(cfg.base_model, cfg.dataset, seed=cfg.seed)
+    Gister(lm.d_model, cfg.gistnet.model).save_pretrained(root / "ck" / "gistnet")
+    return root, cfg_path
+
+
+def _run(args, root):
+    return CliRunner().invoke(main, args, env={"MCX_HOME": str(root)})
+
+
+def test_eval_text_prints_one_json_object(project):
+    root, cfg = project
+    text = root / "hamlet.txt"
+    from mcx_core.data import shakespeare_texts_dir  # the embedded corpus: plenty of text for 272-token samples
+
+    src = sorted(p for p in shakespeare_texts_dir().glob("*.txt") if p.name != "metadata.txt")[0]
+    text.write_text(src.read_text(encoding="utf-8", errors="replace"), encoding="utf-8")
+    res = _run(
+        ["eval-text", "--config", str(cfg), "--checkpoint", str(root / "ck"), "--text", str(text),
+         "--samples", "2", "--w-max", "96", "--horizon", "8", "--json"],
+        root,
+    )
+    assert res.exit_code == 0, res.output
+    out = json.loads(res.output.strip().splitlines()[-1])
+    assert set(out) == KEYS
+    assert out["n_samples"] == 2 and out["w_max"] == 96 and out["horizon"] == 8 and out["history_tokens"] == 256
+    assert out["delta_nll"] == pytest.approx(out["nll_gist"] - out["nll_full"], abs=1e-5)
+    assert out["recovery"] == pytest.approx(
+        (out["nll_recency"] - out["nll_gist"]) / (out["nll_recency"] - out["nll_full"]), rel=1e-4
+    )
+
+
+@pytest.mark.parametrize(
+    "content, expected",
+    [
+        (None, "no such file"),
+        (b"", "is empty"),
+        (b"\x00\x01\x02binary\x00" * 40, "binary"),
+        (b"\xff\xfe\xfa not utf-8 \xc3\x28", "not UTF-8"),
+        (b"Too short for a 272-token sample.", "one sample needs 272"),
+    ],
+)
+def test_eval_text_bad_files_get_one_line_and_exit_2(project, content, expected):
+    root, cfg = project
+    text = root / f"bad_{abs(hash(content))}.txt"
+    if content is not None:
+        text.write_bytes(content)
+    res = _run(["eval-text", "--config", str(cfg), "--checkpoint", str(root / "ck"), "--text", str(text), "--json"], root)
+    assert res.exit_code == 2
+    assert expected in res.output and "Traceback" not in res.output
+    assert len(res.output.strip().splitlines()) == 1
+
+
+def test_eval_text_missing_checkpoint_names_the_path(project, tmp_path):
+    root, cfg = project
+    text = tmp_path / "t.txt"
+    text.write_text("word " * 2000)
+    res = _run(["eval-text", "--config", str(cfg), "--checkpoint", str(tmp_path / "nope"), "--text", str(text)], root)
+    assert res.exit_code == 2 and str(tmp_path / "nope") in res.output

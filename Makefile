@@ -27,8 +27,12 @@ $(DAGSTER_HOME)/dagster.yaml: dagster.yaml
 	@mkdir -p $(DAGSTER_HOME)
 	cp dagster.yaml $@
 
+# Exit 3 from `mcx materialize` means every asset ran but an acceptance check failed: that is a
+# result (the check says by how much), so the demo still counts as finished.
 demo: setup
-	$(BIN)/mcx materialize --config $(CONFIG)
+	@$(BIN)/mcx materialize --config $(CONFIG); rc=$$?; \
+	if [ $$rc -eq 3 ]; then echo "demo finished: all assets materialized; some acceptance checks failed (see above, artifacts/reports/)"; \
+	elif [ $$rc -ne 0 ]; then exit $$rc; fi
 
 test: setup
 	$(BIN)/python -m pytest -q

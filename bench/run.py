@@ -18,6 +18,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 SUITES = {
     "data": "bench_data",
     "model": "bench_model",
+    "gist": "bench_gist",
+    "runtime": "bench_runtime",
 }
 
 

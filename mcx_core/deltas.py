@@ -24,12 +24,18 @@ be known outside a runtime run: entries the walk did not touch get a random age 
 feature spans what the runtime shows without carrying label information, and an entry created by the
 walk gets the number of moves made since.
 
-Files: `out_path` is the delta table (Parquet, `DELTA_SCHEMA`, one row per evaluated action; the SPEC §6
-columns plus what JT2 and analysis need). Next to it, `contexts_path(out_path)` (`*.contexts.arrow`, Arrow
-IPC, `CONTEXT_SCHEMA`, one row per labelled context) holds what rebuilds a context exactly: the history and
-horizon token ids, the entries as JSON and the ages. It is Arrow rather than Parquet so the DuckDB view
-`deltas` (`deltas/**/*.parquet`) keeps one schema. Both are written to a temporary name and renamed,
-contexts first, so a delta table never exists without its contexts.
+Files (`generate_delta_table(..., out_dir)`): `delta_table_path(out_dir, cycle, gistnet_checkpoint)`,
+`deltas_cycle{c}_{checkpoint}.parquet`, is the delta table (Parquet, `DELTA_SCHEMA`, one row per evaluated
+action; the SPEC §6 columns plus the GistNet checkpoint the labels were computed with and what JT2 and
+analysis need). Labels are on-policy: one table per (cycle, GistNet), and JT2 can refuse a table made with
+another GistNet. Next to it, `contexts_path(...)` (`*.contexts.arrow`, Arrow IPC, `CONTEXT_SCHEMA`, one
+row per labelled context) holds what rebuilds a context exactly: the history and horizon token ids, the
+entries as JSON and the ages. It is Arrow rather than Parquet so the DuckDB view `deltas`
+(`deltas/**/*.parquet`) keeps one schema. Both are written to a temporary name and renamed, contexts
+first, so a delta table never exists without its contexts.
+
+Cost: one base-model sequence of |context| + H positions per row plus one per context (NLL before);
+measured numbers are in the stats `generate_delta_table` returns (`deltas/seconds_per_context`).
 """
 
 from __future__ import annotations
@@ -37,6 +43,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import time
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
@@ -53,6 +60,8 @@ from mcx_core.config import MegaContextConfig
 from mcx_core.evaluation import ConditionInput, horizon_nll
 from mcx_core.lensnet import AGE_SCALE
 from mcx_core.model import BaseLM
+from mcx_core.telemetry import metrics as M
+from mcx_core.telemetry.sinks import NullSink, TelemetrySink
 from mcx_core.tree import EmbedFn, GistFn, MegaContextTree
 from mcx_core.working_context import Entry, WorkingContext
 
@@ -113,6 +122,18 @@ def contexts_path(delta_path: str | os.PathLike) -> Path:
     """The companion contexts file of a delta table: `x.parquet` -> `x.contexts.arrow`."""
     p = Path(delta_path)
     return p.with_name(p.name.removesuffix(".parquet") + ".contexts.arrow")
+
+
+def checkpoint_id(gistnet_checkpoint: str | os.PathLike) -> str:
+    """What a table records as its GistNet: a checkpoint directory's name (`JT1_cycle0_step175`), or the
+    given id as is (`meanpool`)."""
+    return Path(str(gistnet_checkpoint)).name
+
+
+def delta_table_path(out_dir: str | os.PathLike, cycle: int, gistnet_checkpoint: str | os.PathLike) -> Path:
+    """`{out_dir}/deltas_cycle{cycle}_{checkpoint id}.parquet`: one table per cycle and GistNet."""
+    tag = re.sub(r"[^A-Za-z0-9._-]+", "-", checkpoint_id(gistnet_checkpoint)).strip("-.") or "gistnet"
+    return Path(out_dir) / f"deltas_cycle{cycle}_{tag}.parquet"
 
 
 # ---------------------------------------------------------------------------------------------- counterfactuals
@@ -296,11 +317,23 @@ def read_contexts(delta_path: str | os.PathLike) -> pa.Table:
         return ipc.open_file(source).read_all()
 
 
-def rebuild_context(row: dict, embed_fn: EmbedFn, gist_fn: GistFn, d_model: int) -> tuple[WorkingContext, list[int]]:
-    """A labelled context from its contexts-file row: the tree re-ingested with `gist_fn` (the labels are
-    only valid for the GistNet named in `gistnet_checkpoint`), the entries, and the ages."""
+def rebuild_tree(row: dict, embed_fn: EmbedFn, gist_fn: GistFn, d_model: int) -> MegaContextTree:
+    """The history of a contexts-file row, re-ingested with `gist_fn` (the labels are only valid for the
+    GistNet named in `gistnet_checkpoint`)."""
     tree = MegaContextTree(d_model, embed_fn, gist_fn, block_size=row["block_size"], max_level=row["max_level"])
     tree.ingest(torch.tensor(row["history_ids"], dtype=torch.long))
+    return tree
+
+
+def rebuild_context(
+    row: dict, embed_fn: EmbedFn, gist_fn: GistFn, d_model: int, tree: MegaContextTree | None = None
+) -> tuple[WorkingContext, list[int]]:
+    """A labelled context from its contexts-file row: its tree (`rebuild_tree`, or `tree` when the caller
+    already rebuilt this history, e.g. for another context of the same sample), the entries, the ages."""
+    if tree is None:
+        tree = rebuild_tree(row, embed_fn, gist_fn, d_model)
+    elif tree.cursor != row["cursor"] or not torch.equal(tree.tokens, torch.tensor(row["history_ids"], dtype=torch.int32)):
+        raise ValueError(f"context {row['context_id']}: the given tree holds another history")
     entries = [Entry(**e) for e in json.loads(row["entries"])]
     wc = WorkingContext(tree, row["w_max"], row["recent_tokens"], row["position_scheme"], entries)
     wc.check_invariants()
@@ -311,23 +344,38 @@ def generate_delta_table(
     cfg: MegaContextConfig,
     lm: BaseLM,
     gister: GistFn,
+    gistnet_checkpoint: str | os.PathLike,
     train_ids: np.ndarray,
-    sample_ids: list[str],
-    out_path: Path,
-    run_id: str,
-    cycle: int,
-    gistnet_checkpoint: str,
+    out_dir: str | os.PathLike,
+    sink: TelemetrySink | None = None,
     progress: bool = True,
-) -> Path:
+    *,
+    cycle: int = 0,
+    run_id: str | None = None,
+    sample_ids: list[str] | None = None,
+) -> tuple[Path, dict[str, float]]:
     """Label `deltas.samples` training samples (a seeded choice per cycle) × `deltas.contexts_per_sample`
-    contexts; write the delta table to `out_path` and its contexts next to it. `train_ids` [N, >= C + H]."""
+    contexts (the recency one always among them) with the counterfactual ΔNLL of their candidate actions.
+
+    `gister` must be the GistNet of `gistnet_checkpoint` (a checkpoint directory or an id; its name is
+    stored in every row). `train_ids` [N, >= C + H]; `sample_ids` name its rows (default `train-{row}`);
+    `run_id` defaults to the config's name. Writes `delta_table_path(out_dir, cycle, gistnet_checkpoint)`
+    and its contexts file atomically and returns (that path, stats). The stats (`deltas/*` metric names)
+    are also logged to `sink` at step `cycle`.
+    """
     dcfg, wcc = cfg.deltas, cfg.working_context
     C, H, K = cfg.dataset.context_tokens, cfg.dataset.horizon, cfg.dataset.block_size
+    train_ids = np.asarray(train_ids)
+    if train_ids.ndim != 2 or train_ids.shape[1] < C + H:
+        raise ValueError(f"train_ids must be [N, >= {C + H}] (context_tokens + horizon), got {train_ids.shape}")
+    sample_ids = sample_ids if sample_ids is not None else [f"train-{i:06d}" for i in range(len(train_ids))]
     if len(sample_ids) != len(train_ids):
         raise ValueError(f"{len(sample_ids)} sample ids for {len(train_ids)} samples")
+    run_id = run_id or cfg.name
+    ckpt = checkpoint_id(gistnet_checkpoint)
     rng = np.random.default_rng([cfg.seed, cycle])
     chosen = np.sort(rng.permutation(len(train_ids))[: dcfg.samples])
-    ids = torch.as_tensor(np.asarray(train_ids)[chosen], dtype=torch.long)
+    ids = torch.as_tensor(train_ids[chosen], dtype=torch.long)
     rows: list[dict] = []
     context_rows: list[dict] = []
     t0 = time.perf_counter()
@@ -354,7 +402,7 @@ def generate_delta_table(
                     "position_scheme": wc.position_scheme, "block_size": K, "max_level": tree.max_level,
                     "cursor": tree.cursor, "entries": json.dumps([asdict(e) for e in wc.entries]),
                     "ages": ages, "history_ids": history.tolist(), "horizon_ids": horizon.tolist(),
-                    "nll_before": nll_before, "gistnet_checkpoint": gistnet_checkpoint,
+                    "nll_before": nll_before, "gistnet_checkpoint": ckpt,
                 }
             )
             for cand, after in zip(context_cands, nll_after):
@@ -366,7 +414,7 @@ def generate_delta_table(
                         "level": e.level, "action": cand.action, "delta_nll": after - nll_before,
                         "token_cost": apply_candidate(wc, cand).cost - wc.cost,
                         "distance_to_cursor": tree.cursor - e.end, "horizon": H, "timestamp": stamp,
-                        "gistnet_checkpoint": gistnet_checkpoint, "context_id": context_id,
+                        "gistnet_checkpoint": ckpt, "context_id": context_id,
                         "entry_index": cand.index, "w_max": wc.w_max, "span_start": e.start, "span_end": e.end,
                         "nll_before": nll_before, "nll_after": after, "paired_block_id": paired,
                     }
@@ -374,12 +422,36 @@ def generate_delta_table(
         bar.update(len(contexts))
         bar.set_postfix(rows=len(rows), s=f"{time.perf_counter() - t0:.0f}")
     bar.close()
-    out_path = Path(out_path)
+    out_path = delta_table_path(out_dir, cycle, gistnet_checkpoint)
     contexts_table = pa.Table.from_pylist(context_rows, schema=CONTEXT_SCHEMA)
     _write_atomic(contexts_path(out_path), lambda p: _write_arrow(contexts_table, p))
     table = pa.Table.from_pylist(rows, schema=DELTA_SCHEMA)
     _write_atomic(out_path, lambda p: pq.write_table(table, p))
-    return out_path
+    stats = delta_table_stats(rows, len(context_rows), len(chosen), time.perf_counter() - t0)
+    (sink or NullSink()).log_metrics(stats, step=cycle)
+    return out_path, stats
+
+
+def delta_table_stats(rows: list[dict], n_contexts: int, n_samples: int, seconds: float) -> dict[str, float]:
+    """What a delta-table run cost and what its labels look like (`deltas/*` metric names)."""
+    delta = np.array([r["delta_nll"] for r in rows], dtype=np.float64)
+    action = np.array([r["action"] for r in rows])
+
+    def mean_of(mask: np.ndarray) -> float:
+        return float(delta[mask].mean()) if mask.any() else math.nan
+
+    return {
+        M.DELTAS_SAMPLES: float(n_samples),
+        M.DELTAS_CONTEXTS: float(n_contexts),
+        M.DELTAS_ROWS: float(len(rows)),
+        M.DELTAS_SECONDS: seconds,
+        M.DELTAS_SECONDS_PER_CONTEXT: seconds / max(n_contexts, 1),
+        M.DELTAS_ROWS_PER_CONTEXT: len(rows) / max(n_contexts, 1),
+        M.DELTAS_SEQUENCES: float(len(rows) + n_contexts),  # base-model sequences scored (before + each action)
+        M.DELTAS_HELPFUL_FRACTION: float((delta < 0).mean()) if len(rows) else math.nan,
+        M.DELTAS_EXPAND_DELTA_NLL_MEAN: mean_of(action == "expand"),
+        M.DELTAS_COLLAPSE_DELTA_NLL_MEAN: mean_of(action == "collapse"),
+    }
 
 
 def validate_delta_table(path: str | os.PathLike) -> list[str]:
@@ -434,6 +506,16 @@ def validate_delta_table(path: str | os.PathLike) -> list[str]:
     missing = set(d["context_id"]) - set(contexts.column("context_id").to_pylist())
     if missing:
         problems.append(f"{cpath}: {len(missing)} context ids of the delta table are missing, e.g. {min(missing)}")
+    # On-policy: one GistNet computed every label of a table.
+    ckpts = set(d["gistnet_checkpoint"]) | set(contexts.column("gistnet_checkpoint").to_pylist())
+    if len(ckpts) != 1:
+        problems.append(f"column gistnet_checkpoint: {len(ckpts)} GistNets {sorted(ckpts)} (one table, one GistNet)")
+    labelled = set(d["context_id"])
+    recency = {c["sample_id"] for c in contexts.select(["sample_id", "kind", "context_id"]).to_pylist()
+               if c["kind"] == "recency" and c["context_id"] in labelled}
+    no_recency = sorted(set(d["sample_id"]) - recency)
+    if no_recency:
+        problems.append(f"{len(no_recency)} samples without a labelled recency context, e.g. {no_recency[0]}")
     return problems
 
 

@@ -50,6 +50,14 @@ LENSNET_PARAMETERS = "lensnet/parameters"
 DELTAS_ROWS = "deltas/rows"
 DELTAS_CONTEXTS = "deltas/contexts"
 DELTAS_SECONDS = "deltas/seconds"
+DELTAS_SAMPLES = "deltas/samples"
+DELTAS_SECONDS_PER_CONTEXT = "deltas/seconds_per_context"  # wall time of one labelled working context
+DELTAS_ROWS_PER_CONTEXT = "deltas/rows_per_context"  # counterfactual actions evaluated per context
+DELTAS_SEQUENCES = "deltas/sequences"  # base-model sequences scored: one per row + one per context
+DELTAS_HELPFUL_FRACTION = "deltas/helpful_fraction"  # share of rows with delta_nll < 0
+DELTAS_EXPAND_DELTA_NLL_MEAN = "deltas/expand_delta_nll_mean"
+DELTAS_COLLAPSE_DELTA_NLL_MEAN = "deltas/collapse_delta_nll_mean"
+TRAIN_LENSNET_TRAIN_RANKING_ACCURACY = "train/lensnet_train_ranking_accuracy"  # training rows: the gap to held-out shows memorisation
 
 
 def _arr(values: Sequence[float] | np.ndarray) -> np.ndarray:
@@ -163,3 +171,23 @@ def spearman(x, y) -> float:
 
 def is_finite(values) -> bool:
     return bool(np.isfinite(np.asarray(values, dtype=np.float64)).all())
+
+
+# Runtime engine (mcx_core.runtime): per step, then a run summary. Stage latencies are
+# f"{LATENCY_STAGE_PREFIX}{stage}" for stage in ingest, fit, lensnet, allocator, checks, assemble, forward.
+NUM_FORCED_COLLAPSES = "runtime/num_forced_collapses"  # collapses the budget forced (part of NUM_COLLAPSES)
+LATENCY_STAGE_PREFIX = "runtime/latency_ms/"
+BASELINE_LATENCY_MS = "runtime/baseline_latency_ms"  # frozen base model alone, same active positions
+LATENCY_OVERHEAD = "runtime/latency_overhead"  # latency_overhead(step, baseline)
+RUNTIME_LOSS_AT_H = "runtime/loss_at_h"  # mean NLL of the next H tokens given the working context
+GPU_MEMORY_ALLOCATED_GB = "runtime/gpu_memory_allocated_gb"  # peak since the run began
+GPU_MEMORY_RESERVED_GB = "runtime/gpu_memory_reserved_gb"
+PEAK_RSS_MB = "runtime/peak_rss_mb"  # CPU runs: peak resident set size of the process
+SWAP_RATE_MEAN = "runtime/swap_rate_mean"
+UTILIZATION_MEAN = "runtime/token_budget_utilization_mean"
+UTILIZATION_MAX = "runtime/token_budget_utilization_max"
+LATENCY_P50 = "runtime/latency_p50"
+LATENCY_P99 = "runtime/latency_p99"
+BASELINE_LATENCY_P50 = "runtime/baseline_latency_p50"
+RUNTIME_LOSS_AT_H_MEAN = "runtime/loss_at_h_mean"
+CAUSALITY_VIOLATIONS_TOTAL = "debug/causality_violations_total"

@@ -1,0 +1,356 @@
+"""Focus allocator (SPEC §5): per-entry focus scores -> a few legal expand/collapse actions per step.
+
+A step, on a working context that may have outgrown its budget after an ingest (`scores[i]` belongs
+to `wc.entries[i]`; positive = expand, negative = collapse):
+
+1. `fit(wc, scores=None)` — **forced collapses** while `wc.cost > w_max`: the legal collapse with the
+   lowest score first (no scores: each entry's latest score, where an expand's children inherit the
+   score that expanded them and new entries have 0), then the finest level (a block loses less than K gists), then
+   one that residency/cooldown would not block, then the oldest. The budget forces these, so stability
+   rules and `n_diff` do not apply; if nothing legal is left, `BudgetError` (history is never dropped).
+   The runtime calls it before scoring, so a policy only ever sees a context within budget.
+2. `step(wc, scores)` — `fit` if this step has no fit yet, then **voluntary actions**, at most
+   `n_diff`: expand candidates have score > `tau_expand`, collapse candidates score < -`tau_collapse`;
+   both legal and not blocked. Expands go by descending score, collapses by ascending score (ties:
+   expands nearest the cursor first, collapses oldest first); the two lists merge by |score|. An
+   expand that does not fit is paid for by collapses made *before* it (the lowest-scoring legal,
+   unblocked collapses with score <= 0, oldest first), so the cost never exceeds `w_max` after any
+   action; an expand whose payment would not fit in the action budget is skipped whole.
+
+Stability (per entry, keyed by level and index): an entry's *age* is the number of steps since it got
+its level (it appeared in the context, or an action created it). A voluntary action needs every entry
+it replaces to have age >= `min_residency`; entries an action created cannot be changed back (an
+expand's children collapsed, a collapse's parent expanded) for `cooldown_steps`; nothing an action
+created is acted on voluntarily in the same step. A collapse's score is the score of the first entry
+of its run (the entry the delta tables and `OraclePolicy` label), unless another entry of the run
+scores above `tau_expand` (it wants detail): then the run's highest score, so a run is never
+collapsed voluntarily, nor forced before uncontested ones, while part of it asks for detail (this is
+what keeps parent-wants-detail / child-wants-coarser scores from flipping a span back and forth).
+
+Residency (SPEC §7): each action records the age of what it replaced (the youngest entry of a
+collapsed run): how long that span stayed at its level before it was swapped.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+
+from mcx_core.config import AllocatorConfig
+from mcx_core.working_context import BudgetError, Entry, WorkingContext
+
+Key = tuple[int, int]  # (level, index) of an entry
+
+
+@dataclass(frozen=True)
+class Action:
+    kind: str  # "expand" | "collapse"
+    level: int  # level of the entries acted on, before the action
+    index: int  # node index of the entry acted on (the first of a collapsed run)
+    start: int  # token span the action changes
+    end: int
+    score: float  # the score that chose it (the first entry's for a collapse)
+    forced: bool  # a collapse the budget forced
+    residency: int  # steps the replaced entry (youngest of a run) stayed at its level
+
+    @property
+    def span_id(self) -> str:
+        return f"L{self.level}:{self.index:06d}"
+
+
+@dataclass
+class StepStats:
+    step: int
+    actions: list[Action] = field(default_factory=list)
+    cost_before: int = 0  # cost when the step began (may exceed w_max after an ingest)
+    cost_after: int = 0
+    cost_trail: list[int] = field(default_factory=list)  # cost after each action, in order
+    skipped_blocked: int = 0  # candidates over threshold held back by residency or cooldown
+    skipped_budget: int = 0  # expands that could not be paid for within n_diff
+
+    @property
+    def num_expands(self) -> int:
+        return sum(a.kind == "expand" for a in self.actions)
+
+    @property
+    def num_collapses(self) -> int:
+        return sum(a.kind == "collapse" for a in self.actions)
+
+    @property
+    def num_forced(self) -> int:
+        return sum(a.forced for a in self.actions)
+
+    @property
+    def residencies(self) -> list[int]:
+        return [a.residency for a in self.actions]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "step": self.step,
+            "actions": [asdict(a) | {"span_id": a.span_id} for a in self.actions],
+            "num_expands": self.num_expands,
+            "num_collapses": self.num_collapses,
+            "num_forced": self.num_forced,
+            "residencies": self.residencies,
+            "cost_before": self.cost_before,
+            "cost_after": self.cost_after,
+            "skipped_blocked": self.skipped_blocked,
+            "skipped_budget": self.skipped_budget,
+        }
+
+
+def _key(e: Entry) -> Key:
+    return (e.level, e.index)
+
+
+class FocusAllocator:
+    """Stateful across steps (entry ages, what created each entry); deterministic given its inputs."""
+
+    def __init__(self, cfg: AllocatorConfig, w_max: int):
+        self.cfg = cfg
+        self.w_max = w_max
+        self.t = 0  # steps taken
+        self._born: dict[Key, int] = {}  # step at which each current entry got its level
+        self._made_by: dict[Key, str] = {}  # "expand" | "collapse" for entries an action created
+        self._open: StepStats | None = None  # the step `fit` opened and `step` has not finished
+        # Latest score of each entry; an action's result inherits the score that chose it.
+        self._last_score: dict[Key, float] = {}
+
+    # ------------------------------------------------------------------------------------------ ages
+
+    def ages(self, wc: WorkingContext) -> torch.Tensor:
+        """[N] steps each entry has been at its level (0 for entries not seen yet): LensNet's age feature."""
+        return torch.tensor([self.t - self._born.get(_key(e), self.t) for e in wc.entries], dtype=torch.long)
+
+    def _age(self, e: Entry) -> int:
+        return self.t - self._born[_key(e)]
+
+    def _blocked(self, kind: str, run: list[Entry]) -> bool:
+        """Residency or cooldown forbids a voluntary `kind` on the entries `run`."""
+        undo = "collapse" if kind == "expand" else "expand"  # the action that `kind` would undo
+        for e in run:
+            age = self._age(e)
+            if age < self.cfg.min_residency or (age == 0 and _key(e) in self._made_by):
+                return True
+            if self._made_by.get(_key(e)) == undo and age < self.cfg.cooldown_steps:
+                return True
+        return False
+
+    # ------------------------------------------------------------------------------------------ step
+
+    def fit(self, wc: WorkingContext, scores: torch.Tensor | list[float] | None = None) -> StepStats:
+        """Open a step: note new entries, then forced collapses until `wc.cost <= w_max` (by `scores` if
+        given, else finest level, unblocked, oldest first). Call it after an ingest so a policy scores a
+        context within budget; `step` then finishes the step. Mutates `wc`."""
+        if self._open is not None:
+            raise RuntimeError(f"step {self.t} is already open: call step() to finish it")
+        if scores is None:
+            score_of = {e: self._last_score.get(_key(e), 0.0) for e in wc.entries}
+        else:
+            score_of = self._score_map(wc, scores)
+        return self._fit(wc, score_of)
+
+    def step(self, wc: WorkingContext, scores: torch.Tensor | list[float]) -> StepStats:
+        """Finish a step: `fit` first unless it opened this step already (then `scores` are for the
+        fitted context), then up to `n_diff` voluntary actions. Returns the whole step's stats."""
+        score_of = self._score_map(wc, scores)
+        if self._open is None:
+            self._fit(wc, score_of)
+        stats, self._open = self._open, None
+        self._last_score = {_key(e): v for e, v in score_of.items()}
+        self._voluntary(wc, score_of, stats)
+        stats.cost_after = wc.cost
+        self.t += 1
+        return stats
+
+    def _fit(self, wc: WorkingContext, score_of: dict[Entry, float]) -> StepStats:
+        if wc.w_max != self.w_max:
+            raise ValueError(f"working context has w_max {wc.w_max}, the allocator {self.w_max}")
+        present = {_key(e) for e in wc.entries}
+        self._born = {k: v for k, v in self._born.items() if k in present}
+        self._made_by = {k: v for k, v in self._made_by.items() if k in present}
+        self._last_score = {k: v for k, v in self._last_score.items() if k in present}
+        for e in wc.entries:
+            self._born.setdefault(_key(e), self.t)
+        stats = StepStats(step=self.t, cost_before=wc.cost)
+        while wc.cost > self.w_max:
+            j = self._forced_choice(wc, score_of)
+            if j is None:
+                raise BudgetError(
+                    f"cost {wc.cost} > w_max {self.w_max} over {wc.tree.cursor} tokens and nothing legal "
+                    f"left to collapse (newest {wc.recent_tokens} tokens stay LOD0, top level "
+                    f"LOD{wc.tree.max_level})"
+                )
+            self._collapse(wc, j, self._collapse_score(self._run(wc, j), score_of), True, stats)
+        self._open = stats
+        return stats
+
+    @staticmethod
+    def _score_map(wc: WorkingContext, scores: torch.Tensor | list[float]) -> dict[Entry, float]:
+        values = torch.as_tensor(scores, dtype=torch.float32).flatten().tolist()
+        if len(values) != len(wc.entries):
+            raise ValueError(f"{len(values)} scores for {len(wc.entries)} entries")
+        return dict(zip(wc.entries, values))
+
+    def _run(self, wc: WorkingContext, j: int) -> list[Entry]:
+        return wc.entries[j : j + (1 if wc.entries[j].level == 0 else wc.tree.block_size)]
+
+    def _contested(self, run: list[Entry], score_of: dict[Entry, float]) -> bool:
+        """Another entry of the run wants detail (score > tau_expand)."""
+        return any(score_of.get(e, 0.0) > self.cfg.tau_expand for e in run[1:])
+
+    def _collapse_score(self, run: list[Entry], score_of: dict[Entry, float]) -> float:
+        """The first entry's score, or the run's highest score when the run is contested."""
+        first = score_of.get(run[0], 0.0)
+        return max(score_of.get(e, 0.0) for e in run) if self._contested(run, score_of) else first
+
+    def _forced_choice(self, wc: WorkingContext, score_of: dict[Entry, float]) -> int | None:
+        best, best_key = None, None
+        for j, e in enumerate(wc.entries):
+            if not wc.can_collapse(j):
+                continue
+            run = self._run(wc, j)
+            key = (self._collapse_score(run, score_of), e.level, self._blocked("collapse", run), e.start)
+            if best_key is None or key < best_key:
+                best, best_key = j, key
+        return best
+
+    def _voluntary(self, wc: WorkingContext, score_of: dict[Entry, float], stats: StepStats) -> None:
+        cfg, cursor = self.cfg, wc.tree.cursor
+        expands: list[tuple[float, Entry]] = []
+        collapses: list[tuple[float, Entry]] = []
+        for i, e in enumerate(wc.entries):
+            s = score_of.get(e)
+            if s is None:  # made by this step's forced collapses, after the scores were taken
+                continue
+            if s > cfg.tau_expand and wc.can_expand(i):
+                if self._blocked("expand", [e]):
+                    stats.skipped_blocked += 1
+                else:
+                    expands.append((s, e))
+            elif (
+                s < -cfg.tau_collapse
+                and wc.can_collapse(i)
+                and not self._contested(self._run(wc, i), score_of)
+            ):
+                if self._blocked("collapse", self._run(wc, i)):
+                    stats.skipped_blocked += 1
+                else:
+                    collapses.append((s, e))
+        expands.sort(key=lambda x: (-x[0], cursor - x[1].end, x[1].start))
+        collapses.sort(key=lambda x: (x[0], x[1].start))  # oldest = farthest from the cursor first
+        payers = None  # built on first need: (score, entry) of legal unblocked collapses with score <= 0
+        used: set[Entry] = set()
+        left, ei, ci = cfg.n_diff, 0, 0
+        while left > 0 and (ei < len(expands) or ci < len(collapses)):
+            take_collapse = ci < len(collapses) and (
+                ei >= len(expands) or -collapses[ci][0] >= expands[ei][0]
+            )
+            if take_collapse:
+                s, e = collapses[ci]
+                ci += 1
+                j = self._index(wc, e)
+                if e in used or j is None or not wc.can_collapse(j):
+                    continue
+                self._collapse(wc, j, s, False, stats)
+                used.add(e)
+                left -= 1
+                continue
+            s, target = expands[ei]
+            ei += 1
+            i = self._index(wc, target)
+            if i is None:
+                continue
+            deficit = wc.cost + wc.expand_cost(i) - self.w_max
+            plan: list[tuple[float, Entry]] = []
+            if deficit > 0:
+                if payers is None:
+                    payers = self._payers(wc, score_of)
+                for ps, pe in payers:
+                    if deficit <= 0 or len(plan) >= left - 1:
+                        break
+                    j = self._index(wc, pe)
+                    if pe in used or j is None or target in self._run(wc, j) or not wc.can_collapse(j):
+                        continue
+                    plan.append((ps, pe))
+                    deficit -= wc.collapse_saving(j)
+            if deficit > 0:
+                stats.skipped_budget += 1
+                continue
+            for ps, pe in plan:
+                self._collapse(wc, self._index(wc, pe), ps, False, stats)
+                used.add(pe)
+                left -= 1
+            self._expand(wc, self._index(wc, target), s, stats)
+            left -= 1
+
+    def _payers(self, wc: WorkingContext, score_of: dict[Entry, float]) -> list[tuple[float, Entry]]:
+        out = []
+        for j, e in enumerate(wc.entries):
+            s = score_of.get(e)
+            if (
+                s is not None
+                and s <= 0
+                and wc.can_collapse(j)
+                and not self._contested(self._run(wc, j), score_of)
+                and not self._blocked("collapse", self._run(wc, j))
+            ):
+                out.append((s, e))
+        return sorted(out, key=lambda x: (x[0], x[1].start))
+
+    @staticmethod
+    def _index(wc: WorkingContext, e: Entry) -> int | None:
+        """Current index of entry `e` (actions shift indices), None once an action replaced it."""
+        lo, hi = 0, len(wc.entries)
+        while lo < hi:  # entries are sorted by start
+            mid = (lo + hi) // 2
+            if wc.entries[mid].start < e.start:
+                lo = mid + 1
+            else:
+                hi = mid
+        return lo if lo < len(wc.entries) and wc.entries[lo] == e else None
+
+    # ------------------------------------------------------------------------------------------ actions
+
+    def _retire(self, run: list[Entry]) -> int:
+        """Forget the replaced entries; return the residency of the youngest."""
+        residency = min(self._age(e) for e in run)
+        for e in run:
+            self._born.pop(_key(e), None)
+            self._made_by.pop(_key(e), None)
+            self._last_score.pop(_key(e), None)
+        return residency
+
+    def _collapse(self, wc: WorkingContext, j: int, score: float, forced: bool, stats: StepStats) -> None:
+        run = self._run(wc, j)
+        parent = wc.collapse(j)
+        stats.actions.append(
+            Action(
+                "collapse",
+                run[0].level,
+                run[0].index,
+                parent.start,
+                parent.end,
+                score,
+                forced,
+                self._retire(run),
+            )
+        )
+        self._born[_key(parent)] = self.t
+        self._made_by[_key(parent)] = "collapse"
+        self._last_score[_key(parent)] = score
+        stats.cost_trail.append(wc.cost)
+
+    def _expand(self, wc: WorkingContext, i: int, score: float, stats: StepStats) -> None:
+        e = wc.entries[i]
+        children = wc.expand(i)
+        stats.actions.append(
+            Action("expand", e.level, e.index, e.start, e.end, score, False, self._retire([e]))
+        )
+        for c in children:
+            self._born[_key(c)] = self.t
+            self._made_by[_key(c)] = "expand"
+            self._last_score[_key(c)] = score
+        stats.cost_trail.append(wc.cost)

@@ -1,31 +1,33 @@
 """Focus allocator (SPEC §5): per-entry focus scores -> a few legal expand/collapse actions per step.
 
 A step, on a working context that may have outgrown its budget after an ingest (`scores[i]` belongs
-to `wc.entries[i]`; positive = expand, negative = collapse):
+to `wc.entries[i]`; positive = expand, negative = collapse, 0 = no opinion):
 
-1. `fit(wc, scores=None)` — **forced collapses** while `wc.cost > w_max`: the legal collapse with the
-   lowest score first (no scores: each entry's latest score, where an expand's children inherit the
-   score that expanded them and new entries have 0), then the finest level (a block loses less than K gists), then
-   one that residency/cooldown would not block, then the oldest. The budget forces these, so stability
-   rules and `n_diff` do not apply; if nothing legal is left, `BudgetError` (history is never dropped).
-   The runtime calls it before scoring, so a policy only ever sees a context within budget.
-2. `step(wc, scores)` — `fit` if this step has no fit yet, then **voluntary actions**, at most
-   `n_diff`: expand candidates have score > `tau_expand`, collapse candidates score < -`tau_collapse`;
-   both legal and not blocked. Expands go by descending score, collapses by ascending score (ties:
-   expands nearest the cursor first, collapses oldest first); the two lists merge by |score|. An
-   expand that does not fit is paid for by collapses made *before* it (the lowest-scoring legal,
-   unblocked collapses with score <= 0, oldest first), so the cost never exceeds `w_max` after any
-   action; an expand whose payment would not fit in the action budget is skipped whole.
+1. `fit(wc, scores=None)` — **forced collapses** while `wc.cost > w_max`, best first by: lowest
+   score (without scores, each entry's latest one: new entries 0, an action's result inherits the
+   score that chose it), finest level (a block loses less than K gists), not made by an expand (a
+   deliberate focus goes last), not held by residency/cooldown, oldest. The budget forces these, so
+   stability rules and `n_diff` do not apply; if nothing legal is left, `BudgetError` (history is
+   never dropped). The runtime calls `fit` before scoring: a policy only sees contexts within budget.
+2. `step(wc, scores)` — `fit` unless this step had one, then at most `n_diff` **voluntary actions**:
+   expands where score > `tau_expand`, collapses where score < -`tau_collapse`, each legal and not
+   held. Expands by descending score, collapses by ascending score (ties: expands nearest the cursor
+   first, collapses oldest first), the two lists merged by |score| (a tie takes the collapse). An
+   expand that does not fit is paid for by collapses made *before* it — the lowest-scoring legal,
+   unheld collapses with a negative score, oldest first — so the cost never exceeds `w_max` after any
+   action; an expand whose payment does not fit in the remaining `n_diff` is skipped whole.
 
-Stability (per entry, keyed by level and index): an entry's *age* is the number of steps since it got
-its level (it appeared in the context, or an action created it). A voluntary action needs every entry
-it replaces to have age >= `min_residency`; entries an action created cannot be changed back (an
-expand's children collapsed, a collapse's parent expanded) for `cooldown_steps`; nothing an action
-created is acted on voluntarily in the same step. A collapse's score is the score of the first entry
-of its run (the entry the delta tables and `OraclePolicy` label), unless another entry of the run
-scores above `tau_expand` (it wants detail): then the run's highest score, so a run is never
-collapsed voluntarily, nor forced before uncontested ones, while part of it asks for detail (this is
-what keeps parent-wants-detail / child-wants-coarser scores from flipping a span back and forth).
+Stability, per entry (keyed by level and index): its *age* is the number of steps since it got its
+level (it appeared in the context, or an action made it). A voluntary action needs every entry it
+replaces to have age >= `min_residency`; what an action made cannot be changed back (an expand's
+children collapsed, a collapse's parent expanded) for `cooldown_steps`; nothing an action made is
+acted on voluntarily in the same step.
+
+A collapse's score is the score of the first entry of its run (the entry the delta tables and
+`OraclePolicy` label), unless another entry of the run scores above `tau_expand` (it wants detail):
+then the run's highest score. So a run is never collapsed voluntarily, nor forced before the
+uncontested ones, while part of it asks for detail — what stops a parent-wants-detail /
+children-want-coarser pair of scores from flipping a span back and forth.
 
 Residency (SPEC §7): each action records the age of what it replaced (the youngest entry of a
 collapsed run): how long that span stayed at its level before it was swapped.
@@ -197,6 +199,11 @@ class FocusAllocator:
     def _run(self, wc: WorkingContext, j: int) -> list[Entry]:
         return wc.entries[j : j + (1 if wc.entries[j].level == 0 else wc.tree.block_size)]
 
+    @staticmethod
+    def _starts_run(wc: WorkingContext, e: Entry) -> bool:
+        """Cheap necessary condition for `wc.can_collapse` (which checks the whole run)."""
+        return e.level < wc.tree.max_level and (e.level == 0 or e.index % wc.tree.block_size == 0)
+
     def _contested(self, run: list[Entry], score_of: dict[Entry, float]) -> bool:
         """Another entry of the run wants detail (score > tau_expand)."""
         return any(score_of.get(e, 0.0) > self.cfg.tau_expand for e in run[1:])
@@ -209,10 +216,17 @@ class FocusAllocator:
     def _forced_choice(self, wc: WorkingContext, score_of: dict[Entry, float]) -> int | None:
         best, best_key = None, None
         for j, e in enumerate(wc.entries):
-            if not wc.can_collapse(j):
+            if not (self._starts_run(wc, e) and wc.can_collapse(j)):
                 continue
             run = self._run(wc, j)
-            key = (self._collapse_score(run, score_of), e.level, self._blocked("collapse", run), e.start)
+            focused = any(self._made_by.get(_key(r)) == "expand" for r in run)
+            key = (
+                self._collapse_score(run, score_of),
+                e.level,
+                focused,
+                self._blocked("collapse", run),
+                e.start,
+            )
             if best_key is None or key < best_key:
                 best, best_key = j, key
         return best
@@ -232,6 +246,7 @@ class FocusAllocator:
                     expands.append((s, e))
             elif (
                 s < -cfg.tau_collapse
+                and self._starts_run(wc, e)
                 and wc.can_collapse(i)
                 and not self._contested(self._run(wc, i), score_of)
             ):
@@ -241,8 +256,9 @@ class FocusAllocator:
                     collapses.append((s, e))
         expands.sort(key=lambda x: (-x[0], cursor - x[1].end, x[1].start))
         collapses.sort(key=lambda x: (x[0], x[1].start))  # oldest = farthest from the cursor first
-        payers = None  # built on first need: (score, entry) of legal unblocked collapses with score <= 0
+        payers = None  # built on first need: (score, entry) of legal unblocked collapses with score < 0
         used: set[Entry] = set()
+        cost = wc.cost  # kept up to date here: wc.cost is O(N) and there may be N candidates
         left, ei, ci = cfg.n_diff, 0, 0
         while left > 0 and (ei < len(expands) or ci < len(collapses)):
             take_collapse = ci < len(collapses) and (
@@ -254,36 +270,46 @@ class FocusAllocator:
                 j = self._index(wc, e)
                 if e in used or j is None or not wc.can_collapse(j):
                     continue
+                cost -= wc.collapse_saving(j)
                 self._collapse(wc, j, s, False, stats)
                 used.add(e)
                 left -= 1
                 continue
             s, target = expands[ei]
             ei += 1
-            i = self._index(wc, target)
-            if i is None:
+            extra = wc.tree.block_size - 1  # every expand adds K - 1 (working_context.py)
+            deficit = cost + extra - self.w_max
+            if deficit > 0 and (left < 2 or payers == []):
+                stats.skipped_budget += 1
                 continue
-            deficit = wc.cost + wc.expand_cost(i) - self.w_max
-            plan: list[tuple[float, Entry]] = []
+            if self._index(wc, target) is None:  # replaced by an earlier action of this step
+                continue
+            plan: list[tuple[float, Entry, int]] = []
             if deficit > 0:
                 if payers is None:
                     payers = self._payers(wc, score_of)
-                for ps, pe in payers:
-                    if deficit <= 0 or len(plan) >= left - 1:
-                        break
+                k = 0
+                while k < len(payers) and deficit > 0 and len(plan) < left - 1:
+                    pe = payers[k][1]
                     j = self._index(wc, pe)
-                    if pe in used or j is None or target in self._run(wc, j) or not wc.can_collapse(j):
+                    if pe in used or j is None or not wc.can_collapse(j):
+                        del payers[k]  # gone for the rest of the step
                         continue
-                    plan.append((ps, pe))
-                    deficit -= wc.collapse_saving(j)
+                    k += 1
+                    if target not in self._run(wc, j):
+                        saving = wc.collapse_saving(j)
+                        plan.append((payers[k - 1][0], pe, saving))
+                        deficit -= saving
             if deficit > 0:
                 stats.skipped_budget += 1
                 continue
-            for ps, pe in plan:
+            for ps, pe, saving in plan:
                 self._collapse(wc, self._index(wc, pe), ps, False, stats)
                 used.add(pe)
+                cost -= saving
                 left -= 1
             self._expand(wc, self._index(wc, target), s, stats)
+            cost += extra
             left -= 1
 
     def _payers(self, wc: WorkingContext, score_of: dict[Entry, float]) -> list[tuple[float, Entry]]:
@@ -292,7 +318,8 @@ class FocusAllocator:
             s = score_of.get(e)
             if (
                 s is not None
-                and s <= 0
+                and s < 0
+                and self._starts_run(wc, e)
                 and wc.can_collapse(j)
                 and not self._contested(self._run(wc, j), score_of)
                 and not self._blocked("collapse", self._run(wc, j))

@@ -46,14 +46,14 @@ import os
 import re
 import time
 from dataclasses import asdict, dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.ipc as ipc
 import pyarrow.parquet as pq
 import torch
+from pyarrow import ipc
 from tqdm.auto import tqdm
 
 from mcx_core.config import MegaContextConfig
@@ -207,7 +207,9 @@ def mean_horizon_nll(
     for group in by_length.values():
         for a in range(0, len(group), batch_size):
             chunk = group[a : a + batch_size]
-            nll = horizon_nll(lm, [inputs[j] for j in chunk], torch.stack([horizons[j] for j in chunk]))  # [b, H]
+            nll = horizon_nll(
+                lm, [inputs[j] for j in chunk], torch.stack([horizons[j] for j in chunk])
+            )  # [b, H]
             for j, value in zip(chunk, nll.mean(dim=1).tolist()):
                 out[j] = value
     return out
@@ -278,7 +280,9 @@ def perturbed_context(
     return out, [made - birth[e] for e in out.entries]
 
 
-def choose_candidates(cands: list[Candidate], max_candidates: int, rng: np.random.Generator) -> list[Candidate]:
+def choose_candidates(
+    cands: list[Candidate], max_candidates: int, rng: np.random.Generator
+) -> list[Candidate]:
     """A random subset of at most `max_candidates`, half collapses when there are enough of them."""
     if len(cands) <= max_candidates:
         return cands
@@ -294,7 +298,7 @@ def choose_candidates(cands: list[Candidate], max_candidates: int, rng: np.rando
 
 
 def _now() -> datetime:
-    return datetime.now(timezone.utc)
+    return datetime.now(UTC)
 
 
 def _write_atomic(path: Path, write) -> None:
@@ -320,7 +324,9 @@ def read_contexts(delta_path: str | os.PathLike) -> pa.Table:
 def rebuild_tree(row: dict, embed_fn: EmbedFn, gist_fn: GistFn, d_model: int) -> MegaContextTree:
     """The history of a contexts-file row, re-ingested with `gist_fn` (the labels are only valid for the
     GistNet named in `gistnet_checkpoint`)."""
-    tree = MegaContextTree(d_model, embed_fn, gist_fn, block_size=row["block_size"], max_level=row["max_level"])
+    tree = MegaContextTree(
+        d_model, embed_fn, gist_fn, block_size=row["block_size"], max_level=row["max_level"]
+    )
     tree.ingest(torch.tensor(row["history_ids"], dtype=torch.long))
     return tree
 
@@ -332,7 +338,9 @@ def rebuild_context(
     already rebuilt this history, e.g. for another context of the same sample), the entries, the ages."""
     if tree is None:
         tree = rebuild_tree(row, embed_fn, gist_fn, d_model)
-    elif tree.cursor != row["cursor"] or not torch.equal(tree.tokens, torch.tensor(row["history_ids"], dtype=torch.int32)):
+    elif tree.cursor != row["cursor"] or not torch.equal(
+        tree.tokens, torch.tensor(row["history_ids"], dtype=torch.int32)
+    ):
         raise ValueError(f"context {row['context_id']}: the given tree holds another history")
     entries = [Entry(**e) for e in json.loads(row["entries"])]
     wc = WorkingContext(tree, row["w_max"], row["recent_tokens"], row["position_scheme"], entries)
@@ -367,7 +375,9 @@ def generate_delta_table(
     C, H, K = cfg.dataset.context_tokens, cfg.dataset.horizon, cfg.dataset.block_size
     train_ids = np.asarray(train_ids)
     if train_ids.ndim != 2 or train_ids.shape[1] < C + H:
-        raise ValueError(f"train_ids must be [N, >= {C + H}] (context_tokens + horizon), got {train_ids.shape}")
+        raise ValueError(
+            f"train_ids must be [N, >= {C + H}] (context_tokens + horizon), got {train_ids.shape}"
+        )
     sample_ids = sample_ids if sample_ids is not None else [f"train-{i:06d}" for i in range(len(train_ids))]
     if len(sample_ids) != len(train_ids):
         raise ValueError(f"{len(sample_ids)} sample ids for {len(train_ids)} samples")
@@ -379,7 +389,9 @@ def generate_delta_table(
     rows: list[dict] = []
     context_rows: list[dict] = []
     t0 = time.perf_counter()
-    bar = tqdm(total=len(chosen) * dcfg.contexts_per_sample, desc="delta table", unit="context", disable=not progress)
+    bar = tqdm(
+        total=len(chosen) * dcfg.contexts_per_sample, desc="delta table", unit="context", disable=not progress
+    )
     for s, row_ids in zip(chosen.tolist(), ids):
         sample_id = sample_ids[s]
         history, horizon = row_ids[:C], row_ids[C : C + H]
@@ -391,18 +403,33 @@ def generate_delta_table(
             wc, ages = perturbed_context(recency, rng, dcfg.perturb_moves)
             contexts.append((wc, "perturbed", ages))
         cands = [choose_candidates(candidate_actions(wc), dcfg.max_candidates, rng) for wc, _, _ in contexts]
-        results = evaluate_candidates(lm, [wc for wc, _, _ in contexts], [horizon] * len(contexts), cands, dcfg.batch_size)
+        results = evaluate_candidates(
+            lm, [wc for wc, _, _ in contexts], [horizon] * len(contexts), cands, dcfg.batch_size
+        )
         stamp = _now()
-        for c, ((wc, kind, ages), context_cands, (nll_before, nll_after)) in enumerate(zip(contexts, cands, results)):
+        for c, ((wc, kind, ages), context_cands, (nll_before, nll_after)) in enumerate(
+            zip(contexts, cands, results)
+        ):
             context_id = f"{run_id}/c{cycle}/{sample_id}/{c}"
             context_rows.append(
                 {
-                    "context_id": context_id, "run_id": run_id, "cycle": cycle, "sample_id": sample_id,
-                    "kind": kind, "w_max": wc.w_max, "recent_tokens": wc.recent_tokens,
-                    "position_scheme": wc.position_scheme, "block_size": K, "max_level": tree.max_level,
-                    "cursor": tree.cursor, "entries": json.dumps([asdict(e) for e in wc.entries]),
-                    "ages": ages, "history_ids": history.tolist(), "horizon_ids": horizon.tolist(),
-                    "nll_before": nll_before, "gistnet_checkpoint": ckpt,
+                    "context_id": context_id,
+                    "run_id": run_id,
+                    "cycle": cycle,
+                    "sample_id": sample_id,
+                    "kind": kind,
+                    "w_max": wc.w_max,
+                    "recent_tokens": wc.recent_tokens,
+                    "position_scheme": wc.position_scheme,
+                    "block_size": K,
+                    "max_level": tree.max_level,
+                    "cursor": tree.cursor,
+                    "entries": json.dumps([asdict(e) for e in wc.entries]),
+                    "ages": ages,
+                    "history_ids": history.tolist(),
+                    "horizon_ids": horizon.tolist(),
+                    "nll_before": nll_before,
+                    "gistnet_checkpoint": ckpt,
                 }
             )
             for cand, after in zip(context_cands, nll_after):
@@ -410,13 +437,26 @@ def generate_delta_table(
                 paired = None if cand.paired_collapse is None else wc.entries[cand.paired_collapse].span_id
                 rows.append(
                     {
-                        "run_id": run_id, "cycle": cycle, "sample_id": sample_id, "block_id": e.span_id,
-                        "level": e.level, "action": cand.action, "delta_nll": after - nll_before,
+                        "run_id": run_id,
+                        "cycle": cycle,
+                        "sample_id": sample_id,
+                        "block_id": e.span_id,
+                        "level": e.level,
+                        "action": cand.action,
+                        "delta_nll": after - nll_before,
                         "token_cost": apply_candidate(wc, cand).cost - wc.cost,
-                        "distance_to_cursor": tree.cursor - e.end, "horizon": H, "timestamp": stamp,
-                        "gistnet_checkpoint": ckpt, "context_id": context_id,
-                        "entry_index": cand.index, "w_max": wc.w_max, "span_start": e.start, "span_end": e.end,
-                        "nll_before": nll_before, "nll_after": after, "paired_block_id": paired,
+                        "distance_to_cursor": tree.cursor - e.end,
+                        "horizon": H,
+                        "timestamp": stamp,
+                        "gistnet_checkpoint": ckpt,
+                        "context_id": context_id,
+                        "entry_index": cand.index,
+                        "w_max": wc.w_max,
+                        "span_start": e.start,
+                        "span_end": e.end,
+                        "nll_before": nll_before,
+                        "nll_after": after,
+                        "paired_block_id": paired,
                     }
                 )
         bar.update(len(contexts))
@@ -447,7 +487,9 @@ def delta_table_stats(rows: list[dict], n_contexts: int, n_samples: int, seconds
         M.DELTAS_SECONDS: seconds,
         M.DELTAS_SECONDS_PER_CONTEXT: seconds / max(n_contexts, 1),
         M.DELTAS_ROWS_PER_CONTEXT: len(rows) / max(n_contexts, 1),
-        M.DELTAS_SEQUENCES: float(len(rows) + n_contexts),  # base-model sequences scored (before + each action)
+        M.DELTAS_SEQUENCES: float(
+            len(rows) + n_contexts
+        ),  # base-model sequences scored (before + each action)
         M.DELTAS_HELPFUL_FRACTION: float((delta < 0).mean()) if len(rows) else math.nan,
         M.DELTAS_EXPAND_DELTA_NLL_MEAN: mean_of(action == "expand"),
         M.DELTAS_COLLAPSE_DELTA_NLL_MEAN: mean_of(action == "collapse"),
@@ -459,14 +501,16 @@ def validate_delta_table(path: str | os.PathLike) -> list[str]:
     path = Path(path)
     try:
         table = pq.read_table(path)
-    except Exception as err:  # unreadable or not Parquet: report it, do not raise
+    except (pa.ArrowException, OSError) as err:  # unreadable or not Parquet: report it, do not raise
         return [f"{path}: not a readable Parquet file ({err})"]
     problems = []
     for field in DELTA_SCHEMA:
         if field.name not in table.column_names:
             problems.append(f"column {field.name}: missing")
         elif table.schema.field(field.name).type != field.type:
-            problems.append(f"column {field.name}: type {table.schema.field(field.name).type}, expected {field.type}")
+            problems.append(
+                f"column {field.name}: type {table.schema.field(field.name).type}, expected {field.type}"
+            )
         elif field.name not in NULLABLE and table.column(field.name).null_count:
             problems.append(f"column {field.name}: {table.column(field.name).null_count} nulls")
     if problems:
@@ -481,7 +525,9 @@ def validate_delta_table(path: str | os.PathLike) -> list[str]:
         n_bad = int((~np.isfinite(np.asarray(d[name], dtype=np.float64))).sum())
         if n_bad:
             problems.append(f"column {name}: {n_bad} non-finite values")
-    mismatch = np.abs(np.asarray(d["nll_after"]) - np.asarray(d["nll_before"]) - np.asarray(d["delta_nll"])) > 1e-6
+    mismatch = (
+        np.abs(np.asarray(d["nll_after"]) - np.asarray(d["nll_before"]) - np.asarray(d["delta_nll"])) > 1e-6
+    )
     if mismatch.any():
         problems.append(f"column delta_nll: {int(mismatch.sum())} rows differ from nll_after - nll_before")
     for i in range(table.num_rows):
@@ -499,20 +545,27 @@ def validate_delta_table(path: str | os.PathLike) -> list[str]:
         return problems + [f"{cpath}: contexts file missing"]
     try:
         contexts = read_contexts(path)
-    except Exception as err:
+    except (pa.ArrowException, OSError) as err:
         return problems + [f"{cpath}: not a readable Arrow file ({err})"]
     if not contexts.schema.equals(CONTEXT_SCHEMA):
         return problems + [f"{cpath}: schema differs from CONTEXT_SCHEMA"]
     missing = set(d["context_id"]) - set(contexts.column("context_id").to_pylist())
     if missing:
-        problems.append(f"{cpath}: {len(missing)} context ids of the delta table are missing, e.g. {min(missing)}")
+        problems.append(
+            f"{cpath}: {len(missing)} context ids of the delta table are missing, e.g. {min(missing)}"
+        )
     # On-policy: one GistNet computed every label of a table.
     ckpts = set(d["gistnet_checkpoint"]) | set(contexts.column("gistnet_checkpoint").to_pylist())
     if len(ckpts) != 1:
-        problems.append(f"column gistnet_checkpoint: {len(ckpts)} GistNets {sorted(ckpts)} (one table, one GistNet)")
+        problems.append(
+            f"column gistnet_checkpoint: {len(ckpts)} GistNets {sorted(ckpts)} (one table, one GistNet)"
+        )
     labelled = set(d["context_id"])
-    recency = {c["sample_id"] for c in contexts.select(["sample_id", "kind", "context_id"]).to_pylist()
-               if c["kind"] == "recency" and c["context_id"] in labelled}
+    recency = {
+        c["sample_id"]
+        for c in contexts.select(["sample_id", "kind", "context_id"]).to_pylist()
+        if c["kind"] == "recency" and c["context_id"] in labelled
+    }
     no_recency = sorted(set(d["sample_id"]) - recency)
     if no_recency:
         problems.append(f"{len(no_recency)} samples without a labelled recency context, e.g. {no_recency[0]}")

@@ -43,7 +43,9 @@ from mcx_core.working_context import Entry, WorkingContext
 WEIGHTS_FILE = "lensnet.safetensors"
 CONFIG_FILE = "config.json"
 FFN_MULT = 4
-LOG_DISTANCE_SCALE = 16.0  # log2(1 + distance) / 16: 1.0 at 65k tokens, the same meaning at any history length
+LOG_DISTANCE_SCALE = (
+    16.0  # log2(1 + distance) / 16: 1.0 at 65k tokens, the same meaning at any history length
+)
 AGE_SCALE = 64  # ages saturate: log1p(age) / log1p(64), clipped to 1
 
 
@@ -232,13 +234,17 @@ class LensNet(nn.Module):
         """Scores before legality masking, [B, N] in [-1, 1] (JT2's legality penalty reads these)."""
         p = self.proj_in.weight
         embeds, features, tail = (t.to(p.device, p.dtype) for t in (embeds, features, tail))
-        B, N, _ = embeds.shape
+        B = embeds.shape[0]
         if features.shape[-1] != self.num_features:
-            raise ValueError(f"LensNet expects {self.num_features} features per entry, got {features.shape[-1]}")
+            raise ValueError(
+                f"LensNet expects {self.num_features} features per entry, got {features.shape[-1]}"
+            )
         x = self.proj_in(self.ln_in(embeds)) + self.proj_features(features)  # [B, N, h]
         t = self.proj_in(self.ln_in(tail)) + self.tail_type  # [B, k, h]
         t = torch.cat([self.null_tail.expand(B, -1, -1), t], dim=1)  # [B, k + 1, h]
-        tail_mask = torch.cat([torch.ones(B, 1, dtype=torch.bool, device=p.device), masks["tail"].to(p.device)], 1)
+        tail_mask = torch.cat(
+            [torch.ones(B, 1, dtype=torch.bool, device=p.device), masks["tail"].to(p.device)], 1
+        )
         entry_mask = masks["entry"].to(p.device)
         for block in self.blocks:
             x = block(x, entry_mask, t, tail_mask)
@@ -253,8 +259,14 @@ class LensNet(nn.Module):
         """Weights as safetensors + a JSON config; `LensNet.from_pretrained(directory)` reads them back."""
         d = Path(directory)
         d.mkdir(parents=True, exist_ok=True)
-        save_file({k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}, str(d / WEIGHTS_FILE))
-        config = {"d_model": self.d_model, "max_level": self.max_level, "model": self.cfg.model_dump(mode="json")}
+        save_file(
+            {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}, str(d / WEIGHTS_FILE)
+        )
+        config = {
+            "d_model": self.d_model,
+            "max_level": self.max_level,
+            "model": self.cfg.model_dump(mode="json"),
+        }
         (d / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
         return d
 

@@ -299,18 +299,26 @@ def jt1_checkpoint(cfg: MegaContextConfig, cycle: int = 0) -> Path:
 
 def check_jt1_finite(cfg: MegaContextConfig, cycle: int = 0) -> tuple[list[str], dict[str, float]]:
     """Problems with the newest JT1 checkpoint's training history (non-finite values, NaN stops)."""
+    return check_training_finite(jt1_checkpoint(cfg, cycle))
+
+
+def check_training_finite(checkpoint: Path) -> tuple[list[str], dict[str, float]]:
+    """Problems with a JT checkpoint's logged training history: non-finite values, phases stopped on NaN."""
     import math
 
     from mcx_core.training import common
 
-    state = common.read_json(jt1_checkpoint(cfg, cycle) / common.TRAINER_STATE_FILE)
+    state = common.read_json(Path(checkpoint) / common.TRAINER_STATE_FILE)
     history = state["run"]["history"]
     problems = [f"phase {i} stopped on a non-finite loss/gradient" for i in state["run"].get("nan_phases", [])]
+    if not state.get("nan_free", True) and not problems:
+        problems.append("the trainer stopped on a non-finite loss/gradient")
     for h in history:
         bad = [k for k, v in h.items() if isinstance(v, float) and not math.isfinite(v)]
         if bad:
             problems.append(f"step {int(h['step'])}: non-finite {', '.join(sorted(bad))}")
-    return problems, {"logged_steps": float(len(history)), "global_step": float(state["global_step"])}
+    step = state.get("global_step", state.get("step", 0))
+    return problems, {"logged_steps": float(len(history)), "global_step": float(step)}
 
 
 def read_gist_eval(cfg: MegaContextConfig) -> dict:
@@ -321,3 +329,53 @@ def read_gist_eval(cfg: MegaContextConfig) -> dict:
     if not path.is_file():
         raise FileNotFoundError(f"{path} is missing; materialize gist_eval_report first")
     return json.loads(path.read_text(encoding="utf-8"))
+
+
+# ---------------------------------------------------------------------------------------------- focus
+
+
+def generate_deltas(cfg: MegaContextConfig, lm: BaseLM, sink: TelemetrySink | None = None, cycle: int = 0,
+                    progress: bool = True) -> tuple[Path, dict[str, float], Path]:
+    """On-policy counterfactual labels from the newest JT1 checkpoint: (table, stats, checkpoint)."""
+    from mcx_core import deltas
+    from mcx_core.training.jt1 import load_gister
+
+    ck = jt1_checkpoint(cfg, cycle)
+    path, stats = deltas.generate_delta_table(
+        cfg, lm, load_gister(ck, lm), ck, train_ids(cfg), ArtifactPaths.from_config(cfg).deltas,
+        sink or NullSink(), progress, cycle=cycle,
+    )
+    return path, stats, ck
+
+
+def delta_table(cfg: MegaContextConfig, cycle: int = 0) -> Path:
+    """The delta table labelled by the newest JT1 checkpoint of `cycle`."""
+    from mcx_core import deltas
+
+    path = deltas.delta_table_path(ArtifactPaths.from_config(cfg).deltas, cycle, jt1_checkpoint(cfg, cycle))
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing; materialize delta_table first")
+    return path
+
+
+def train_lensnet(cfg: MegaContextConfig, lm: BaseLM, sink: TelemetrySink | None = None, cycle: int = 0,
+                  resume: bool = True, progress: bool = True, init_from: Path | None = None):
+    """JT2: train LensNet on the delta table of the current GistNet; returns the trainer's `JT2Result`."""
+    from mcx_core.training.jt1 import load_gister
+    from mcx_core.training.jt2 import train_jt2
+
+    ck = jt1_checkpoint(cfg, cycle)
+    return train_jt2(
+        cfg, lm, load_gister(ck, lm), [delta_table(cfg, cycle)], ArtifactPaths.from_config(cfg).checkpoints,
+        sink or NullSink(), cycle=cycle, resume=resume, progress=progress, init_from=init_from, gistnet_checkpoint=ck,
+    )
+
+
+def jt2_checkpoint(cfg: MegaContextConfig, cycle: int = 0) -> Path:
+    from mcx_core.training.common import latest_checkpoint
+
+    where = ArtifactPaths.from_config(cfg).checkpoints
+    found = latest_checkpoint(where, 2, cycle)
+    if found is None:
+        raise FileNotFoundError(f"no complete JT2_cycle{cycle}_step* checkpoint under {where}; train LensNet first")
+    return found

@@ -93,12 +93,13 @@ class RandomPolicy:
 
 
 class ExpandNearestPolicy:
-    """+1 on the gist nearest the cursor, 0 elsewhere: more detail just behind the recent tokens."""
+    """+1 on the gist nearest the cursor, -0.1 elsewhere (under the collapse threshold, but enough to pay
+    for the expand): more detail just behind the recent tokens."""
 
     name = "expand_nearest"
 
     def scores(self, wc: WorkingContext, tree: MegaContextTree, step: int) -> torch.Tensor:
-        out = torch.zeros(len(wc.entries))
+        out = torch.full((len(wc.entries),), -0.1)
         gists = [i for i, e in enumerate(wc.entries) if e.level > 0]
         if gists:
             out[gists[-1]] = 1.0

@@ -1,6 +1,7 @@
-"""Counterfactual delta tables on a tiny random Llama: the SPEC §6 schema, a validator that catches
-corruption, the recency context always labelled, legal in-budget candidates, batching that does not
-change the numbers, labels reproducible from the contexts file, and the oracle's scores."""
+"""Counterfactual delta tables on a tiny random Llama: the SPEC §6 schema plus the GistNet checkpoint,
+written atomically under the given directory with stats logged, a validator that catches corruption, the
+recency context always labelled, legal in-budget candidates, batching that does not change the numbers,
+labels reproducible from the contexts file, and the oracle's scores."""
 
 import shutil
 
@@ -15,6 +16,8 @@ from mcx_core import deltas as D
 from mcx_core.config import BaseModelConfig, parse_config
 from mcx_core.evaluation import ConditionInput, MeanPoolGister, horizon_nll
 from mcx_core.model import BaseLM, freeze, tiny_llama
+from mcx_core.telemetry import metrics as M
+from mcx_core.telemetry.sinks import MemorySink
 from mcx_core.tree import MegaContextTree
 from mcx_core.working_context import WorkingContext
 
@@ -54,10 +57,20 @@ def _cfg(**deltas):
         {
             "name": "deltas-test",
             "seed": 5,
-            "dataset": {"context_tokens": C, "horizon": H, "corpora": {"n": {"source": "embedded:shakespeare"}}},
+            "dataset": {
+                "context_tokens": C,
+                "horizon": H,
+                "corpora": {"n": {"source": "embedded:shakespeare"}},
+            },
             "base_model": {"source": "tiny_random"},
             "working_context": {"w_max": W, "eval_w_max": [W], "recent_tokens": 32},
-            "deltas": {"samples": 3, "contexts_per_sample": 3, "max_candidates": 6, "batch_size": 4, **deltas},
+            "deltas": {
+                "samples": 3,
+                "contexts_per_sample": 3,
+                "max_candidates": 6,
+                "batch_size": 4,
+                **deltas,
+            },
         }
     )
 
@@ -67,14 +80,47 @@ def _ids(n=5, seed=0) -> np.ndarray:
 
 
 @pytest.fixture(scope="module")
-def table(lm, tmp_path_factory):
-    out = tmp_path_factory.mktemp("deltas") / "JT2_cycle0_deltas.parquet"
+def generated(lm, tmp_path_factory):
+    out_dir = tmp_path_factory.mktemp("artifacts") / "deltas"
     ids = _ids()
-    path = D.generate_delta_table(
-        _cfg(), lm, MeanPoolGister(), ids, [f"s{i}" for i in range(len(ids))], out,
-        run_id="run-a", cycle=0, gistnet_checkpoint="JT1_cycle0_step7", progress=False,
+    sink = MemorySink()
+    path, stats = D.generate_delta_table(
+        _cfg(),
+        lm,
+        MeanPoolGister(),
+        out_dir.parent / "checkpoints" / "JT1_cycle0_step7",
+        ids,
+        out_dir,
+        sink,
+        progress=False,
+        cycle=0,
+        run_id="run-a",
+        sample_ids=[f"s{i}" for i in range(len(ids))],
     )
-    return path
+    return path, stats, sink, out_dir
+
+
+@pytest.fixture(scope="module")
+def table(generated):
+    return generated[0]
+
+
+def test_written_atomically_under_the_directory_with_stats(generated):
+    path, stats, sink, out_dir = generated
+    assert path == out_dir / "deltas_cycle0_JT1_cycle0_step7.parquet"
+    assert path == D.delta_table_path(out_dir, 0, "JT1_cycle0_step7")
+    # the table and its contexts, no temporary files left behind
+    assert sorted(p.name for p in out_dir.iterdir()) == sorted([path.name, D.contexts_path(path).name])
+    n_rows = pq.read_table(path).num_rows
+    assert stats[M.DELTAS_SAMPLES] == 3 and stats[M.DELTAS_CONTEXTS] == 9 and stats[M.DELTAS_ROWS] == n_rows
+    assert stats[M.DELTAS_ROWS_PER_CONTEXT] == pytest.approx(n_rows / 9)
+    assert stats[M.DELTAS_SEQUENCES] == n_rows + 9
+    assert stats[M.DELTAS_SECONDS_PER_CONTEXT] == pytest.approx(stats[M.DELTAS_SECONDS] / 9)
+    assert 0 <= stats[M.DELTAS_HELPFUL_FRACTION] <= 1
+    d = pq.read_table(path).to_pydict()
+    expand = [x for x, a in zip(d["delta_nll"], d["action"]) if a == "expand"]
+    assert stats[M.DELTAS_EXPAND_DELTA_NLL_MEAN] == pytest.approx(np.mean(expand))
+    assert {k: v[-1] for k, v in sink.history.items()} == {k: (0, v) for k, v in stats.items()}
 
 
 def _tree(lm, ids) -> MegaContextTree:
@@ -101,6 +147,7 @@ def test_schema_has_every_spec_column_and_duckdb_reads_it(table):
 def test_labels_carry_the_gistnet_checkpoint(table):
     assert set(pq.read_table(table).column("gistnet_checkpoint").to_pylist()) == {"JT1_cycle0_step7"}
     assert set(D.read_contexts(table).column("gistnet_checkpoint").to_pylist()) == {"JT1_cycle0_step7"}
+    assert set(pq.read_table(table).column("run_id").to_pylist()) == {"run-a"}
 
 
 def test_recency_context_is_always_labelled(lm, table):
@@ -183,7 +230,9 @@ def test_validator_rejects_corrupted_tables(table, tmp_path):
     t = pq.read_table(table)
     broken = {
         "dropped": t.drop_columns(["delta_nll"]),
-        "retyped": t.set_column(t.schema.get_field_index("level"), "level", t.column("level").cast(pa.string())),
+        "retyped": t.set_column(
+            t.schema.get_field_index("level"), "level", t.column("level").cast(pa.string())
+        ),
         "bad_action": t.set_column(
             t.schema.get_field_index("action"), "action", pa.array(["explode"] * t.num_rows)
         ),
@@ -199,6 +248,27 @@ def test_validator_rejects_corrupted_tables(table, tmp_path):
     orphan = copy("orphan")
     D.contexts_path(orphan).unlink()
     assert any("contexts file missing" in p for p in D.validate_delta_table(orphan))
+    garbled = copy("garbled")
+    D.contexts_path(garbled).write_bytes(b"not an arrow file")
+    assert any("not a readable Arrow file" in p for p in D.validate_delta_table(garbled))
+
+    # on-policy: one GistNet per table
+    mixed = copy("mixed")
+    ckpt = t.column("gistnet_checkpoint").to_pylist()
+    ckpt[0] = "JT1_cycle1_step9"
+    pq.write_table(
+        t.set_column(t.schema.get_field_index("gistnet_checkpoint"), "gistnet_checkpoint", pa.array(ckpt)),
+        mixed,
+    )
+    assert any("gistnet_checkpoint" in p for p in D.validate_delta_table(mixed))
+
+    # every sample keeps its labelled recency context
+    no_recency = copy("no_recency")
+    recency_ids = {c["context_id"] for c in D.read_contexts(table).to_pylist() if c["kind"] == "recency"}
+    keep = pa.array([cid not in recency_ids for cid in t.column("context_id").to_pylist()])
+    pq.write_table(t.filter(keep), no_recency)
+    assert any("recency" in p for p in D.validate_delta_table(no_recency))
+
     assert D.validate_delta_table(copy("intact")) == []
 
 

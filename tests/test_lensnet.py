@@ -53,7 +53,9 @@ def _tree(lm, n_tokens, seed=0) -> MegaContextTree:
 def _net(lm, seed=0, tail_gists=2) -> LensNet:
     """A LensNet whose scores spread over [-1, 1] (the untrained head starts near 0 on purpose)."""
     torch.manual_seed(seed)
-    net = LensNet(lm.d_model, LensNetModelConfig(hidden_size=32, num_layers=2, num_heads=4, tail_gists=tail_gists))
+    net = LensNet(
+        lm.d_model, LensNetModelConfig(hidden_size=32, num_layers=2, num_heads=4, tail_gists=tail_gists)
+    )
     torch.nn.init.normal_(net.head.weight, std=0.15)
     return net.eval()
 
@@ -119,7 +121,9 @@ def test_non_causal_a_later_entry_changes_an_earlier_score(lm):
     assert (later_changed[0] - before[0]).abs() > 1e-4
     assert (tail_changed[0] - before[0]).abs() > 1e-4
     # ...and padding (a second, shorter context in the batch) changes nothing.
-    short = entry_inputs(WorkingContext.initial(_tree(lm, 8 * K, seed=3), 96, recent_tokens=32), lm.embed, tail_gists=2)
+    short = entry_inputs(
+        WorkingContext.initial(_tree(lm, 8 * K, seed=3), 96, recent_tokens=32), lm.embed, tail_gists=2
+    )
     with torch.no_grad():
         padded = net.raw_scores(*collate([inputs, short]))
     torch.testing.assert_close(padded[0], before, rtol=1e-5, atol=1e-5)

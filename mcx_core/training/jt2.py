@@ -20,11 +20,20 @@ Loss (weights from `lensnet.training`):
 Held-out evaluation (sample_ids held out, `holdout_fraction`): pairwise ranking accuracy of a against
 ta within contexts (pairs with distinct targets; chance 0.5) and Spearman of a against ta over all
 held-out rows. Targets are the legality-clamped ones: orderings LensNet's masked output can express.
+The same metrics of the LensNet before its first step are logged at step 0 (`JT2Result.initial_metrics`):
+the baseline a trained LensNet must beat. The ranking accuracy on a fixed subset of *training* contexts
+is logged too: within one history a gist always sits at the same distance from the cursor, so with few
+histories LensNet can fit its labels from gist content alone, and a large train/held-out gap is how that
+memorisation shows (more samples in the delta tables is the cure).
 
-Checkpoints `JT2_cycle{c}_step{s}/` next to JT1's: `lensnet/` (save_pretrained), `optimizer.pt`,
-`config.yaml`, `trainer_state.json` (written last, via `common.write_checkpoint`). Step s draws its
-contexts from a generator seeded by (seed, s), so a resumed run takes the same steps as an
-uninterrupted one.
+Gradients reach LensNet only: the contexts' inputs (gists included) are computed once, without grad,
+when the tables are loaded; the base model and GistNet are never in the optimizer.
+
+Checkpoints `JT2_cycle{c}_step{s}/` next to JT1's: `lensnet/` (save_pretrained), `gistnet/` (the frozen
+GistNet the labels and inputs came from, when it is a module with `save_pretrained`, so the checkpoint
+holds the pair the runtime needs), `optimizer.pt`, `config.yaml`, `trainer_state.json` (written last,
+via `common.write_checkpoint`). Step s draws its contexts from a generator seeded by (seed, s), so a
+resumed run takes the same steps as an uninterrupted one.
 """
 
 from __future__ import annotations
@@ -43,9 +52,11 @@ from tqdm.auto import tqdm
 
 from mcx_core.config import MegaContextConfig
 from mcx_core.deltas import (
+    checkpoint_id,
     normalised_utilities,
     read_contexts,
     rebuild_context,
+    rebuild_tree,
     score_targets,
     validate_delta_table,
 )
@@ -61,6 +72,7 @@ log = logging.getLogger(__name__)
 
 JT = 2
 LENSNET_DIR = "lensnet"
+GISTNET_DIR = "gistnet"
 EVAL_BATCH = 64  # held-out contexts per LensNet forward
 
 
@@ -71,6 +83,7 @@ class JT2Result:
     history: list[dict[str, float]]
     nan_free: bool
     steps: int
+    initial_metrics: dict[str, float] = field(default_factory=dict)  # held-out metrics before step 1
 
 
 @dataclass
@@ -86,23 +99,34 @@ class ContextExample:
 
 
 def load_examples(
-    delta_paths: list[Path], lm: BaseLM, gister: GistFn, tail_gists: int, utility_floor: float, progress: bool = True
+    delta_paths: list[Path],
+    lm: BaseLM,
+    gister: GistFn,
+    tail_gists: int,
+    utility_floor: float,
+    progress: bool = True,
+    validate: bool = True,
 ) -> tuple[list[ContextExample], int]:
-    """Every labelled context of the delta tables as a `ContextExample`; also returns their max_level."""
+    """Every labelled context of the delta tables as a `ContextExample`; also returns their max_level.
+    With `validate`, a table `validate_delta_table` finds problems with is refused (ValueError)."""
     examples, max_levels = [], set()
     for path in delta_paths:
-        problems = validate_delta_table(path)
+        problems = validate_delta_table(path) if validate else []
         if problems:
             raise ValueError(f"{path}: unusable delta table: " + "; ".join(problems[:5]))
         rows_by_context: dict[str, list[dict]] = defaultdict(list)
         for row in pq.read_table(path).to_pylist():
             rows_by_context[row["context_id"]].append(row)
         contexts = read_contexts(path).to_pylist()
+        tree, tree_key = None, None  # the contexts of one sample share a history: ingest it once
         for ctx in tqdm(contexts, desc=f"JT2 contexts ({Path(path).name})", disable=not progress):
             rows = rows_by_context.get(ctx["context_id"])
             if not rows:
                 continue
-            wc, ages = rebuild_context(ctx, lm.embed, gister, lm.d_model)
+            key = (ctx["block_size"], ctx["max_level"], tuple(ctx["history_ids"]))
+            if key != tree_key:
+                tree, tree_key = rebuild_tree(ctx, lm.embed, gister, lm.d_model), key
+            wc, ages = rebuild_context(ctx, lm.embed, gister, lm.d_model, tree=tree)
             with torch.no_grad():
                 inputs = entry_inputs(wc, lm.embed, torch.tensor(ages), tail_gists)
             inputs = tuple(t.cpu() for t in inputs[:3]) + ({k: m.cpu() for k, m in inputs[3].items()},)
@@ -120,6 +144,14 @@ def load_examples(
     return examples, max_levels.pop()
 
 
+def table_gistnet_checkpoints(delta_paths: list[Path]) -> list[str]:
+    """The GistNet checkpoint ids the tables' labels were computed with."""
+    ids: set[str] = set()
+    for path in delta_paths:
+        ids.update(pq.read_table(path, columns=["gistnet_checkpoint"]).column(0).to_pylist())
+    return sorted(ids)
+
+
 def split_holdout(examples: list[ContextExample], fraction: float, seed: int) -> tuple[list[int], list[int]]:
     """Indices of (train, held-out) examples; whole sample_ids are held out (contexts of one history
     never straddle the split)."""
@@ -135,7 +167,9 @@ def _row_scores(scores: torch.Tensor, batch: list[ContextExample]) -> list[torch
     return [scores[b, ex.entry_index.to(scores.device)] for b, ex in enumerate(batch)]
 
 
-def jt2_loss(lensnet: LensNet, batch: list[ContextExample], cfg: MegaContextConfig) -> tuple[torch.Tensor, dict]:
+def jt2_loss(
+    lensnet: LensNet, batch: list[ContextExample], cfg: MegaContextConfig
+) -> tuple[torch.Tensor, dict]:
     """The four-term JT2 objective over a batch of contexts; returns (loss, metrics)."""
     tcfg = cfg.lensnet.training
     embeds, features, tail, masks = collate([ex.inputs for ex in batch])
@@ -205,16 +239,30 @@ class _Run:
     step: int = 0
     nan_free: bool = True
     history: list[dict[str, float]] = field(default_factory=list)
+    initial: dict[str, float] = field(default_factory=dict)  # held-out metrics before step 1
 
 
-def _save(checkpoints_dir: Path, cycle: int, lensnet: LensNet, opt, sched, cfg: MegaContextConfig, state: dict) -> Path:
+def _save(
+    checkpoints_dir: Path,
+    cycle: int,
+    lensnet: LensNet,
+    gister: GistFn,
+    opt,
+    sched,
+    cfg: MegaContextConfig,
+    state: dict,
+) -> Path:
     def write(tmp: Path) -> None:
         lensnet.save_pretrained(tmp / LENSNET_DIR)
+        if isinstance(gister, torch.nn.Module) and hasattr(gister, "save_pretrained"):
+            gister.save_pretrained(tmp / GISTNET_DIR)
         common.save_optimizer(tmp / common.OPTIMIZER_FILE, opt, sched)
         (tmp / common.CONFIG_FILE).write_text(cfg.to_yaml(), encoding="utf-8")
         common.write_json(tmp / common.TRAINER_STATE_FILE, state)  # last: marks the directory complete
 
-    return common.write_checkpoint(Path(checkpoints_dir) / common.checkpoint_name(JT, cycle, state["step"]), write)
+    return common.write_checkpoint(
+        Path(checkpoints_dir) / common.checkpoint_name(JT, cycle, state["step"]), write
+    )
 
 
 def train_jt2(
@@ -228,22 +276,39 @@ def train_jt2(
     resume: bool = True,
     progress: bool = True,
     init_from: Path | None = None,
+    *,
+    gistnet_checkpoint: str | Path | None = None,
 ) -> JT2Result:
     """Train LensNet for `lensnet.training.max_steps` steps on the delta tables' labels.
 
+    `gister` must be the GistNet the tables were computed with; given `gistnet_checkpoint` (its checkpoint
+    directory or id), a table labelled with any other GistNet is refused (stale, off-policy labels).
     With `resume`, continue from the newest complete JT2 checkpoint of this cycle (a finished run returns
     at once). Otherwise start from `init_from` (a JT2 checkpoint, e.g. the previous cycle's) or afresh.
     """
     t_start = time.perf_counter()
     tcfg = cfg.lensnet.training
     checkpoints_dir = Path(checkpoints_dir)
+    delta_paths = [Path(p) for p in delta_paths]
+    for path in delta_paths:  # before the (slow) loading: refuse unusable or stale tables at once
+        problems = validate_delta_table(path)
+        if problems:
+            raise ValueError(f"{path}: unusable delta table: " + "; ".join(problems[:5]))
+    label_gistnets = table_gistnet_checkpoints(delta_paths)
+    if gistnet_checkpoint is not None and label_gistnets != [checkpoint_id(gistnet_checkpoint)]:
+        raise ValueError(
+            f"JT2: the delta tables were labelled with GistNet {label_gistnets}, not "
+            f"{checkpoint_id(gistnet_checkpoint)!r}: regenerate them with the current GistNet (on-policy labels)"
+        )
     examples, max_level = load_examples(
-        [Path(p) for p in delta_paths], lm, gister, cfg.lensnet.model.tail_gists, tcfg.utility_floor, progress
+        delta_paths, lm, gister, cfg.lensnet.model.tail_gists, tcfg.utility_floor, progress, validate=False
     )
     train_idx, held_idx = split_holdout(examples, tcfg.holdout_fraction, cfg.seed)
     if not train_idx:
         raise ValueError("JT2: no training contexts left after the hold-out split")
     held_out = [examples[i] for i in held_idx]
+    # A fixed probe of training contexts, as many as held out (at least a batch): the memorisation gap.
+    train_probe = [examples[i] for i in train_idx[: max(len(held_idx), EVAL_BATCH)]]
 
     lensnet = LensNet(lm.d_model, cfg.lensnet.model, max_level=max_level).to(lm.device)
     run = _Run()
@@ -260,7 +325,17 @@ def train_jt2(
     sched = common.make_scheduler(opt, tcfg.warmup_steps, tcfg.max_steps)
     if resume_dir is not None:
         common.load_optimizer(resume_dir / common.OPTIMIZER_FILE, opt, sched)
-    sink.log_params({"jt2.lensnet_parameters": num_parameters(lensnet)})
+    sink.log_params(
+        {
+            "jt2.lensnet_parameters": num_parameters(lensnet),
+            "jt2.gistnet_checkpoint": ",".join(label_gistnets),
+        }
+    )
+    if run.step == 0:  # the baseline on the curve: this LensNet before any JT2 step
+        lensnet.eval()
+        run.initial = evaluate_lensnet(lensnet, held_out)
+        lensnet.train()
+        sink.log_metrics({**run.initial, M.LENSNET_PARAMETERS: float(num_parameters(lensnet))}, step=0)
 
     def trainer_state() -> dict:
         return {
@@ -271,9 +346,13 @@ def train_jt2(
             "nan_free": run.nan_free,
             "metrics": run.history[-1] if run.history else {},
             "delta_tables": [str(p) for p in delta_paths],
+            "gistnet_checkpoint": label_gistnets,
             "contexts": {"train": len(train_idx), "held_out": len(held_idx)},
             "held_out_samples": sorted({e.sample_id for e in held_out}),
-            "rng": {"seed": cfg.seed, "sampling": "step s draws with torch.Generator().manual_seed(seed * 1_000_003 + s)"},
+            "rng": {
+                "seed": cfg.seed,
+                "sampling": "step s draws with torch.Generator().manual_seed(seed * 1_000_003 + s)",
+            },
             "base_model": {"id": lm.model_id},
             "lensnet_parameters": num_parameters(lensnet),
             "run": run.__dict__,
@@ -302,6 +381,8 @@ def train_jt2(
         if run.step % tcfg.log_every == 0 or run.step == tcfg.max_steps:
             lensnet.eval()
             metrics.update(evaluate_lensnet(lensnet, held_out))
+            train_eval = evaluate_lensnet(lensnet, train_probe)
+            metrics[M.TRAIN_LENSNET_TRAIN_RANKING_ACCURACY] = train_eval[M.TRAIN_LENSNET_RANKING_ACCURACY]
             lensnet.train()
             metrics.update({M.TRAIN_LENSNET_LR: lr, M.TRAIN_LENSNET_GRAD_NORM: grad_norm})
             sink.log_metrics(metrics, step=run.step)
@@ -309,12 +390,15 @@ def train_jt2(
         bar.update(1)
         bar.set_postfix(loss=f"{loss.item():.4f}")
         if tcfg.checkpoint_every and run.step % tcfg.checkpoint_every == 0 and run.step < tcfg.max_steps:
-            checkpoint = _save(checkpoints_dir, cycle, lensnet, opt, sched, cfg, trainer_state())
+            checkpoint = _save(checkpoints_dir, cycle, lensnet, gister, opt, sched, cfg, trainer_state())
     bar.close()
     if checkpoint is None or run.step != common.read_json(checkpoint / common.TRAINER_STATE_FILE)["step"]:
-        checkpoint = _save(checkpoints_dir, cycle, lensnet, opt, sched, cfg, trainer_state())
-    summary = {"jt2/steps": float(run.step), "jt2/seconds": time.perf_counter() - t_start,
-               "jt2/nan_free": float(run.nan_free)}
+        checkpoint = _save(checkpoints_dir, cycle, lensnet, gister, opt, sched, cfg, trainer_state())
+    summary = {
+        "jt2/steps": float(run.step),
+        "jt2/seconds": time.perf_counter() - t_start,
+        "jt2/nan_free": float(run.nan_free),
+    }
     sink.log_metrics(summary, step=run.step)
     return JT2Result(
         checkpoint=checkpoint,
@@ -322,4 +406,5 @@ def train_jt2(
         history=run.history,
         nan_free=run.nan_free,
         steps=run.step,
+        initial_metrics=dict(run.initial),
     )

@@ -1,0 +1,73 @@
+"""Focus assets: on-policy delta tables, LensNet (JT2), and the runtime evaluation with the SPEC §8
+focus checks (swap rate, residency, utilization, causality, latency overhead)."""
+
+import dagster as dg
+
+from mcx_dagster.defs._meta import floats, gates_result, markdown_file, problems_result
+from mcx_dagster.defs.resources import MegaContextSettings, MLflowTracker
+
+
+@dg.asset(group_name="focus", deps=["gistnet_checkpoint"], kinds={"parquet"})
+def delta_table(
+    context: dg.AssetExecutionContext, settings: MegaContextSettings, mlflow: MLflowTracker
+) -> dg.MaterializeResult:
+    """Counterfactual labels: for working contexts sampled from training histories (always the
+    recency one), the ΔNLL@H of every candidate expand/collapse, computed with the current GistNet
+    (on-policy; the checkpoint id is a column). `artifacts/deltas/deltas_cycle{c}_{checkpoint}.parquet`."""
+    from mcx_core import pipeline
+
+    cfg = settings.load()
+    with mlflow.run(context, cfg, settings.root_dir()) as sink:
+        lm, _ = pipeline.prepare_base_model(cfg)
+        path, stats, ck = pipeline.generate_deltas(cfg, lm, sink)
+        sink.log_artifact(path, "deltas")
+    return dg.MaterializeResult(
+        metadata={
+            **floats(stats),
+            "table": dg.MetadataValue.path(str(path)),
+            "gistnet_checkpoint": dg.MetadataValue.path(str(ck)),
+        }
+    )
+
+
+@dg.asset_check(asset="delta_table", blocking=True)
+def delta_table_schema(settings: MegaContextSettings) -> dg.AssetCheckResult:
+    """The SPEC §6 columns with their types, one GistNet checkpoint, a recency context per sample,
+    finite ΔNLL, a readable contexts file."""
+    from mcx_core import deltas, pipeline
+
+    path = pipeline.delta_table(settings.load())
+    return problems_result(deltas.validate_delta_table(path), "schema and contents valid", table=dg.MetadataValue.path(str(path)))
+
+
+@dg.asset(group_name="focus", deps=["delta_table"], kinds={"pytorch", "safetensors"})
+def lensnet_checkpoint(
+    context: dg.AssetExecutionContext, settings: MegaContextSettings, mlflow: MLflowTracker
+) -> dg.MaterializeResult:
+    """JT2: LensNet trained on the delta table (regression + ranking + budget + legality), GistNet
+    frozen; held-out ranking accuracy and score–utility rank correlation, before and after."""
+    from mcx_core import pipeline
+
+    cfg = settings.load()
+    with mlflow.run(context, cfg, settings.root_dir()) as sink:
+        lm, _ = pipeline.prepare_base_model(cfg)
+        result = pipeline.train_lensnet(cfg, lm, sink)
+        sink.log_artifact(result.checkpoint / "trainer_state.json", "checkpoint")
+    return dg.MaterializeResult(
+        metadata={
+            **floats(result.metrics),
+            **floats(result.initial_metrics, prefix="untrained/"),
+            "checkpoint": dg.MetadataValue.path(str(result.checkpoint)),
+            "steps": dg.MetadataValue.int(result.steps),
+            "nan_free": dg.MetadataValue.bool(result.nan_free),
+        }
+    )
+
+
+@dg.asset_check(asset="lensnet_checkpoint", blocking=True)
+def lensnet_training_finite(settings: MegaContextSettings) -> dg.AssetCheckResult:
+    """Every logged JT2 step has finite loss terms, accuracy and gradient norm."""
+    from mcx_core import pipeline
+
+    problems, meta = pipeline.check_training_finite(pipeline.jt2_checkpoint(settings.load()))
+    return problems_result(problems, "all logged JT2 steps finite", **floats(meta))

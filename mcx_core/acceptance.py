@@ -90,3 +90,22 @@ def summarize(gates: list[Gate]) -> str:
     if not failed:
         return f"all {len(gates)} criteria met"
     return "; ".join(g.message for g in failed)
+
+
+def runtime_gates(cfg: MegaContextConfig, row: dict) -> dict[str, list[Gate]]:
+    """SPEC §8 focus criteria from a runtime summary row (`runtime.compare_policies` form), grouped
+    by the check that reports them."""
+    a = cfg.acceptance
+    steps = f"over {row['steps']} steps"
+    return {
+        "swap_rate": [at_most("swap_rate", f"mean swap rate {steps}", row["swap_rate"], a.swap_rate_max)],
+        "residency": [at_least("mean_residency", "mean residency (steps)", row["mean_residency"], a.mean_residency_min)],
+        "utilization": [
+            at_least("utilization_mean", "mean budget utilization", row["utilization"], a.utilization_min),
+            at_most("utilization_max", "max budget utilization", row["utilization_max"], a.utilization_max),
+        ],
+        "causality": [
+            at_most("causality_violations", "causality violations", row["causality_violations"], a.causality_violations_max)
+        ],
+        "latency": [at_most("latency_overhead", "latency overhead vs frozen base", row["overhead"], a.latency_overhead_max)],
+    }

@@ -143,9 +143,9 @@ class FocusAllocator:
     # ------------------------------------------------------------------------------------------ step
 
     def fit(self, wc: WorkingContext, scores: torch.Tensor | list[float] | None = None) -> StepStats:
-        """Open a step: note new entries, then forced collapses until `wc.cost <= w_max` (by `scores` if
-        given, else finest level, unblocked, oldest first). Call it after an ingest so a policy scores a
-        context within budget; `step` then finishes the step. Mutates `wc`."""
+        """Open a step: note new entries, then forced collapses until `wc.cost <= w_max`, ranked by
+        `scores` if given, else by each entry's latest score (module docstring). Call it after an ingest
+        so a policy scores a context within budget; `step` then finishes the step. Mutates `wc`."""
         if self._open is not None:
             raise RuntimeError(f"step {self.t} is already open: call step() to finish it")
         if scores is None:
@@ -161,7 +161,7 @@ class FocusAllocator:
         if self._open is None:
             self._fit(wc, score_of)
         stats, self._open = self._open, None
-        self._last_score = {_key(e): v for e, v in score_of.items()}
+        self._last_score.update((_key(e), score_of[e]) for e in wc.entries if e in score_of)
         self._voluntary(wc, score_of, stats)
         stats.cost_after = wc.cost
         self.t += 1

@@ -236,7 +236,15 @@ class DeltasConfig(Section):
 class RuntimeConfig(Section):
     steps: int = Field(default=100, gt=0, description="acceptance needs 1000")
     refocus_every: int = Field(default=32, gt=0)
-    documents: int = Field(default=2, gt=0)
+    documents: int = Field(default=2, gt=0, description="held-out documents streamed (split evenly across corpora)")
+    prefill_tokens: int = Field(
+        default=1024, ge=0, description="history ingested before the first measured step (so the budget is full)"
+    )
+    compare_policies: list[Literal["recency", "random", "expand_nearest", "oracle", "lensnet"]] = Field(
+        default_factory=lambda: ["recency", "random", "expand_nearest", "oracle", "lensnet"],
+        description="policies compared at the same W_max on the same documents",
+    )
+    compare_steps: int = Field(default=24, ge=0, description="steps per document for the comparison (0: skip)")
 
 
 class EvaluationConfig(Section):

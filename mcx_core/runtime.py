@@ -1,6 +1,6 @@
 """Runtime engine (the seed's Example 2 loop): stream a long token sequence through a MegaContext.
 
-One step per `runtime.refocus_every` new tokens:
+`MegaContextEngine.step` is one refocus, per `runtime.refocus_every` new tokens:
 
     ingest     tree.ingest(new tokens) (GistNet gists every completed block) + wc.sync()
     fit        FocusAllocator.fit: forced collapses back under W_max (history is never dropped)
@@ -10,9 +10,15 @@ One step per `runtime.refocus_every` new tokens:
     assemble   wc.assemble -> inputs_embeds, position ids
     forward    the frozen base model over [working context ‖ next H tokens]: Loss@H
 
-`latency_ms` is the whole step. In the same step the frozen base model alone runs the same number of
-active positions (the newest `wc.cost` raw tokens + the same H) with no MegaContext machinery; the
-overhead is `metrics.latency_overhead(step, baseline)`, per step and, in the summary, of the medians.
+`run_engine` drives it over a token sequence. `latency_ms` is the whole step; right after it the frozen
+base model alone runs the same number of active positions (the newest `wc.cost` raw tokens + the same
+H) with no MegaContext machinery, and the overhead is `metrics.latency_overhead(step, baseline)`, per
+step and, in the summary, of the medians. `compare_policies` runs several policies on the same
+documents at the same W_max.
+
+Residency in the records is the allocator's: per swap, the steps the replaced span had stayed at its
+level. Forced collapses count as swaps, so a block that leaves the recent window and is gisted at
+once has a residency of about recent_tokens / refocus_every.
 
 Each step gives one record (a trace line): the SPEC §6 trace keys (`step`, `expanded`, `collapsed`,
 `working_context`, `latency_ms`, `budget_utilization`) plus every logged metric under its
@@ -43,7 +49,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from mcx_core.allocator import FocusAllocator
+from mcx_core.allocator import FocusAllocator, StepStats
 from mcx_core.config import MegaContextConfig
 from mcx_core.deltas import OraclePolicy
 from mcx_core.evaluation import ConditionInput, horizon_nll
@@ -256,6 +262,86 @@ def summarize_run(records: list[dict[str, Any]], residencies: Sequence[int]) -> 
     return out
 
 
+@dataclass
+class StepOutput:
+    stats: StepStats  # the allocator's step: actions, residencies, costs
+    loss_at_h: float  # mean NLL of the horizon given the working context
+    laps: dict[str, float]  # ms per stage
+    latency_ms: float  # the whole step
+    causality_violations: int  # spans the policy read that end after the cursor
+
+
+class MegaContextEngine:
+    """The seed's Example 2 loop, one `step(new_tokens, horizon)` per refocus: ingest, fit, score,
+    allocate, check, assemble, base forward. Holds the tree, the working context and the allocator."""
+
+    def __init__(
+        self,
+        cfg: MegaContextConfig,
+        lm: BaseLM,
+        gister: GistFn,
+        policy: Policy,
+        w_max: int | None = None,
+        prefill_ids: torch.Tensor | None = None,
+        max_level: int | None = None,
+    ):
+        """`prefill_ids` are ingested at once (the context starts as `WorkingContext.initial`);
+        `max_level` defaults to the gister's, else 2."""
+        wcc = cfg.working_context
+        self.lm, self.policy = lm, policy
+        self.w_max = w_max or wcc.w_max
+        self.tree = MegaContextTree(
+            lm.d_model, lm.embed, gister, block_size=cfg.dataset.block_size,
+            max_level=max_level or getattr(gister, "max_level", 2),
+        )  # fmt: skip
+        if prefill_ids is not None and len(prefill_ids):
+            self.tree.ingest(prefill_ids)
+            self.wc = WorkingContext.initial(self.tree, self.w_max, wcc.recent_tokens, wcc.position_scheme)
+        else:
+            self.wc = WorkingContext(self.tree, self.w_max, wcc.recent_tokens, wcc.position_scheme)
+        self.allocator = FocusAllocator(cfg.allocator, self.w_max)
+        if isinstance(policy, LensNetPolicy):
+            policy.ages_fn = self.allocator.ages  # LensNet's age feature is the allocator's
+        self.steps = 0
+
+    def step(self, new_tokens: torch.Tensor, horizon: torch.Tensor) -> StepOutput:
+        """Ingest `new_tokens` [n] and refocus; Loss@H on `horizon` [H], the tokens after the cursor."""
+        tree, wc, clock = self.tree, self.wc, Stopwatch(self.lm.device)
+        tree.ingest(new_tokens)
+        wc.sync()
+        clock.lap("ingest")
+        self.allocator.fit(wc)  # forced collapses first: a policy only ever scores a context within budget
+        clock.lap("fit")
+        scores = self.policy.scores(wc, tree, self.steps)
+        clock.lap("lensnet")
+        reported = getattr(self.policy, "last_causality_violations", None)
+        violations = reported if reported is not None else M.causality_violations(wc.entries, tree.cursor)
+        stats = self.allocator.step(wc, scores)
+        clock.lap("allocator")
+        wc.check_invariants()
+        clock.lap("checks")
+        embeds, positions, _ = wc.assemble(self.lm.embed)
+        clock.lap("assemble")
+        start = tree.cursor if wc.position_scheme == "center" else positions.numel()
+        loss = horizon_nll(self.lm, [ConditionInput(embeds, positions, start)], horizon[None]).mean().item()
+        clock.lap("forward")
+        self.steps += 1
+        return StepOutput(stats, loss, clock.laps, clock.total_ms, violations)
+
+
+def baseline_step_ms(lm: BaseLM, history: torch.Tensor, positions: int, horizon: torch.Tensor) -> float:
+    """The frozen base model alone on the newest `positions` raw tokens of `history` + the same horizon
+    (same forward and loss as a step, no MegaContext machinery): ms."""
+    cursor = len(history)
+    clock = Stopwatch(lm.device)
+    raw = ConditionInput(
+        lm.embed(history[cursor - positions :]), torch.arange(cursor - positions, cursor), cursor
+    )
+    horizon_nll(lm, [raw], horizon[None]).mean().item()
+    clock.lap("forward")
+    return clock.total_ms
+
+
 def run_engine(
     cfg: MegaContextConfig,
     lm: BaseLM,
@@ -272,16 +358,16 @@ def run_engine(
     progress: bool = False,
 ) -> RuntimeResult:
     """Stream `token_ids` through a MegaContext for `steps` refocus steps (default `runtime.steps`, fewer
-    if the sequence ends first: each step needs `horizon` tokens after its cursor).
+    if the sequence ends first: each step needs `horizon` tokens after its cursor). After each step the
+    frozen base model alone runs the same active positions (`baseline_step_ms`), so the overhead is
+    measured in the same run. One trace line and one `sink.log_metrics(step=)` per step.
 
-    `prefill` tokens are ingested up front (untimed) and start from `WorkingContext.initial`, so a step
-    can be measured over a long history without streaming all of it. `max_level` (default: the
-    gister's, else 2) is the tree's top level. Per-step metrics go to `sink` with `step=`.
+    `prefill` tokens are ingested up front (untimed), so a step can be measured over a long history
+    without streaming all of it. `max_level` (default: the gister's, else 2) is the tree's top level.
     """
     sink = sink or NullSink()
-    w_max = w_max or cfg.working_context.w_max
     steps = steps or cfg.runtime.steps
-    wcc, R, H = cfg.working_context, cfg.runtime.refocus_every, cfg.dataset.horizon
+    R, H = cfg.runtime.refocus_every, cfg.dataset.horizon
     ids = torch.as_tensor(np.asarray(token_ids), dtype=torch.long).flatten()
     available = (len(ids) - prefill - H) // R
     if available < 1:
@@ -294,61 +380,22 @@ def run_engine(
     device = lm.device
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-
-    tree = MegaContextTree(
-        lm.d_model,
-        lm.embed,
-        gister,
-        block_size=cfg.dataset.block_size,
-        max_level=max_level or getattr(gister, "max_level", 2),
-    )
-    if prefill:
-        tree.ingest(ids[:prefill])
-        wc = WorkingContext.initial(tree, w_max, wcc.recent_tokens, wcc.position_scheme)
-    else:
-        wc = WorkingContext(tree, w_max, wcc.recent_tokens, wcc.position_scheme)
-    allocator = FocusAllocator(cfg.allocator, w_max)
-    if isinstance(policy, LensNetPolicy):
-        policy.ages_fn = allocator.ages  # LensNet's age feature is the allocator's
+    engine = MegaContextEngine(cfg, lm, gister, policy, w_max, ids[:prefill], max_level)
+    w_max, tree, wc = engine.w_max, engine.tree, engine.wc
 
     # Untimed warm-up, so one-time setup is not charged to the first step.
-    horizon_nll(lm, [ConditionInput(lm.embed(ids[:8]), torch.arange(8), 8)], ids[8 : 8 + H][None])
+    n = min(8, len(ids) - 1)
+    horizon_nll(lm, [ConditionInput(lm.embed(ids[:n]), torch.arange(n), n)], ids[n : n + H][None])
 
     writer = TraceWriter(trace_path)
     records: list[dict[str, Any]] = []
     residencies: list[int] = []
     for s in tqdm(range(steps), desc=f"runtime [{policy.name}]", unit="step", disable=not progress):
-        clock = Stopwatch(device)
         lo = prefill + s * R
-        tree.ingest(ids[lo : lo + R])
-        wc.sync()
-        clock.lap("ingest")
-        allocator.fit(wc)  # forced collapses first: policies only ever score a context within budget
-        clock.lap("fit")
-        scores = policy.scores(wc, tree, s)
-        clock.lap("lensnet")
-        reported = getattr(policy, "last_causality_violations", None)
-        violations = reported if reported is not None else M.causality_violations(wc.entries, tree.cursor)
-        stats = allocator.step(wc, scores)
-        clock.lap("allocator")
-        wc.check_invariants()
-        clock.lap("checks")
-        embeds, positions, _ = wc.assemble(lm.embed)
-        clock.lap("assemble")
-        cursor = tree.cursor
-        horizon = ids[cursor : cursor + H]
-        start = cursor if wc.position_scheme == "center" else positions.numel()
-        loss = horizon_nll(lm, [ConditionInput(embeds, positions, start)], horizon[None]).mean().item()
-        clock.lap("forward")
-        step_ms = clock.total_ms
-
-        T = wc.cost  # the baseline: the frozen model on as many raw tokens, same horizon
-        base_clock = Stopwatch(device)
-        raw = ConditionInput(lm.embed(ids[cursor - T : cursor]), torch.arange(cursor - T, cursor), cursor)
-        horizon_nll(lm, [raw], horizon[None]).mean().item()
-        base_clock.lap("forward")
-        baseline_ms = base_clock.total_ms
-
+        horizon = ids[lo + R : lo + R + H]
+        out = engine.step(ids[lo : lo + R], horizon)
+        baseline_ms = baseline_step_ms(lm, ids[: lo + R], wc.cost, horizon)
+        stats = out.stats
         residencies += stats.residencies
         util = M.budget_utilization(wc.cost, w_max)
         metrics = {
@@ -359,25 +406,27 @@ def run_engine(
             M.UTILIZATION: util,
             M.ACTIVE_TOKENS: wc.cost,
             M.BUDGET_LIMIT: w_max,
-            M.LATENCY_MS: step_ms,
-            **{M.LATENCY_STAGE_PREFIX + k: v for k, v in clock.laps.items()},
+            M.LATENCY_MS: out.latency_ms,
+            **{M.LATENCY_STAGE_PREFIX + k: v for k, v in out.laps.items()},
             M.BASELINE_LATENCY_MS: baseline_ms,
-            M.LATENCY_OVERHEAD: M.latency_overhead(step_ms, baseline_ms),
-            M.CAUSALITY_VIOLATION: violations,
-            M.RUNTIME_LOSS_AT_H: loss,
+            M.LATENCY_OVERHEAD: M.latency_overhead(out.latency_ms, baseline_ms),
+            M.CAUSALITY_VIOLATION: out.causality_violations,
+            M.RUNTIME_LOSS_AT_H: out.loss_at_h,
             **memory_metrics(device),
         }
         if residencies:
             metrics[M.MEAN_RESIDENCY] = M.mean(residencies)
         record = {
+            # the SPEC §6 trace keys
             "step": s,
-            "policy": policy.name,
-            "position": cursor,
             "expanded": [a.span_id for a in stats.actions if a.kind == "expand"],
             "collapsed": [a.span_id for a in stats.actions if a.kind == "collapse"],
             "working_context": wc.level_counts(),
-            "latency_ms": step_ms,
+            "latency_ms": out.latency_ms,
             "budget_utilization": util,
+            # detail for replay and debugging
+            "policy": policy.name,
+            "position": tree.cursor,
             "lod1_nodes": tree.num_nodes(1),
             "entries": len(wc.entries),
             "actions": stats.to_dict()["actions"],

@@ -94,3 +94,13 @@ class MultiSink(NullSink):
     def log_table(self, rows, artifact_file):
         for s in self.sinks:
             s.log_table(rows, artifact_file)
+
+
+class OffsetSink(NullSink):
+    """Shifts every step by `offset` (several runs logged one after another under the same names)."""
+
+    def __init__(self, sink: TelemetrySink, offset: int) -> None:
+        self.sink, self.offset = sink, offset
+
+    def log_metrics(self, metrics, step=None):
+        self.sink.log_metrics(metrics, step=None if step is None else step + self.offset)

@@ -71,3 +71,70 @@ def lensnet_training_finite(settings: MegaContextSettings) -> dg.AssetCheckResul
 
     problems, meta = pipeline.check_training_finite(pipeline.jt2_checkpoint(settings.load()))
     return problems_result(problems, "all logged JT2 steps finite", **floats(meta))
+
+
+@dg.asset(group_name="focus", deps=["lensnet_checkpoint", "gistnet_checkpoint"], kinds={"json"})
+def runtime_eval(
+    context: dg.AssetExecutionContext, settings: MegaContextSettings, mlflow: MLflowTracker
+) -> dg.MaterializeResult:
+    """Held-out documents streamed through the runtime engine (ingest → LensNet → allocator → base
+    forward every `runtime.refocus_every` tokens) for `runtime.steps` steps; swap rate, residency,
+    utilization, latency overhead vs the frozen base model (measured in the same run), causality,
+    Loss@H; then recency / random / expand-nearest / oracle / LensNet compared at the same W_max."""
+    from mcx_core import pipeline
+
+    cfg = settings.load()
+    if cfg.runtime.steps < 1000:
+        context.log.info("runtime.steps = %d: the acceptance run is 1000 steps (configs/gpu.yaml)", cfg.runtime.steps)
+    with mlflow.run(context, cfg, settings.root_dir()) as sink:
+        lm, _ = pipeline.prepare_base_model(cfg)
+        result = pipeline.run_runtime_eval(cfg, lm, sink)
+    meta = floats(result["summary"])
+    for row in result["comparison"]:
+        meta.update(floats({k: v for k, v in row.items() if k != "policy"}, prefix=f"policy/{row['policy']}/"))
+    return dg.MaterializeResult(
+        metadata={
+            **meta,
+            "seconds": dg.MetadataValue.float(result["seconds"]),
+            "report": markdown_file(result["report"]["markdown"]),
+            "traces": dg.MetadataValue.json([str(p) for p in result["traces"]]),
+        }
+    )
+
+
+def _runtime_check(settings: MegaContextSettings, criterion: str) -> dg.AssetCheckResult:
+    from mcx_core import acceptance, pipeline
+
+    cfg = settings.load()
+    summary = pipeline.read_runtime_eval(cfg)["summary"]
+    return gates_result(acceptance.runtime_gates(cfg, summary)[criterion], steps=dg.MetadataValue.int(summary["steps"]))
+
+
+@dg.asset_check(asset="runtime_eval", blocking=True)
+def runtime_swap_rate(settings: MegaContextSettings) -> dg.AssetCheckResult:
+    """Mean swap rate ≤ `acceptance.swap_rate_max` (SPEC §8)."""
+    return _runtime_check(settings, "swap_rate")
+
+
+@dg.asset_check(asset="runtime_eval", blocking=True)
+def runtime_mean_residency(settings: MegaContextSettings) -> dg.AssetCheckResult:
+    """Mean residency ≥ `acceptance.mean_residency_min` allocator steps (SPEC §8)."""
+    return _runtime_check(settings, "residency")
+
+
+@dg.asset_check(asset="runtime_eval", blocking=True)
+def runtime_budget_utilization(settings: MegaContextSettings) -> dg.AssetCheckResult:
+    """Mean utilization ≥ `acceptance.utilization_min` and never above `acceptance.utilization_max`."""
+    return _runtime_check(settings, "utilization")
+
+
+@dg.asset_check(asset="runtime_eval", blocking=True)
+def runtime_causality(settings: MegaContextSettings) -> dg.AssetCheckResult:
+    """No entry LensNet read ends after the cursor (≤ `acceptance.causality_violations_max`)."""
+    return _runtime_check(settings, "causality")
+
+
+@dg.asset_check(asset="runtime_eval", blocking=True)
+def runtime_latency_overhead(settings: MegaContextSettings) -> dg.AssetCheckResult:
+    """(MegaContext step − frozen base step on the same positions) / base step ≤ `acceptance.latency_overhead_max`."""
+    return _runtime_check(settings, "latency")

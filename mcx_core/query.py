@@ -22,9 +22,9 @@ def connect(artifacts_root: Path, datasets_dir: Path | None = None):
             f"CREATE VIEW deltas AS SELECT * FROM read_parquet({_quote(root / 'deltas' / '**' / '*.parquet')}, "
             "union_by_name = true, filename = true)"
         )
-    if list(root.glob("traces/*.jsonl")):
+    if list(root.glob("traces/**/*.jsonl")):
         con.execute(
-            f"CREATE VIEW traces AS SELECT * FROM read_json_auto({_quote(root / 'traces' / '*.jsonl')}, "
+            f"CREATE VIEW traces AS SELECT * FROM read_json_auto({_quote(root / 'traces' / '**' / '*.jsonl')}, "
             "union_by_name = true, filename = true, format = 'newline_delimited')"
         )
     for parquet in sorted(root.glob("eval/*.parquet")):

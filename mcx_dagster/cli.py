@@ -188,6 +188,75 @@ def eval_text(config_path, checkpoint, text_path, w_max, horizon, samples, as_js
     Console().print(table)
 
 
+@main.command("run")
+@click.option("--config", "config_path", required=True, type=click.Path(dir_okay=False), help="Experiment YAML.")
+@click.option("--checkpoint", required=True, type=click.Path(),
+              help="A JT2 checkpoint (gistnet/ + lensnet/), or a JT1 one with a non-learned --policy.")
+@click.option("--text", "text_path", required=True, type=click.Path(), help="Any UTF-8 text file.")
+@click.option("--steps", type=click.IntRange(min=1), default=None, help="Refocus steps (default: runtime.steps).")
+@click.option("--w-max", type=click.IntRange(min=1), default=None, help="Working budget (default: working_context.w_max).")
+@click.option("--policy", default="lensnet", show_default=True,
+              type=click.Choice(["lensnet", "recency", "random", "expand_nearest"]))
+@click.option("--prefill", type=click.IntRange(min=0), default=0, show_default=True,
+              help="Tokens ingested before the first step.")
+@click.option("--trace", "trace_path", required=True, type=click.Path(dir_okay=False), help="JSONL trace to write.")
+@click.option("--json", "as_json", is_flag=True, help="Print the run summary as one JSON object.")
+def run_text(config_path, checkpoint, text_path, steps, w_max, policy, prefill, trace_path, as_json):
+    """Stream a text file through the runtime engine (ingest → focus → forward every
+    `runtime.refocus_every` tokens) and write one trace line per step."""
+    cfg = _load(config_path)
+    from mcx_core import gist_eval
+
+    try:
+        text = gist_eval.read_text_file(Path(text_path))
+    except gist_eval.TextError as err:
+        _fail(str(err))
+    ck = Path(checkpoint)
+    if not (ck / "gistnet").is_dir():
+        _fail(f"{ck} is not a JT checkpoint (no gistnet/ inside); see artifacts/checkpoints/")
+    if policy == "lensnet" and not (ck / "lensnet").is_dir():
+        _fail(f"{ck} holds no lensnet/ (a JT1 checkpoint?): give a JT2 checkpoint or another --policy")
+
+    import torch
+
+    from mcx_core import runtime
+    from mcx_core.model import load_base_model
+    from mcx_core.training.jt1 import load_gister
+
+    lm = load_base_model(cfg.base_model, cfg.dataset, seed=cfg.seed)
+    ids = torch.as_tensor(lm.tokenizer(text, add_special_tokens=False)["input_ids"], dtype=torch.long)
+    need = prefill + cfg.runtime.refocus_every + cfg.dataset.horizon
+    if len(ids) < need:
+        _fail(f"{text_path} has {len(ids)} tokens; one step needs {need} (prefill + refocus_every + horizon)")
+    if policy == "lensnet":
+        from mcx_core.lensnet import LensNetPolicy
+        from mcx_core.training.jt2 import load_lensnet
+
+        pol = LensNetPolicy(load_lensnet(ck, lm.device), lm.embed)
+    else:
+        pol = runtime.standard_policies(lm, cfg.dataset.horizon, seed=cfg.seed, oracle=False)[policy](ids)
+    try:
+        res = runtime.run_engine(
+            cfg, lm, load_gister(ck, lm), pol, ids, steps, w_max, Path(trace_path), prefill=prefill,
+            progress=not as_json,
+        )
+    except ValueError as err:
+        _fail(str(err))
+    summary = {"policy": policy, "trace": str(res.trace_path), **res.summary}
+    if as_json:
+        click.echo(json.dumps(summary))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"{text_path}: {int(res.summary['steps'])} steps, policy {policy}")
+    table.add_column("metric")
+    table.add_column("value")
+    for k, v in summary.items():
+        table.add_row(k, f"{v:.4g}" if isinstance(v, float) else str(v))
+    Console().print(table)
+
+
 @main.command()
 @click.argument("sql")
 @click.option("--param", "params", multiple=True, help="A value bound to the next `?` (repeatable).")

@@ -62,6 +62,63 @@ class ArtifactPaths:
         return self.root / "logs"
 
 
+def stage_fingerprint(cfg: MegaContextConfig, sections: list[str], *extra) -> str:
+    """Identity of a stage's inputs: the config sections it reads plus anything else it depends on
+    (dataset hash, checkpoint ids). Same fingerprint → the stored result is still the answer."""
+    import hashlib
+    import json
+
+    dump = cfg.model_dump(mode="json")
+    payload = {"sections": {k: dump.get(k) for k in sections}, "extra": [str(e) for e in extra]}
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def checkpoint_id(checkpoint: Path) -> str:
+    """A checkpoint's name plus a hash of its trainer state (a retrained directory of the same name differs)."""
+    import hashlib
+
+    state = Path(checkpoint) / "trainer_state.json"
+    return f"{Path(checkpoint).name}:{hashlib.sha256(state.read_bytes()).hexdigest()[:12]}"
+
+
+def _stage_file(cfg: MegaContextConfig, name: str) -> Path:
+    return ArtifactPaths.from_config(cfg).root / ".stages" / f"{name}.json"
+
+
+def load_stage(cfg: MegaContextConfig, name: str, fingerprint: str) -> dict | None:
+    """The stored result of stage `name` when its fingerprint matches and its files all exist; None
+    otherwise, or when MCX_FORCE=1 (`mcx materialize --force`)."""
+    import json
+    import os
+
+    path = _stage_file(cfg, name)
+    if os.environ.get("MCX_FORCE") == "1" or not path.is_file():
+        return None
+    stored = json.loads(path.read_text(encoding="utf-8"))
+    if stored.get("fingerprint") != fingerprint or not all(Path(f).exists() for f in stored["files"]):
+        return None
+    return {**stored["result"], "cached": True}
+
+
+def save_stage(cfg: MegaContextConfig, name: str, fingerprint: str, result: dict, files: list) -> None:
+    reports.write_json(
+        _stage_file(cfg, name),
+        {"fingerprint": fingerprint, "files": [str(f) for f in files], "result": _jsonable(result)},
+    )
+
+
+def _jsonable(x):
+    if isinstance(x, dict):
+        return {str(k): _jsonable(v) for k, v in x.items()}
+    if isinstance(x, list | tuple):
+        return [_jsonable(v) for v in x]
+    if isinstance(x, Path):
+        return str(x)
+    if isinstance(x, np.generic):
+        return x.item()
+    return x
+
+
 def datasets_dir(cfg: MegaContextConfig) -> Path:
     return resolve_path(cfg.dataset.output_dir)
 
@@ -137,6 +194,14 @@ def run_baseline_eval(cfg: MegaContextConfig, lm: BaseLM, sink: TelemetrySink | 
     sink = sink or NullSink()
     paths = ArtifactPaths.from_config(cfg)
     wc = cfg.working_context
+    fp = stage_fingerprint(
+        cfg, ["dataset", "base_model", "working_context", "evaluation", "seed"],
+        data.load_manifest(datasets_dir(cfg))["config_hash"], lm.model_id,
+    )
+    cached = load_stage(cfg, "baseline_eval", fp)
+    if cached is not None:
+        _log_baseline(sink, cached["summary"], cached["seconds"], cached["rows"], cached["report"].values(), cached["table"])
+        return cached
     samples = load_eval_samples(cfg)
     conditions = {
         "full": evaluation.full_condition(lm),
@@ -162,16 +227,20 @@ def run_baseline_eval(cfg: MegaContextConfig, lm: BaseLM, sink: TelemetrySink | 
     tmp.replace(table_path)
 
     report = write_baseline_report(cfg, summary, paths.reports, seconds, len(rows))
+    _log_baseline(sink, summary, seconds, len(rows), report.values(), table_path)
+    result = {"summary": summary, "report": report, "table": table_path, "seconds": seconds, "rows": len(rows)}
+    save_stage(cfg, "baseline_eval", fp, result, [table_path, *report.values()])
+    return result
+
+
+def _log_baseline(sink: TelemetrySink, summary, seconds, n_rows, report_files, table_path) -> None:
     for s in summary:
         tag = f"{s['dataset']}/w{s['w_max']}"
-        sink.log_metrics(
-            {f"eval/{tag}/{k}": v for k, v in s.items() if isinstance(v, float)}, step=0
-        )
-    sink.log_metrics({"eval/seconds": seconds, "eval/seconds_per_sample": seconds / max(1, len(rows))}, step=0)
-    for p in report.values():
+        sink.log_metrics({f"eval/{tag}/{k}": v for k, v in s.items() if isinstance(v, float)}, step=0)
+    sink.log_metrics({"eval/seconds": seconds, "eval/seconds_per_sample": seconds / max(1, n_rows)}, step=0)
+    for p in report_files:
         sink.log_artifact(p, "reports")
     sink.log_artifact(table_path, "eval")
-    return {"summary": summary, "report": report, "table": table_path, "seconds": seconds, "rows": len(rows)}
 
 
 def write_baseline_report(cfg: MegaContextConfig, summary: list[dict], out: Path, seconds: float, n_rows: int):
@@ -277,14 +346,27 @@ def run_gist_eval(cfg: MegaContextConfig, lm: BaseLM, checkpoint: Path, sink: Te
     from mcx_core.training.jt1 import load_gister
 
     paths = ArtifactPaths.from_config(cfg)
+    fp = stage_fingerprint(
+        cfg, ["dataset", "base_model", "working_context", "evaluation", "seed", "gistnet"],
+        data.load_manifest(datasets_dir(cfg))["config_hash"], lm.model_id, checkpoint_id(checkpoint),
+    )
+    cached = load_stage(cfg, "gist_eval", fp)
+    if cached is not None:
+        (sink or NullSink()).log_metrics(cached["metrics"], step=0)
+        for p in [*cached["report"].values(), cached["table"]]:
+            (sink or NullSink()).log_artifact(p, "reports")
+        return cached
     baseline = paths.eval / "baseline_eval.parquet"
     table = pq.read_table(baseline) if baseline.is_file() else None
     # Reuse the baseline scores only when the table has every column (older tables are rescored).
     baseline_rows = evaluation.rows_from_table(table) if table is not None and "context_len" in table.column_names else None
-    return gist_eval.run(
+    result = gist_eval.run(
         cfg, lm, load_gister(checkpoint, lm), load_eval_samples(cfg), paths.root, Path(checkpoint).name,
         sink, progress, baseline_rows,
     )
+    keep = {k: result[k] for k in ("summary", "stress", "distance", "metrics", "report", "table", "seconds")}
+    save_stage(cfg, "gist_eval", fp, keep, [result["table"], *result["report"].values()])
+    return keep
 
 
 def jt1_checkpoint(cfg: MegaContextConfig, cycle: int = 0) -> Path:
@@ -342,10 +424,19 @@ def generate_deltas(cfg: MegaContextConfig, lm: BaseLM, sink: TelemetrySink | No
     from mcx_core.training.jt1 import load_gister
 
     ck = jt1_checkpoint(cfg, cycle)
+    fp = stage_fingerprint(
+        cfg, ["dataset", "base_model", "working_context", "deltas", "seed"],
+        data.load_manifest(datasets_dir(cfg))["config_hash"], lm.model_id, checkpoint_id(ck), cycle,
+    )
+    cached = load_stage(cfg, f"deltas_cycle{cycle}", fp)
+    if cached is not None:
+        (sink or NullSink()).log_metrics(cached["stats"], step=0)
+        return Path(cached["path"]), cached["stats"], ck
     path, stats = deltas.generate_delta_table(
         cfg, lm, load_gister(ck, lm), ck, train_ids(cfg), ArtifactPaths.from_config(cfg).deltas,
         sink or NullSink(), progress, cycle=cycle,
     )
+    save_stage(cfg, f"deltas_cycle{cycle}", fp, {"path": path, "stats": stats}, [path, deltas.contexts_path(path)])
     return path, stats, ck
 
 
@@ -425,6 +516,16 @@ def run_runtime_eval(cfg: MegaContextConfig, lm: BaseLM, sink: TelemetrySink | N
     rc, R, H = cfg.runtime, cfg.runtime.refocus_every, cfg.dataset.horizon
     paths = ArtifactPaths.from_config(cfg)
     gist_ck, lens_ck = jt1_checkpoint(cfg), jt2_checkpoint(cfg)
+    fp = stage_fingerprint(
+        cfg, ["dataset", "base_model", "working_context", "allocator", "runtime", "evaluation", "seed"],
+        data.load_manifest(datasets_dir(cfg))["config_hash"], lm.model_id, checkpoint_id(gist_ck), checkpoint_id(lens_ck),
+    )
+    cached = load_stage(cfg, "runtime_eval", fp)
+    if cached is not None:
+        sink.log_metrics({f"runtime_eval/{k}": v for k, v in cached["metrics"].items()}, step=cached["summary"]["steps"])
+        for p in [*cached["report"].values(), *cached["traces"]]:
+            sink.log_artifact(p, "runtime")
+        return cached
     gister, lensnet = load_gister(gist_ck, lm), load_lensnet(lens_ck, lm.device)
     docs = held_out_documents(cfg, lm.tokenizer, rc.documents, rc.prefill_tokens + rc.steps * R + H)
     t0 = time.perf_counter()
@@ -466,6 +567,7 @@ def run_runtime_eval(cfg: MegaContextConfig, lm: BaseLM, sink: TelemetrySink | N
     reports.write_json(paths.reports / "runtime_eval.json", {k: result[k] for k in ("summary", "per_document", "comparison", "seconds")})
     for p in [*report.values(), *traces]:
         sink.log_artifact(p, "runtime")
+    save_stage(cfg, "runtime_eval", fp, result, [*report.values(), *traces])
     return result
 
 

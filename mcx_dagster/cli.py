@@ -57,12 +57,15 @@ def validate_config(path: str, no_file_checks: bool):
     help="Dagster asset selection, e.g. 'baseline_eval' or '+baseline_eval' (default: everything).",
 )
 @click.option("--log-level", default="INFO", show_default=True, type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"]))
-def materialize(config_path: str, selection: str | None, log_level: str):
+@click.option("--force", is_flag=True, help="Recompute evaluations even when their inputs have not changed.")
+def materialize(config_path: str, selection: str | None, log_level: str, force: bool):
     """Materialize the asset graph in-process, with the same definitions the Dagster UI loads.
 
     Exit 0: everything materialized and every check passed; 3: everything ran but an asset check
     (an acceptance criterion) failed; 1: a step failed."""
     _load(config_path)
+    if force:
+        os.environ["MCX_FORCE"] = "1"
     root = Path(os.environ["MCX_HOME"]).resolve()
     os.environ["MCX_CONFIG"] = str(Path(config_path).resolve())
     home = Path(os.environ.setdefault("DAGSTER_HOME", str(root / ".dagster_home")))

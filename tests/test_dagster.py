@@ -1,6 +1,7 @@
 """The Dagster code location: definitions load, and a real in-process materialize of the smoke config
 (tiny random model, real text) against a temporary Dagster instance and a temporary MLflow store."""
 
+import json
 from pathlib import Path
 
 import dagster as dg
@@ -150,3 +151,16 @@ def test_materialize_smoke_logs_to_mlflow_and_passes_checks(smoke_project):
     # Float metadata, so the UI charts them across materializations.
     mat = result.asset_materializations_for_node("baseline_eval")[0]
     assert isinstance(mat.metadata["narrative/w64/delta_nll_recency_mean"], dg.FloatMetadataValue)
+
+    # A second run with unchanged inputs reuses the stored evaluation (make demo is fast the second time);
+    # a changed input (here: the evaluation section) recomputes it.
+    from mcx_core import pipeline
+    from mcx_core.config import load_config
+
+    cfg = load_config(cfg_path)
+    lm, _ = pipeline.prepare_base_model(cfg)
+    again = pipeline.run_baseline_eval(cfg, lm, progress=False)
+    assert again.get("cached")
+    assert again["summary"] == json.loads((reports / "baseline_eval.json").read_text())
+    changed = cfg.model_copy(update={"evaluation": cfg.evaluation.model_copy(update={"samples_per_dataset": 1})})
+    assert not pipeline.run_baseline_eval(changed, lm, progress=False).get("cached")

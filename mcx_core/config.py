@@ -198,6 +198,17 @@ class LoRAConfig(Section):
     dropout: float = Field(default=0.0, ge=0, lt=1)
     target_modules: list[str] = Field(default_factory=lambda: ["q_proj", "v_proj"])
     training: LensNetTrainingConfig = Field(default_factory=LensNetTrainingConfig)
+    refocus_steps: int = Field(
+        default=4,
+        gt=0,
+        description="JT3: LensNet + allocator steps (runtime.refocus_every tokens each) that end at a sample's "
+        "cursor and choose its working context; voluntary actions need min_residency + 1 steps",
+    )
+    without_adapter_every: int = Field(
+        default=10,
+        ge=0,
+        description="JT3: also log the batch's Loss@H with the adapter disabled every N steps (0: never)",
+    )
 
 
 class WorkingContextConfig(Section):
@@ -263,6 +274,31 @@ class SweepConfig(Section):
     datasets: list[str] = Field(default_factory=lambda: ["narrative", "code", "recall"])
     samples: int = Field(default=8, gt=0)
     cron: str = "0 2 * * *"
+    recall_kinds: list[Literal["passkey", "kv"]] = Field(
+        default_factory=lambda: ["passkey", "kv"],
+        description="synthetic recall tasks, used in turn: passkey retrieval, key-value lookup",
+    )
+    recall_digits: int = Field(default=5, ge=1, le=12, description="digits of a pass key")
+    recall_pairs: int = Field(default=4, ge=1, le=24, description="key: value pairs planted per kv sample")
+    recall_needle_region: list[float] = Field(
+        default_factory=lambda: [0.1, 0.5],
+        description="needles are planted inside this [start, end) share of the history (after the sink tokens)",
+    )
+    recall_seed: int | None = Field(default=None, description="recall samples' seed (default: the config's seed)")
+
+    @field_validator("recall_needle_region")
+    @classmethod
+    def _region(cls, v: list[float]) -> list[float]:
+        if len(v) != 2 or not 0 <= v[0] < v[1] <= 1:
+            raise ValueError("must be [start, end] with 0 <= start < end <= 1")
+        return v
+
+    @field_validator("recall_kinds")
+    @classmethod
+    def _kinds(cls, v: list[str]) -> list[str]:
+        if not v:
+            raise ValueError("must name at least one recall task")
+        return v
 
 
 class AcceptanceConfig(Section):
@@ -287,6 +323,16 @@ class AlertsConfig(Section):
     delta_nll_divergence: float = 0.05
     command: str | None = None
     webhook_url: str | None = None
+    window_steps: int = Field(
+        default=10, gt=0, description="swap rate: alert on the mean over this many consecutive steps"
+    )
+    oscillation_window: int = Field(
+        default=5, gt=1, description="a ping-pong is expand → collapse → expand of one span within this many steps"
+    )
+    latency_spike_ratio: float = Field(
+        default=2.0, gt=1, description="a latency spike is a step slower than this × its trace's median step"
+    )
+    hook_timeout_s: float = Field(default=10.0, gt=0, description="alerts.command / webhook_url time limit")
 
 
 class MLflowConfig(Section):

@@ -1,0 +1,592 @@
+"""JT3: LoRA adapters on the frozen base model, trained on Loss@H (SPEC §6); GistNet and LensNet frozen.
+
+The adapter and the shared model. `BaseLM.model` is shared by everything else (evaluation, the runtime,
+JT1, JT2), so an adapter is attached only for the length of a `with` block: `lora_adapter` (a fresh one
+from `cfg.lora`) or `load_lora` (a saved one) inject peft LoRA layers into `lm.model` *in place*
+(`get_peft_model` / `PeftModel.from_pretrained`) and yield the `PeftModel`; on exit `unload()` puts the
+original modules back (never `merge_and_unload`: nothing is merged into the base weights). Inside the
+block every existing code path that calls `lm.model` (`horizon_nll`, the runtime engine) runs *with* the
+adapter; `adapter.disable_adapter()` gives the plain base model back within the block. On a normal exit
+the model must be what it was before — the same module objects with the same hooks, train/eval flags and
+`requires_grad`, and the same `weights_checksum()` — or `BaseModelChanged` is raised. Attaching a second
+adapter while one is attached is refused.
+
+A sample: ids [C + H]. Its working context is the one the runtime would hold at cursor C: the first
+C − S·R tokens are ingested at once (`WorkingContext.initial`), then S = `lora.refocus_steps` steps of
+R = `runtime.refocus_every` tokens: ingest, `FocusAllocator.fit`, `LensNetPolicy.scores`,
+`FocusAllocator.step`, `check_invariants` — `MegaContextEngine.step` without its base-model forward.
+(Voluntary actions need `allocator.min_residency` steps of age, so S = 1 would leave LensNet no say.)
+The context does not depend on the adapter (LensNet reads token embeddings and gists only) and is built
+without grad; W_max is drawn per sample from `working_context.eval_w_max`, as in JT1.
+
+Loss@H: mean NLL of the H horizon tokens after [working context], adapter on (`horizon_nll_grad`, one
+packed forward per group of equal-length contexts). Gradients reach the LoRA matrices only: the base is
+frozen and GistNet and LensNet run under no_grad. Every `lora.without_adapter_every` steps the same batch
+is also scored with the adapter disabled (`train/lora_loss_without_adapter`, `train/lora_gain`).
+
+Checkpoints `JT3_cycle{c}_step{s}/`: `lora/` (peft `save_pretrained`: adapter_model.safetensors +
+adapter_config.json, adapter weights only), `gistnet/` and `lensnet/` (the frozen nets, so a checkpoint
+is self-contained: `jt1.load_gister` / `jt2.load_lensnet` read them), `optimizer.pt`, `config.yaml`,
+`trainer_state.json` (last, via `common.write_checkpoint`). Step s samples with a generator seeded by
+(seed, s) and seeds torch (LoRA dropout) with seed + s; the fresh adapter is initialised from `seed`
+alone. So a run resumed from its newest checkpoint takes exactly the steps of an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import time
+import warnings
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from mcx_core.allocator import FocusAllocator
+from mcx_core.config import LoRAConfig, MegaContextConfig
+from mcx_core.evaluation import ConditionInput, horizon_nll_grad
+from mcx_core.lensnet import LensNet, LensNetPolicy
+from mcx_core.model import BaseLM
+from mcx_core.telemetry import metrics as M
+from mcx_core.telemetry.sinks import TelemetrySink
+from mcx_core.training import common
+from mcx_core.tree import GistFn, MegaContextTree
+from mcx_core.working_context import WorkingContext
+
+log = logging.getLogger(__name__)
+
+JT = 3
+LORA_DIR = "lora"
+GISTNET_DIR = "gistnet"
+LENSNET_DIR = "lensnet"
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+
+
+class BaseModelChanged(AssertionError):
+    """The shared base model is not what it was before an adapter was attached."""
+
+
+@dataclass
+class JT3Result:
+    checkpoint: Path
+    metrics: dict[str, float]  # last logged metrics + run summary (jt3/*)
+    history: list[dict[str, float]]
+    nan_free: bool
+    steps: int
+
+
+# ---------------------------------------------------------------------------------------------- adapter
+
+
+def peft_config(lora: LoRAConfig):
+    from peft import LoraConfig
+
+    return LoraConfig(
+        r=lora.rank,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
+        target_modules=list(lora.target_modules),
+        bias="none",
+    )
+
+
+def _structure(model: torch.nn.Module) -> list[tuple]:
+    """What must be identical before and after an adapter visit: every module (same object), its hooks
+    and train/eval flag, and every parameter's requires_grad."""
+    modules = [
+        (name, id(m), len(m._forward_hooks), len(m._forward_pre_hooks), len(m._backward_hooks), m.training)
+        for name, m in model.named_modules()
+    ]
+    return modules + [(name, p.requires_grad) for name, p in model.named_parameters()]
+
+
+def has_adapter(lm: BaseLM) -> bool:
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    return hasattr(lm.model, "peft_config") or any(isinstance(m, BaseTunerLayer) for m in lm.model.modules())
+
+
+@contextmanager
+def _attached(lm: BaseLM, attach: Callable[[torch.nn.Module], object]) -> Iterator:
+    if has_adapter(lm):
+        raise RuntimeError("the base model already has an adapter attached; detach it first")
+    structure, checksum = _structure(lm.model), lm.weights_checksum()
+    config, pretraining_tp = lm.model.config.to_dict(), getattr(lm.model.config, "pretraining_tp", None)
+    with warnings.catch_warnings():  # peft reads the deprecated `is_gradient_checkpointing`
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")
+        adapter = attach(lm.model)
+    try:
+        yield adapter
+    finally:
+        restored = adapter.unload()  # the original modules back, nothing merged
+        if restored is not lm.model:
+            raise BaseModelChanged("peft unload() returned another model object")
+        if pretraining_tp is not None:  # PeftModel sets it to 1 on the base model's config
+            lm.model.config.pretraining_tp = pretraining_tp
+    if lm.model.config.to_dict() != config:
+        raise BaseModelChanged("the base model's config changed while an adapter was attached")
+    if _structure(lm.model) != structure:
+        raise BaseModelChanged("the base model's modules, hooks or flags differ after detaching the adapter")
+    if lm.weights_checksum() != checksum:
+        raise BaseModelChanged("the base model's weights changed while an adapter was attached")
+
+
+@contextmanager
+def lora_adapter(lm: BaseLM, lora: LoRAConfig, seed: int = 0) -> Iterator:
+    """A fresh, trainable LoRA adapter on `lm.model` for the block; yields the `PeftModel`. Its
+    initialisation depends on `seed` only (lora_B = 0: it starts as the identity)."""
+    from peft import get_peft_model
+
+    def attach(model):
+        with torch.random.fork_rng(devices=[]):  # peft initialises on the CPU, then moves to the device
+            torch.manual_seed(seed)
+            return get_peft_model(model, peft_config(lora))
+
+    with _attached(lm, attach) as adapter:
+        yield adapter
+
+
+def adapter_dir(checkpoint_dir: str | Path) -> Path:
+    """The adapter directory of a JT3 checkpoint (or the directory itself if it holds an adapter)."""
+    d = Path(checkpoint_dir)
+    return d / LORA_DIR if (d / LORA_DIR / ADAPTER_CONFIG).is_file() else d
+
+
+@contextmanager
+def load_lora(lm: BaseLM, checkpoint_dir: str | Path, trainable: bool = False) -> Iterator:
+    """The saved adapter of a JT3 checkpoint (or of a `save_pretrained` directory) on `lm.model` for the
+    block; yields the `PeftModel`. `with adapter.disable_adapter():` runs the plain base model."""
+    from peft import PeftModel
+
+    path = adapter_dir(checkpoint_dir)
+    if not (path / ADAPTER_CONFIG).is_file():
+        raise FileNotFoundError(f"no LoRA adapter ({ADAPTER_CONFIG}) in {checkpoint_dir}")
+
+    def attach(model):
+        return PeftModel.from_pretrained(model, str(path), is_trainable=trainable)
+
+    with _attached(lm, attach) as adapter:
+        adapter.eval()  # LoRA dropout off; the base model was in eval mode already
+        yield adapter
+
+
+def lora_parameters(adapter) -> list[tuple[str, torch.nn.Parameter]]:
+    """The adapter's trainable parameters; raises if anything but a LoRA matrix is trainable."""
+    named = [(n, p) for n, p in adapter.named_parameters() if p.requires_grad]
+    others = [n for n, _ in named if ".lora_A." not in n and ".lora_B." not in n]
+    if others:
+        raise AssertionError(f"non-LoRA parameters are trainable: {others[:5]}")
+    if not named:
+        raise AssertionError("the adapter has no trainable parameters")
+    return named
+
+
+def save_adapter(adapter, directory: Path) -> Path:
+    """Adapter weights only (safetensors) + adapter_config.json."""
+    adapter.save_pretrained(str(directory), safe_serialization=True, save_embedding_layers=False)
+    (Path(directory) / "README.md").unlink(missing_ok=True)  # peft's empty model-card template
+    return Path(directory)
+
+
+def load_adapter_weights(adapter, checkpoint_dir: str | Path, lora: LoRAConfig) -> None:
+    """Copy a saved adapter's weights into an attached one built from `lora` (resume, warm start);
+    refuses an adapter of another rank, alpha, dropout or target modules."""
+    from peft import get_peft_model_state_dict, set_peft_model_state_dict
+    from peft.utils import load_peft_weights
+
+    path = adapter_dir(checkpoint_dir)
+    saved = json.loads((path / ADAPTER_CONFIG).read_text(encoding="utf-8"))
+    want = {"r": lora.rank, "lora_alpha": lora.alpha, "lora_dropout": lora.dropout}
+    got = {k: saved.get(k) for k in want}
+    if got != want or sorted(saved.get("target_modules") or []) != sorted(lora.target_modules):
+        raise ValueError(
+            f"{path}: adapter {got | {'target_modules': saved.get('target_modules')}} does not match "
+            f"lora config {want | {'target_modules': list(lora.target_modules)}}"
+        )
+    weights = load_peft_weights(str(path), device=str(next(adapter.parameters()).device))
+    expected = get_peft_model_state_dict(adapter)
+    if set(weights) != set(expected) or any(weights[k].shape != expected[k].shape for k in expected):
+        raise ValueError(f"{path}: adapter tensors do not match the attached adapter's")
+    set_peft_model_state_dict(adapter, weights)
+
+
+def _set_dropout(adapter, train: bool) -> None:
+    """LoRA dropout on (training) or off; the frozen base model stays in eval mode throughout."""
+    from peft.tuners.lora import LoraLayer
+
+    for m in adapter.modules():
+        if isinstance(m, LoraLayer):
+            m.lora_dropout.train(train)
+
+
+# ---------------------------------------------------------------------------------------------- samples
+
+
+@dataclass
+class LoRASample:
+    """One sample's working context as the base model reads it, and its horizon."""
+
+    condition: ConditionInput
+    horizon: torch.Tensor  # [H] long
+    cost: int  # working-context cost (positions before the horizon)
+    focus_actions: int  # voluntary LensNet actions during its refocus steps
+
+
+@torch.no_grad()
+def focused_context(
+    cfg: MegaContextConfig,
+    lm: BaseLM,
+    gister: GistFn,
+    lensnet: LensNet,
+    history: torch.Tensor,
+    w_max: int,
+) -> tuple[WorkingContext, int]:
+    """The runtime's working context at the end of `history` [C] (module docstring), and the number of
+    voluntary actions LensNet's scores made the allocator take."""
+    wcc, R, S = cfg.working_context, cfg.runtime.refocus_every, cfg.lora.refocus_steps
+    history = torch.as_tensor(history, dtype=torch.long).flatten()
+    C = len(history)
+    prefill = max(0, C - S * R)
+    tree = MegaContextTree(lm.d_model, lm.embed, gister, cfg.dataset.block_size, max_level=lensnet.max_level)
+    if prefill:
+        tree.ingest(history[:prefill])
+        wc = WorkingContext.initial(tree, w_max, wcc.recent_tokens, wcc.position_scheme)
+    else:
+        wc = WorkingContext(tree, w_max, wcc.recent_tokens, wcc.position_scheme)
+    allocator = FocusAllocator(cfg.allocator, w_max)
+    policy = LensNetPolicy(lensnet, lm.embed, ages_fn=allocator.ages)
+    actions = 0
+    for step, lo in enumerate(range(prefill, C, R)):
+        tree.ingest(history[lo : lo + R])
+        wc.sync()
+        allocator.fit(wc)  # forced collapses first, so LensNet scores a context within budget
+        stats = allocator.step(wc, policy.scores(wc, tree, step))
+        actions += len(stats.actions) - stats.num_forced
+        wc.check_invariants()
+    if policy.causality_violations:
+        raise AssertionError(f"LensNet read {policy.causality_violations} spans past the cursor")
+    return wc, actions
+
+
+def build_samples(
+    cfg: MegaContextConfig,
+    lm: BaseLM,
+    gister: GistFn,
+    lensnet: LensNet,
+    ids: torch.Tensor,
+    w_maxes: list[int],
+) -> list[LoRASample]:
+    """`ids` [B, >= C + H] -> one `LoRASample` per row, its context chosen by LensNet + allocator."""
+    C, H = cfg.dataset.context_tokens, cfg.dataset.horizon
+    out = []
+    for row, w in zip(torch.as_tensor(ids, dtype=torch.long), w_maxes):
+        wc, actions = focused_context(cfg, lm, gister, lensnet, row[:C], w)
+        with torch.no_grad():
+            embeds, positions, _ = wc.assemble(lm.embed)  # [T, d], [T]
+        start = wc.tree.cursor if wc.position_scheme == "center" else positions.numel()
+        out.append(LoRASample(ConditionInput(embeds, positions, start), row[C : C + H], wc.cost, actions))
+    return out
+
+
+def sample_nll(lm: BaseLM, samples: list[LoRASample], batch_size: int | None = None) -> torch.Tensor:
+    """Per-token horizon NLL [B, H] in sample order, with whatever adapter state `lm.model` has; one
+    packed forward per group of equal-length contexts (at most `batch_size` samples each). Keeps the
+    graph when grad is enabled."""
+    groups: dict[int, list[int]] = {}
+    for j, s in enumerate(samples):
+        groups.setdefault(s.condition.embeds.shape[0], []).append(j)
+    rows: list[torch.Tensor | None] = [None] * len(samples)
+    for group in groups.values():
+        step = batch_size or len(group)
+        for a in range(0, len(group), step):
+            part = group[a : a + step]
+            horizons = torch.stack([samples[j].horizon for j in part])  # [g, H]
+            nll = horizon_nll_grad(lm, [samples[j].condition for j in part], horizons)  # [g, H]
+            for j, r in zip(part, nll):
+                rows[j] = r
+    return torch.stack(rows)
+
+
+def jt3_loss(lm: BaseLM, samples: list[LoRASample]) -> tuple[torch.Tensor, dict[str, float]]:
+    """Loss@H of the batch (mean NLL over every horizon token) with the adapter as attached."""
+    nll = sample_nll(lm, samples)  # [B, H]
+    loss = nll.mean()
+    metrics = {
+        M.TRAIN_LORA_LOSS: loss.item(),
+        M.TRAIN_LOSS_AT_H: loss.item(),
+        M.TRAIN_LORA_ACTIVE_TOKENS: float(np.mean([s.cost for s in samples])),
+        M.TRAIN_LORA_FOCUS_ACTIONS: float(np.mean([s.focus_actions for s in samples])),
+    }
+    return loss, metrics
+
+
+# ---------------------------------------------------------------------------------------------- training
+
+
+def _sample_step(seed: int, step: int, n_train: int, batch_size: int, w_values: list[int]):
+    """Rows of `train_ids` and a W_max per row for step `step`: a function of (seed, step) only."""
+    g = common.step_generator(seed, step)
+    rows = torch.randperm(n_train, generator=g)[: min(batch_size, n_train)]
+    w_idx = torch.randint(len(w_values), (len(rows),), generator=g)
+    return rows, [w_values[i] for i in w_idx.tolist()]
+
+
+def module_checksum(module) -> str:
+    """Identity of a frozen net's weights (a non-module, e.g. MeanPoolGister, by its type)."""
+    if not isinstance(module, torch.nn.Module):
+        return type(module).__name__
+    h = hashlib.sha256()
+    for name, t in sorted(module.state_dict().items()):
+        h.update(name.encode())
+        h.update(t.detach().float().cpu().numpy().tobytes())
+    return h.hexdigest()
+
+
+@dataclass
+class _Run:
+    step: int = 0
+    nan_free: bool = True
+    history: list[dict[str, float]] = field(default_factory=list)
+
+
+def _save(checkpoints_dir, cycle, adapter, gister, lensnet, opt, sched, cfg, state) -> Path:
+    def write(tmp: Path) -> None:
+        save_adapter(adapter, tmp / LORA_DIR)
+        if isinstance(gister, torch.nn.Module) and hasattr(gister, "save_pretrained"):
+            gister.save_pretrained(tmp / GISTNET_DIR)
+        lensnet.save_pretrained(tmp / LENSNET_DIR)
+        common.save_optimizer(tmp / common.OPTIMIZER_FILE, opt, sched)
+        (tmp / common.CONFIG_FILE).write_text(cfg.to_yaml(), encoding="utf-8")
+        common.write_json(tmp / common.TRAINER_STATE_FILE, state)  # last: marks the directory complete
+
+    return common.write_checkpoint(
+        Path(checkpoints_dir) / common.checkpoint_name(JT, cycle, state["step"]), write
+    )
+
+
+@contextmanager
+def _eval_mode(*modules) -> Iterator[None]:
+    """Frozen nets run in eval mode (no dropout); their previous mode is restored afterwards."""
+    nets = [m for m in modules if isinstance(m, torch.nn.Module)]
+    modes = [m.training for m in nets]
+    for m in nets:
+        m.eval()
+    try:
+        yield
+    finally:
+        for m, mode in zip(nets, modes):
+            m.train(mode)
+
+
+def train_jt3(
+    cfg: MegaContextConfig,
+    lm: BaseLM,
+    gister: GistFn,
+    lensnet: LensNet,
+    train_ids: np.ndarray | torch.Tensor,
+    checkpoints_dir: Path,
+    sink: TelemetrySink,
+    cycle: int = 0,
+    resume: bool = True,
+    progress: bool = True,
+    init_from: Path | None = None,
+) -> JT3Result:
+    """Train a LoRA adapter for `lora.training.max_steps` steps on `train_ids` [N, >= C + H].
+
+    With `resume`, continue from the newest complete JT3 checkpoint of this cycle (a finished run returns
+    at once; it must have been trained against the same base weights, GistNet and LensNet). Otherwise
+    start from `init_from` (a JT3 checkpoint, e.g. the previous cycle's) or a fresh adapter. `lm` is
+    returned exactly as it came: the adapter lives in the checkpoint's `lora/`, use `load_lora`.
+    """
+    t_start = time.perf_counter()
+    tcfg = cfg.lora.training
+    C, H = cfg.dataset.context_tokens, cfg.dataset.horizon
+    checkpoints_dir = Path(checkpoints_dir)
+    train_ids = torch.as_tensor(np.asarray(train_ids), dtype=torch.long)
+    if train_ids.ndim != 2 or train_ids.shape[1] < C + H:
+        raise ValueError(f"train_ids must be [N, >= {C + H}], got {tuple(train_ids.shape)}")
+    if getattr(gister, "max_level", lensnet.max_level) < lensnet.max_level:
+        raise ValueError(f"GistNet has levels up to {gister.max_level}, LensNet reads {lensnet.max_level}")
+    base_checksum = lm.weights_checksum()
+    frozen = {"gistnet": module_checksum(gister), "lensnet": module_checksum(lensnet)}
+
+    run, resume_dir = _Run(), common.latest_checkpoint(checkpoints_dir, JT, cycle) if resume else None
+    state = common.read_json(resume_dir / common.TRAINER_STATE_FILE) if resume_dir is not None else None
+    if state is not None:
+        if state["base_model"]["weights_checksum"] != base_checksum:
+            raise ValueError(
+                f"{resume_dir} was trained against other base-model weights ({state['base_model']})"
+            )
+        if state["frozen"] != frozen:
+            raise ValueError(f"{resume_dir} was trained with another GistNet/LensNet ({state['frozen']})")
+        run = _Run(**state["run"])
+
+    with _eval_mode(gister, lensnet), lora_adapter(lm, cfg.lora, cfg.seed) as adapter:
+        if resume_dir is not None:
+            load_adapter_weights(adapter, resume_dir, cfg.lora)
+            log.info("JT3: resuming from %s (step %d)", resume_dir, run.step)
+        elif init_from is not None:
+            load_adapter_weights(adapter, init_from, cfg.lora)
+        params = lora_parameters(adapter)
+        n_params = sum(p.numel() for _, p in params)
+        opt = common.make_optimizer(adapter, tcfg.lr, tcfg.weight_decay)  # asserts every parameter is in it
+        sched = common.make_scheduler(opt, tcfg.warmup_steps, tcfg.max_steps)
+        if resume_dir is not None:
+            common.load_optimizer(resume_dir / common.OPTIMIZER_FILE, opt, sched)
+        sink.log_params(
+            {
+                "jt3.lora_parameters": n_params,
+                "jt3.lora_rank": cfg.lora.rank,
+                "jt3.lora_target_modules": ",".join(cfg.lora.target_modules),
+            }
+        )
+        sink.log_metrics({M.LORA_PARAMETERS: float(n_params)}, step=run.step)
+
+        def trainer_state() -> dict:
+            return {
+                "trainer": f"JT{JT}",
+                "cycle": cycle,
+                "step": run.step,
+                "max_steps": tcfg.max_steps,
+                "nan_free": run.nan_free,
+                "metrics": run.history[-1] if run.history else {},
+                "rng": {
+                    "seed": cfg.seed,
+                    "sampling": "step s draws with torch.Generator().manual_seed(seed * 1_000_003 + s)",
+                    "torch_manual_seed": "seed + s before step s (LoRA dropout)",
+                    "adapter_init": "torch.manual_seed(seed) before get_peft_model",
+                },
+                "base_model": {"id": lm.model_id, "weights_checksum": base_checksum},
+                "frozen": frozen,
+                "lora": {**cfg.lora.model_dump(mode="json", exclude={"training"}), "parameters": n_params},
+                "run": run.__dict__,
+            }
+
+        checkpoint = resume_dir
+        lora_params = [p for _, p in params]
+        bar = tqdm(total=tcfg.max_steps, initial=run.step, desc="JT3 LoRA", disable=not progress)
+        while run.step < tcfg.max_steps:
+            t0 = time.perf_counter()
+            rows, w_maxes = _sample_step(
+                cfg.seed, run.step, len(train_ids), tcfg.batch_size, cfg.working_context.eval_w_max
+            )
+            samples = build_samples(cfg, lm, gister, lensnet, train_ids[rows], w_maxes)
+            torch.manual_seed(cfg.seed + run.step)
+            _set_dropout(adapter, True)
+            loss, metrics = jt3_loss(lm, samples)
+            _set_dropout(adapter, False)
+            grad_norm = math.nan
+            if math.isfinite(loss.item()):
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                grad_norm = float(torch.nn.utils.clip_grad_norm_(lora_params, tcfg.grad_clip))
+            if not (math.isfinite(loss.item()) and math.isfinite(grad_norm)):
+                run.nan_free = False  # stop without applying the step: the adapter stays the last finite one
+                log.error("JT3: non-finite loss/grad at step %d; training stopped", run.step)
+                sink.log_metrics({M.TRAIN_LORA_LOSS: math.nan, M.TRAIN_NAN: 1.0}, step=run.step)
+                break
+            every = cfg.lora.without_adapter_every
+            if every and run.step % every == 0:  # the step's batch, adapter off (before this update)
+                with torch.no_grad(), adapter.disable_adapter():
+                    without = sample_nll(lm, samples).mean().item()
+                metrics[M.TRAIN_LORA_LOSS_WITHOUT_ADAPTER] = without
+                metrics[M.TRAIN_LORA_GAIN] = without - loss.item()
+            lr = opt.param_groups[0]["lr"]
+            opt.step()
+            sched.step()
+            run.step += 1
+            dt = time.perf_counter() - t0
+            tokens = sum(s.cost + H for s in samples)
+            metrics.update(
+                {
+                    M.TRAIN_LORA_GRAD_NORM: grad_norm,
+                    M.TRAIN_LORA_LR: lr,
+                    M.TRAIN_LORA_TOKENS_PER_S: tokens / dt,
+                }
+            )
+            if run.step % tcfg.log_every == 0 or run.step == tcfg.max_steps:
+                sink.log_metrics(metrics, step=run.step)
+                run.history.append({"step": run.step, **metrics})
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss.item():.4f}")
+            if tcfg.checkpoint_every and run.step % tcfg.checkpoint_every == 0 and run.step < tcfg.max_steps:
+                checkpoint = _save(
+                    checkpoints_dir, cycle, adapter, gister, lensnet, opt, sched, cfg, trainer_state()
+                )
+        bar.close()
+        if checkpoint is None or run.step != common.read_json(checkpoint / common.TRAINER_STATE_FILE)["step"]:
+            checkpoint = _save(
+                checkpoints_dir, cycle, adapter, gister, lensnet, opt, sched, cfg, trainer_state()
+            )
+    # Leaving lora_adapter detached the adapter and checked the base model (BaseModelChanged otherwise).
+    if {"gistnet": module_checksum(gister), "lensnet": module_checksum(lensnet)} != frozen:
+        raise AssertionError("JT3 changed GistNet or LensNet; both must stay frozen")
+    summary = _summary(run, time.perf_counter() - t_start)
+    sink.log_metrics(summary, step=run.step)
+    return JT3Result(
+        checkpoint=checkpoint,
+        metrics={**(run.history[-1] if run.history else {}), **summary},
+        history=run.history,
+        nan_free=run.nan_free,
+        steps=run.step,
+    )
+
+
+def _summary(run: _Run, seconds: float, window: int = 10) -> dict[str, float]:
+    """Run-level numbers: Loss@H at the start and end (mean of the first / last `window` logged steps)."""
+    out = {"jt3/steps": float(run.step), "jt3/seconds": seconds, "jt3/nan_free": float(run.nan_free)}
+    losses = [h[M.TRAIN_LORA_LOSS] for h in run.history if M.TRAIN_LORA_LOSS in h]
+    if losses:
+        out["jt3/loss_at_h_start"] = M.mean(losses[:window])
+        out["jt3/loss_at_h_end"] = M.mean(losses[-window:])
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- evaluation
+
+
+@torch.no_grad()
+def evaluate_lora(
+    cfg: MegaContextConfig,
+    lm: BaseLM,
+    gister: GistFn,
+    lensnet: LensNet,
+    checkpoint: str | Path,
+    samples: np.ndarray | torch.Tensor,
+    w_max: int | None = None,
+) -> dict[str, float]:
+    """Held-out Loss@H with and without the checkpoint's adapter, on the same LensNet-chosen working
+    contexts (at `w_max`, default `working_context.w_max`) of `samples` [n, >= C + H]."""
+    C, H = cfg.dataset.context_tokens, cfg.dataset.horizon
+    ids = torch.as_tensor(np.asarray(samples), dtype=torch.long)
+    if ids.ndim != 2 or ids.shape[1] < C + H or len(ids) == 0:
+        raise ValueError(f"samples must be [n >= 1, >= {C + H}], got {tuple(ids.shape)}")
+    state_file = Path(checkpoint) / common.TRAINER_STATE_FILE
+    if state_file.is_file():
+        trained_with = common.read_json(state_file).get("frozen")
+        now = {"gistnet": module_checksum(gister), "lensnet": module_checksum(lensnet)}
+        if trained_with is not None and trained_with != now:
+            log.warning(
+                "evaluate_lora: %s was trained with another GistNet/LensNet than the ones given", checkpoint
+            )
+    w = w_max or cfg.working_context.w_max
+    with _eval_mode(gister, lensnet):
+        built = build_samples(cfg, lm, gister, lensnet, ids, [w] * len(ids))
+    with load_lora(lm, checkpoint) as adapter:
+        with_adapter = sample_nll(lm, built, cfg.evaluation.batch_size).mean(1).cpu().numpy()  # [n]
+        with adapter.disable_adapter():
+            without = sample_nll(lm, built, cfg.evaluation.batch_size).mean(1).cpu().numpy()
+    return {
+        M.EVAL_LORA_LOSS_AT_H: M.mean(with_adapter),
+        M.EVAL_LORA_LOSS_AT_H_WITHOUT_ADAPTER: M.mean(without),
+        **M.summarize(with_adapter - without, M.EVAL_LORA_DELTA_LOSS),
+        M.EVAL_LORA_SAMPLES: float(len(ids)),
+    }

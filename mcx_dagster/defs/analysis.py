@@ -1,0 +1,169 @@
+"""Telemetry: post-hoc analyses of the runtime and gist evaluations, the telemetry schema check, and a
+sensor that raises the critical alerts (swap rate, ΔNLL divergence, latency) while runs go on."""
+
+import json
+import re
+from pathlib import Path
+
+import dagster as dg
+
+from mcx_dagster.defs._meta import floats, markdown_file
+from mcx_dagster.defs.resources import MegaContextSettings, MLflowTracker
+
+ALERT_ASSET = "runtime_eval"  # alerts show as observations of the asset whose telemetry raised them
+
+
+def _runtime_eval_mlflow_run(instance) -> tuple[str, str] | None:
+    """(tracking uri, run id) of the newest runtime_eval materialization's MLflow run, if recorded."""
+    event = instance.get_latest_materialization_event(dg.AssetKey(ALERT_ASSET))
+    meta = event.asset_materialization.metadata if event and event.asset_materialization else {}
+    run_id, uri = meta.get("mlflow_run_id"), meta.get("mlflow_tracking_uri")
+    if run_id is None or uri is None:
+        return None
+    return str(getattr(uri, "value", uri)), str(getattr(run_id, "value", run_id))
+
+
+def _tag_mlflow_run(where: tuple[str, str] | None, alerts_: list) -> None:
+    from mcx_core import alerts
+    from mcx_core.telemetry.mlflow_sink import MLflowSink
+
+    if where and alerts_:
+        MLflowSink(*where).set_tags(alerts.tags(alerts_))
+
+
+@dg.asset(group_name="telemetry", deps=["runtime_eval", "gist_eval_report"], kinds={"duckdb"})
+def telemetry_analysis(
+    context: dg.AssetExecutionContext, settings: MegaContextSettings, mlflow: MLflowTracker
+) -> dg.MaterializeResult:
+    """Post-hoc analyses (`reports/analysis/`): residency histogram, ΔNLL vs compression, ΔNLL by
+    position within the block plus a synthetic boundary test, latency by stage vs the seed's split,
+    ping-pong spans (DuckDB over the traces), latency spikes vs actions, gist drift across JT1
+    checkpoints. Then the critical alerts: `alert.<name>` tags on this MLflow run and on runtime_eval's,
+    and `alerts.command` / `alerts.webhook_url` when configured."""
+    from mcx_core import alerts, analysis
+    from mcx_core.model import load_base_model
+    from mcx_core.pipeline import ArtifactPaths
+
+    cfg = settings.load()
+    paths = ArtifactPaths.from_config(cfg)
+    with mlflow.run(context, cfg, settings.root_dir()) as sink:
+        lm = load_base_model(cfg.base_model, cfg.dataset, seed=cfg.seed)
+        done, skipped, index = analysis.run_all(cfg, sink, lm, synthetic=True)
+        fired = alerts.evaluate_artifacts(cfg.alerts, paths.traces, paths.checkpoints)
+        alerts.tag_run(sink, fired)
+    _tag_mlflow_run(_runtime_eval_mlflow_run(context.instance), fired)
+    for problem in alerts.dispatch(fired, cfg.alerts, {"config": cfg.name, "dagster_run_id": context.run_id}):
+        context.log.warning(problem)
+    for a in fired:
+        context.log.warning("ALERT %s: %s (%s)", a.name, a.message, a.source)
+    meta = {}
+    for r in done.values():
+        meta.update(floats(r.metrics))
+    return dg.MaterializeResult(
+        metadata={
+            **meta,
+            "alerts_fired": dg.MetadataValue.int(len(fired)),
+            "alerts": dg.MetadataValue.md(alerts.markdown(fired)),
+            "index": markdown_file(index),
+            "skipped": dg.MetadataValue.json(skipped),
+            "reports": dg.MetadataValue.path(str(index.parent)),
+        }
+    )
+
+
+@dg.asset_check(asset="runtime_eval", blocking=True)
+def telemetry_schema_valid(settings: MegaContextSettings) -> dg.AssetCheckResult:
+    """Every trace line has the SPEC §6 keys with their types (steps increasing), every delta table
+    passes its schema, every report JSON parses with its keys; a failure names `file:line`."""
+    from mcx_core.pipeline import ArtifactPaths
+    from mcx_core.telemetry.schemas import validate_artifacts
+
+    problems, counts = validate_artifacts(ArtifactPaths.from_config(settings.load()).root)
+    meta = {f"{k}_checked": dg.MetadataValue.int(v) for k, v in counts.items()}
+    meta["problems"] = dg.MetadataValue.int(len(problems))
+    if problems:
+        meta["details"] = dg.MetadataValue.md("\n".join(f"- `{p}`" for p in problems[:20]))
+    return dg.AssetCheckResult(
+        passed=not problems,
+        metadata=meta,
+        description=f"{len(problems)} problems; first: {problems[0]}" if problems else "telemetry files valid",
+    )
+
+
+TMP_TRACE = re.compile(r"/[.]([^/]+[.]jsonl)[.]tmp$")
+
+
+def _alert_key(a) -> str:
+    """One alert per source and name: a finished trace is the same source as its in-progress `.tmp`."""
+    return TMP_TRACE.sub(lambda m: "/" + m.group(1), a.source) + "|" + a.name
+
+
+def _file_state(paths) -> dict[str, int]:
+    from mcx_core.alerts import trace_files
+
+    files = trace_files(paths.traces) + sorted(paths.checkpoints.glob("JT1_cycle*_step*/trainer_state.json"))
+    out = {}
+    for f in files:
+        try:
+            out[str(f)] = f.stat().st_mtime_ns
+        except FileNotFoundError:  # a .tmp trace renamed since the glob
+            continue
+    return out
+
+
+@dg.sensor(
+    name="telemetry_alerts",
+    minimum_interval_seconds=120,
+    default_status=dg.DefaultSensorStatus.RUNNING,
+)
+def telemetry_alerts(
+    context: dg.SensorEvaluationContext, settings: MegaContextSettings, mlflow: MLflowTracker
+) -> dg.SensorResult:
+    """Real-time alerts: re-reads traces that changed (runs in progress included), the JT1 cycles'
+    ΔNLL and the latest MLflow metrics of the config's experiment; each new alert becomes an
+    observation of runtime_eval (visible in the asset's history), an `alert.<name>` tag on its MLflow
+    run, and a call of the configured hook."""
+    from mcx_core import alerts
+    from mcx_core.pipeline import ArtifactPaths
+    from mcx_core.telemetry.mlflow_sink import default_tracking_uri
+
+    cfg = settings.load()
+    paths = ArtifactPaths.from_config(cfg)
+    cursor = json.loads(context.cursor) if context.cursor else {}
+    seen, raised = cursor.get("files", {}), set(cursor.get("raised", []))
+    state = _file_state(paths)
+    changed = [Path(f) for f, t in state.items() if seen.get(f) != t]
+    traces = [f for f in changed if f.name != "trainer_state.json"]
+    found = [(None, a) for f in traces for a in alerts.evaluate_records(
+        alerts.read_trace(f, partial=f.name.endswith(".tmp")), cfg.alerts, str(f))]
+    if len(traces) < len(changed):  # a JT1 checkpoint changed: ΔNLL across cycles
+        cycles = alerts.cycle_delta_nll(paths.checkpoints)
+        a = alerts.delta_nll_alert([v for _, v in cycles], cfg.alerts, str(paths.checkpoints),
+                                   [f"cycle {c}" for c, _ in cycles])
+        found += [(None, a)] if a else []
+    uri = mlflow.tracking_uri or cfg.mlflow.tracking_uri or default_tracking_uri(settings.root_dir())
+    mlflow_ms = cursor.get("mlflow_ms", 0)
+    if Path(uri.removeprefix("sqlite:///")).is_file() or not uri.startswith("sqlite:///"):
+        by_run, mlflow_ms = alerts.mlflow_alerts(uri, cfg.mlflow.experiment or cfg.name, cfg.alerts, mlflow_ms)
+        found += [(run_id, a) for run_id, run_alerts in by_run for a in run_alerts]
+    new = [(run_id, a) for run_id, a in found if _alert_key(a) not in raised]
+    events = []
+    if new:
+        fresh = [a for _, a in new]
+        alerts.dispatch(fresh, cfg.alerts, {"config": cfg.name, "sensor": context.sensor_name})
+        _tag_mlflow_run(_runtime_eval_mlflow_run(context.instance), [a for run_id, a in new if run_id is None])
+        for run_id in {r for r, _ in new if r}:
+            _tag_mlflow_run((uri, run_id), [a for r, a in new if r == run_id])
+        events.append(dg.AssetObservation(
+            asset_key=ALERT_ASSET,
+            metadata={
+                "alerts_fired": dg.MetadataValue.int(len(fresh)),
+                "alerts": dg.MetadataValue.md(alerts.markdown(fresh)),
+                **{a.tag: dg.MetadataValue.text(a.message) for a in fresh},
+            },
+        ))
+        raised |= {_alert_key(a) for a in fresh}
+    new_cursor = json.dumps({"files": state, "mlflow_ms": mlflow_ms, "raised": sorted(raised)[-500:]})
+    summary = (f"{len(new)} new alert(s): " + "; ".join(f"{a.name} ({Path(a.source).name})" for _, a in new)
+               if new else f"no new alert ({len(changed)} changed telemetry files)")
+    return dg.SensorResult(asset_events=events, cursor=new_cursor, skip_reason=summary)

@@ -66,7 +66,11 @@ def _cfg(lora=None, allocator=None, **training):
         {
             "name": "jt3-test",
             "seed": 5,
-            "dataset": {"context_tokens": C, "horizon": H, "corpora": {"n": {"source": "embedded:shakespeare"}}},
+            "dataset": {
+                "context_tokens": C,
+                "horizon": H,
+                "corpora": {"n": {"source": "embedded:shakespeare"}},
+            },
             "base_model": {"source": "tiny_random"},
             "working_context": {"w_max": 96, "eval_w_max": [64, 96], "recent_tokens": 32},
             "runtime": {"refocus_every": 32},
@@ -119,9 +123,8 @@ def test_adapter_changes_outputs_and_detaches_to_the_original_model(lm):
             assert torch.equal(_logits(lm), before)
         assert torch.equal(_logits(lm), adapted)
         assert not any(p.requires_grad for n, p in lm.model.named_parameters() if "lora_" not in n)
-        with pytest.raises(RuntimeError, match="already has an adapter"):
-            with jt3.lora_adapter(lm, _cfg().lora):
-                pass
+        with pytest.raises(RuntimeError, match="already has an adapter"), jt3.lora_adapter(lm, _cfg().lora):
+            pass
     assert not jt3.has_adapter(lm)
     assert torch.equal(_logits(lm), before)
     assert lm.weights_checksum() == checksum
@@ -130,14 +133,13 @@ def test_adapter_changes_outputs_and_detaches_to_the_original_model(lm):
 
 def test_a_changed_base_model_is_caught():
     lm = _lm()
-    with pytest.raises(jt3.BaseModelChanged, match="weights changed"):
-        with jt3.lora_adapter(lm, _cfg().lora):
-            with torch.no_grad():
-                lm.model.model.layers[0].mlp.up_proj.weight.add_(1e-3)
+    changed = pytest.raises(jt3.BaseModelChanged, match="weights changed")
+    with changed, jt3.lora_adapter(lm, _cfg().lora), torch.no_grad():
+        lm.model.model.layers[0].mlp.up_proj.weight.add_(1e-3)
     lm = _lm()
-    with pytest.raises(jt3.BaseModelChanged, match="modules, hooks or flags"):
-        with jt3.lora_adapter(lm, _cfg().lora):
-            lm.model.get_input_embeddings().register_forward_hook(lambda m, i, o: None)
+    hooked = pytest.raises(jt3.BaseModelChanged, match="modules, hooks or flags")
+    with hooked, jt3.lora_adapter(lm, _cfg().lora):
+        lm.model.get_input_embeddings().register_forward_hook(lambda m, i, o: None)
     assert not jt3.has_adapter(lm)
 
 
@@ -157,9 +159,11 @@ def test_adapter_save_load_round_trip(lm, tmp_path):
     with jt3.lora_adapter(lm, _cfg().lora, seed=3) as adapter:
         jt3.load_adapter_weights(adapter, tmp_path / "lora", _cfg().lora)
         assert torch.equal(_logits(lm), adapted)
-    with jt3.lora_adapter(lm, _cfg({"rank": 2}).lora) as adapter:
-        with pytest.raises(ValueError, match="does not match"):
-            jt3.load_adapter_weights(adapter, tmp_path / "lora", _cfg({"rank": 2}).lora)
+    with (
+        jt3.lora_adapter(lm, _cfg({"rank": 2}).lora) as adapter,
+        pytest.raises(ValueError, match="does not match"),
+    ):
+        jt3.load_adapter_weights(adapter, tmp_path / "lora", _cfg({"rank": 2}).lora)
     assert torch.equal(_logits(lm), before)
 
 
@@ -199,7 +203,9 @@ def test_only_adapter_parameters_are_optimised_and_get_gradients(lm, gister, len
         assert all(p.grad.abs().sum() > 0 for n, p in named if ".lora_B." in n)  # (A's is 0 while B = 0)
         assert all(p.grad is None for n, p in lm.model.named_parameters() if "lora_" not in n)
         opt.zero_grad(set_to_none=True)
-    assert all(p.grad is None for p in gister.parameters()) and all(p.grad is None for p in lensnet.parameters())
+    assert all(p.grad is None for p in gister.parameters()) and all(
+        p.grad is None for p in lensnet.parameters()
+    )
     assert metrics[M.TRAIN_LORA_LOSS] == pytest.approx(loss.item())
     assert metrics[M.TRAIN_LORA_ACTIVE_TOKENS] == pytest.approx((samples[0].cost + samples[1].cost) / 2)
 
@@ -309,7 +315,9 @@ def test_resume_after_interruption_matches_uninterrupted_run(lm, gister, lensnet
     again = jt3.train_jt3(cfg, lm, gister, lensnet, _ids(), tmp_path / "b", MemorySink(), progress=False)
     assert again.steps == 4 and again.checkpoint == resumed.checkpoint
     with pytest.raises(ValueError, match="another GistNet/LensNet"):
-        jt3.train_jt3(cfg, lm, gister, _lensnet(lm, seed=1), _ids(), tmp_path / "b", MemorySink(), progress=False)
+        jt3.train_jt3(
+            cfg, lm, gister, _lensnet(lm, seed=1), _ids(), tmp_path / "b", MemorySink(), progress=False
+        )
     assert torch.equal(_logits(lm), before)
 
 

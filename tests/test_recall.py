@@ -145,3 +145,14 @@ def test_filler_is_the_held_out_split_of_the_block_dataset(cfg, tokenizer, fille
     assert set(table.column("doc_id").to_pylist()) <= doc_ids
     train = set(data.load_split(tmp_path / "ds", "narrative", "train").column("doc_id").to_pylist())
     assert not doc_ids & train
+
+
+def test_needles_stay_out_of_the_recency_window_of_every_swept_w_max(tokenizer, filler, tmp_path):
+    """A region reaching into the newest tokens is cut where recency at the largest W_max begins."""
+    cfg = make_cfg(tmp_path, w_max=[64, 160], recall_needle_region=[0.1, 0.9])
+    start = recall.recency_start(cfg)
+    assert start == C - (160 - cfg.working_context.sink_tokens)
+    _, _, metas = recall.build_recall_samples(cfg, tokenizer, 8, seed=5, filler=filler)
+    assert all(
+        s >= cfg.working_context.sink_tokens and e <= start for m in metas for s, e in m["needle_spans"]
+    )

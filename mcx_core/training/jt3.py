@@ -174,7 +174,7 @@ def load_lora(lm: BaseLM, checkpoint_dir: str | Path, trainable: bool = False) -
         return PeftModel.from_pretrained(model, str(path), is_trainable=trainable)
 
     with _attached(lm, attach) as adapter:
-        adapter.eval()  # LoRA dropout off; the base model was in eval mode already
+        _set_dropout(adapter, False)  # LoRA dropout off; the base model stays as it is (eval)
         yield adapter
 
 

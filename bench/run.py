@@ -20,6 +20,7 @@ SUITES = {
     "model": "bench_model",
     "gist": "bench_gist",
     "runtime": "bench_runtime",
+    "lora": "bench_lora",
 }
 
 

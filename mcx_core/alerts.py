@@ -64,8 +64,7 @@ def rolling_means(values: Sequence[float], window: int) -> np.ndarray:
     w = min(window, len(a))
     if w == 0:
         return a
-    c = np.concatenate([[0.0], np.cumsum(a)])
-    return (c[w:] - c[:-w]) / w
+    return np.convolve(a, np.ones(w), "valid") / w  # each window summed on its own: equal windows, equal means
 
 
 def swap_rate_alert(swap_rates: Sequence[float], cfg: AlertsConfig, source: str,
@@ -258,7 +257,7 @@ def dispatch(alerts: Sequence[Alert], cfg: AlertsConfig, context: dict[str, Any]
     if cfg.command:
         try:
             done = subprocess.run(cfg.command, shell=True, input=body, text=True, capture_output=True,
-                                  timeout=cfg.hook_timeout_s)
+                                  timeout=cfg.hook_timeout_s, check=False)
             if done.returncode:
                 problems.append(f"alerts.command exited {done.returncode}: {done.stderr.strip()[:300]}")
         except (OSError, subprocess.SubprocessError) as err:

@@ -299,7 +299,7 @@ def residency_analysis(rows: list[dict], out: Path, min_residency: float,
     forced = [r["residency"] for r in rows if r["forced"]]
     top = max([r["residency"] for r in rows], default=0)
     bins = list(range(top + 1))
-    count = lambda vals: [sum(1 for v in vals if v == b) for b in bins]  # noqa: E731
+    count = lambda vals: [sum(1 for v in vals if v == b) for b in bins]
     plot = histogram_plot(
         out / "residency.png", bins, {"chosen by the policy": count(chosen), "forced by the budget": count(forced)},
         xlabel="residency (allocator steps at one level before the swap)",
@@ -317,9 +317,9 @@ def residency_analysis(rows: list[dict], out: Path, min_residency: float,
     )
     sections = [
         "# Residency histogram",
-        "Residency = allocator steps a span stayed at one level before it was swapped (SPEC §7). Forced "
+        ("Residency = allocator steps a span stayed at one level before it was swapped (SPEC §7). Forced "
         "collapses (the budget making room as history grows) are shown apart: their residency is set by "
-        "`recent_tokens / refocus_every`, not by the focus policy.",
+        "`recent_tokens / refocus_every`, not by the focus policy."),
         reports.markdown_table([{"swaps": "chosen", "n": len(chosen), "mean": metrics[M.ANALYSIS_RESIDENCY_MEAN],
                                  f"share < {min_residency:g}": metrics[M.ANALYSIS_RESIDENCY_BELOW_MIN]},
                                 {"swaps": "forced", "n": len(forced), "mean": metrics[M.ANALYSIS_FORCED_RESIDENCY_MEAN]}],
@@ -356,8 +356,8 @@ def compression_analysis(rows, out: Path, threshold: float, horizon: int,
         f"{within:.0%}" if gist else "no learned-gist rows")
     sections = [
         f"# ΔNLL vs compression (acceptance ΔNLL ≤ {threshold:g})",
-        "One point per scored sample and condition; compression = full history length / positions the "
-        "base model read.",
+        ("One point per scored sample and condition; compression = full history length / positions the "
+        "base model read."),
         f"![compression]({plot.name})",
         reports.markdown_table(table, list(table[0])),
     ]
@@ -372,6 +372,17 @@ def position_grid(delta_by_position: Sequence[float], block_size: int) -> np.nda
     grid = np.full(rows * block_size, np.nan)
     grid[: len(v)] = v
     return grid.reshape(rows, block_size)
+
+
+def _worst_column(grid: np.ndarray) -> int:
+    """The position within the block with the highest mean ΔNLL (-1 when nothing is finite)."""
+    g = np.asarray(grid, dtype=np.float64)
+    ok = np.isfinite(g)
+    counts = ok.sum(axis=0)
+    if not counts.any():
+        return -1
+    means = np.where(counts > 0, np.where(ok, g, 0.0).sum(axis=0) / np.maximum(counts, 1), -np.inf)
+    return int(np.argmax(means))
 
 
 def boundary_excess(grid: np.ndarray) -> float:
@@ -447,7 +458,11 @@ def synthetic_boundary_test(cfg: MegaContextConfig, lm, gister, n_samples: int |
     }
     rows = E.evaluate(lm, layouts, conditions, [wc.w_max], C, H, cfg.evaluation.batch_size, progress)
     by_pos = delta_by_position(rows, "gist", wc.w_max)
-    summary = {s["dataset"]: s["delta_nll_gist_mean"] for s in E.summarize(rows, methods=["gist"])}
+    full = {(r.dataset, r.sample_id): r.nll for r in rows if r.condition == "full"}
+    summary = {
+        name: M.mean([r.nll - full[(r.dataset, r.sample_id)] for r in rows if r.dataset == name and r.condition == "gist"])
+        for name in layouts
+    }
     return {"rows": rows, "by_position": by_pos, "grids": {k: position_grid(v, K) for k, v in by_pos.items()},
             "delta_nll_mean": summary, "samples": n, "w_max": wc.w_max}
 
@@ -465,15 +480,15 @@ def boundary_analysis(grids: dict[str, np.ndarray], out: Path, block_size: int, 
                         xlabel=f"token position within the {block_size}-token block",
                         title="ΔNLL (gists − full history) by position within block", colorbar="ΔNLL (nats)")
     rows = [{"rows": name, "edge_minus_interior": boundary_excess(g),
-             "worst_position": int(np.nanargmax(np.nanmean(g, axis=0))) if np.isfinite(g).any() else -1}
+             "worst_position": _worst_column(g)}
             for name, g in groups.items()]
     excess = boundary_excess(np.concatenate([np.atleast_2d(g) for g in grids.values()])) if grids else math.nan
     metrics = {M.ANALYSIS_BOUNDARY_EXCESS: excess}
     sections = [
         "# Boundary artifacts: ΔNLL by position within the block",
-        f"ΔNLL of each horizon token (gists − full history), arranged by its position within the "
+        (f"ΔNLL of each horizon token (gists − full history), arranged by its position within the "
         f"{block_size}-token block; the horizon starts on a block boundary. Edge − interior > 0 means tokens at "
-        f"block edges suffer more. Source: {source}.",
+        f"block edges suffer more. Source: {source}."),
         f"![boundary]({plot.name})",
         reports.markdown_table(rows, ["rows", "edge_minus_interior", "worst_position"]),
     ]
@@ -483,9 +498,9 @@ def boundary_analysis(grids: dict[str, np.ndarray], out: Path, block_size: int, 
         metrics[M.ANALYSIS_BOUNDARY_ALIGNED], metrics[M.ANALYSIS_BOUNDARY_SHIFTED] = al, sh
         sections += [
             "## Synthetic boundary test",
-            f"{synthetic['samples']} samples per layout of stdlib function definitions, each starting on a block "
+            (f"{synthetic['samples']} samples per layout of stdlib function definitions, each starting on a block "
             f"boundary (aligned) or {block_size // 2} tokens later (shifted), newline tokens in between; gists "
-            f"at W_max = {synthetic['w_max']}. Gister: {synthetic.get('gister', 'learned')}.",
+            f"at W_max = {synthetic['w_max']}. Gister: {synthetic.get('gister', 'learned')}."),
             reports.markdown_table([{"layout": "aligned", "delta_nll_mean": al}, {"layout": "shifted", "delta_nll_mean": sh},
                                     {"layout": "aligned − shifted", "delta_nll_mean": al - sh}],
                                    ["layout", "delta_nll_mean"]),
@@ -520,9 +535,9 @@ def latency_analysis(stages: dict[str, dict[str, float]], out: Path,
     summary = f"mean step {total:.1f} ms; largest gap to the target split: {worst['part']} {worst['measured − target']:+.0%}"
     sections = [
         "# Latency breakdown by stage",
-        "Mean ms per engine stage over every traced step, grouped as the seed's target allocation (LensNet "
+        ("Mean ms per engine stage over every traced step, grouped as the seed's target allocation (LensNet "
         "30 %, allocator 10 %, base forward 50 %, context reconstruction 10 %); `checks` (SPEC §2 invariants "
-        "every step) is debugging cost outside that split; `ingest` includes gisting completed blocks.",
+        "every step) is debugging cost outside that split; `ingest` includes gisting completed blocks."),
         reports.markdown_table(part_rows, ["part", "measured", "target", "measured − target"]),
         f"![latency]({plot.name})",
         reports.markdown_table(stage_rows, ["stage", "part", "mean_ms", "p50_ms", "p95_ms", "share"]),
@@ -539,7 +554,8 @@ def oscillation_analysis(events: list[dict], timeline: list[dict], out: Path, wi
     for r in timeline:
         key = (r["trace"], r["span_start"], r["span_end"])
         r["label"] = f"{'⟲ ' if key in pp else ''}{_short(r['trace'])} [{r['span_start']},{r['span_end']})"
-    labels = list(dict.fromkeys(r["label"] for r in timeline)) or ["(no actions)"]
+    order = sorted({(r["trace"], r["span_start"], r["label"]) for r in timeline})
+    labels = [lab for _, _, lab in order] or ["(no actions)"]
     plot = timeline_plot(out / "oscillation.png", timeline, labels,
                          title=f"{len(spans)} ping-pong spans (⟲) within {window} steps; busiest spans' actions")
     metrics = {M.ANALYSIS_OSCILLATING_SPANS: float(len(spans)), M.ANALYSIS_PING_PONGS: float(len(events))}
@@ -548,10 +564,10 @@ def oscillation_analysis(events: list[dict], timeline: list[dict], out: Path, wi
     summary = f"{len(events)} ping-pong events on {len(spans)} spans (window {window} steps)"
     sections = [
         "# Allocator oscillation: ping-pong spans",
-        f"A ping-pong is expand → collapse → expand of the same token span with the third action at most {window} "
+        (f"A ping-pong is expand → collapse → expand of the same token span with the third action at most {window} "
         "steps after the first (`alerts.oscillation_window`), found with DuckDB SQL over the traces "
         "(`mcx_core.analysis.PING_PONG_SQL`). Fix: raise cooldown/min residency, widen the hysteresis band, "
-        "or smooth LensNet scores.",
+        "or smooth LensNet scores."),
         reports.markdown_table(table, ["trace", "span", "level", "steps"]) if table else "No ping-pong span found.",
         f"![oscillation]({plot.name})",
     ]
@@ -589,9 +605,9 @@ def spikes_analysis(steps: list[dict], out: Path, ratio: float, sink: TelemetryS
                + ("n/a" if math.isnan(corr) else f"{corr:+.2f}"))
     sections = [
         f"# Latency spikes (> {ratio:g}× the trace's median step)",
-        "Pearson correlation of the number of allocator actions with step latency (relative to its trace's "
+        ("Pearson correlation of the number of allocator actions with step latency (relative to its trace's "
         "median), and the actions of spike vs other steps. A first step that spikes with no actions is "
-        "one-time setup, not focus work.",
+        "one-time setup, not focus work."),
         reports.markdown_table([{"steps": "spike", "n": len(spikes), "actions_mean": metrics[M.ANALYSIS_SPIKE_ACTIONS_MEAN]},
                                 {"steps": "other", "n": len(calm), "actions_mean": metrics[M.ANALYSIS_CALM_ACTIONS_MEAN]},
                                 {"steps": "corr(actions, latency)", "n": len(steps), "actions_mean": corr}],
@@ -640,9 +656,9 @@ def drift_analysis(rows: list[dict], out: Path, sink: TelemetrySink | None = Non
                if len(rows) > 1 else "one checkpoint: nothing to compare yet")
     sections = [
         "# Gist drift across JT1 checkpoints",
-        "Mean cosine similarity of the gists the checkpoints give the same probe blocks (the first blocks of "
+        ("Mean cosine similarity of the gists the checkpoints give the same probe blocks (the first blocks of "
         "each corpus's val split). Falling similarity with rising ΔNLL is the seed's gist-drift scenario: "
-        "refresh the delta labels, lower the JT1 learning rate.",
+        "refresh the delta labels, lower the JT1 learning rate."),
         reports.markdown_table(rows, ["checkpoint", "cosine_to_first", "cosine_to_previous"]),
         f"![drift]({plot.name})",
     ]

@@ -38,15 +38,16 @@ class RunInfo:
 
 def resolve_run(client, ref: str) -> tuple[Any, str]:
     """The run `ref` names (an id, else a run name in any experiment, newest first); (run, note)."""
-    if RUN_ID.fullmatch(ref):
-        try:
-            return client.get_run(ref), ""
-        except Exception:  # MlflowException: fall back to a run *named* like an id
-            pass
     exps = [e.experiment_id for e in client.search_experiments()]
+    if not exps:
+        raise RunNotFound(f"no experiment in {client.tracking_uri}")
+    if RUN_ID.fullmatch(ref):
+        by_id = list(client.search_runs(exps, f"attributes.run_id = '{ref}'", max_results=1))
+        if by_id:
+            return by_id[0], ""
     quoted = ref.replace("'", "\\'")
     runs = list(client.search_runs(exps, f"attributes.run_name = '{quoted}'", order_by=["attributes.start_time DESC"],
-                                   max_results=50)) if exps else []
+                                   max_results=50))
     if not runs:
         raise RunNotFound(f"no MLflow run with id or name {ref!r} in {client.tracking_uri}")
     note = f"{len(runs)} runs are named {ref!r}; using the newest ({runs[0].info.run_id})" if len(runs) > 1 else ""

@@ -626,3 +626,62 @@ def read_runtime_eval(cfg: MegaContextConfig) -> dict:
     if not path.is_file():
         raise FileNotFoundError(f"{path} is missing; materialize runtime_eval first")
     return json.loads(path.read_text(encoding="utf-8"))
+
+
+# ---------------------------------------------------------------------------------------------- JT3 + gate
+
+
+def train_lora(cfg: MegaContextConfig, lm: BaseLM, sink: TelemetrySink | None = None, cycle: int = 0,
+               resume: bool = True, progress: bool = True):
+    """JT3: LoRA adapters on the base model, trained on Loss@H with working contexts chosen by the
+    current LensNet + allocator (GistNet, LensNet frozen); returns the trainer's `JT3Result`."""
+    from mcx_core.training.jt1 import load_gister
+    from mcx_core.training.jt2 import load_lensnet
+    from mcx_core.training.jt3 import train_jt3
+
+    gist_ck, lens_ck = jt1_checkpoint(cfg, cycle), jt2_checkpoint(cfg, cycle)
+    return train_jt3(
+        cfg, lm, load_gister(gist_ck, lm), load_lensnet(lens_ck, lm.device), train_ids(cfg),
+        ArtifactPaths.from_config(cfg).checkpoints, sink or NullSink(), cycle=cycle, resume=resume, progress=progress,
+    )
+
+
+def jt3_checkpoint(cfg: MegaContextConfig, cycle: int = 0) -> Path:
+    from mcx_core.training.common import latest_checkpoint
+
+    where = ArtifactPaths.from_config(cfg).checkpoints
+    found = latest_checkpoint(where, 3, cycle)
+    if found is None:
+        raise FileNotFoundError(f"no complete JT3_cycle{cycle}_step* checkpoint under {where}; train LoRA first")
+    return found
+
+
+def acceptance_evidence(cfg: MegaContextConfig) -> dict:
+    """Every SPEC §8 criterion as a gate, from the stored evaluations and training states."""
+    from mcx_core import acceptance
+    from mcx_core.training import common
+
+    gates = acceptance.gist_delta_nll_gates(cfg, read_gist_eval(cfg)["summary"])
+    gates += acceptance.stress_gates(cfg, read_gist_eval(cfg)["stress"])
+    for group in acceptance.runtime_gates(cfg, read_runtime_eval(cfg)["summary"]).values():
+        gates += group
+    jt1 = jt1_checkpoint(cfg)
+    state = common.read_json(jt1 / common.TRAINER_STATE_FILE)
+    problems, _ = check_training_finite(jt1)
+    finite_steps = float(state["global_step"]) if not problems else 0.0
+    gates.append(acceptance.at_least("nan_free_steps", "JT1 steps without NaN/inf", finite_steps, cfg.acceptance.nan_free_steps))
+    return {
+        "gates": [g.to_dict() for g in gates],
+        "passed": all(g.passed for g in gates),
+        "checkpoints": {"gistnet": str(jt1), "lensnet": str(jt2_checkpoint(cfg))},
+        "summary": acceptance.summarize(gates),
+    }
+
+
+def promote_champion(cfg: MegaContextConfig, evidence: dict) -> Path:
+    """Mark the checkpoint set that passed the gate: `artifacts/champion.json` (atomic)."""
+    import datetime
+
+    path = ArtifactPaths.from_config(cfg).root / "champion.json"
+    reports.write_json(path, {"promoted_at": datetime.datetime.now(datetime.UTC).isoformat(), **evidence})
+    return path

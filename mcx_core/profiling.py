@@ -21,7 +21,7 @@ import tracemalloc
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 import torch
 
@@ -94,7 +94,7 @@ class RssSampler:
             self.samples.append((1000 * (time.perf_counter() - t0), self.process.memory_info().rss / 2**20))
             time.sleep(self.interval_s)
 
-    def __enter__(self) -> "RssSampler":
+    def __enter__(self) -> Self:
         self._thread.start()
         return self
 
@@ -160,9 +160,9 @@ def profile_runtime_step(
         step()
     cuda = lm.device.type == "cuda"
     activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if cuda else [])
-    with torch.profiler.profile(activities=activities, record_shapes=True, profile_memory=True) as prof:
-        with stage_ranges(engine):
-            profiled = step()
+    with (torch.profiler.profile(activities=activities, record_shapes=True, profile_memory=True) as prof,
+          stage_ranges(engine)):
+        profiled = step()
     chrome = out_dir / "runtime_profile.json"
     prof.export_chrome_trace(str(chrome))
     top, ranges = _top_ops(prof, cuda), _stage_ranges(prof)
@@ -178,8 +178,8 @@ def profile_runtime_step(
         metrics[M.PROFILE_GPU_PEAK_ALLOCATED_GB] = torch.cuda.max_memory_allocated(lm.device) / 1e9
         metrics[M.PROFILE_GPU_PEAK_RESERVED_GB] = torch.cuda.max_memory_reserved(lm.device) / 1e9
         memory_section = [
-            f"CUDA allocator history of one step: `{memory}` — view it with "
-            f"`python -m torch.cuda._memory_viz trace_plot {memory} -o memory.html` (or pytorch.org/memory_viz).",
+            (f"CUDA allocator history of one step: `{memory}` — view it with "
+            f"`python -m torch.cuda._memory_viz trace_plot {memory} -o memory.html` (or pytorch.org/memory_viz)."),
             reports.markdown_table([{"peak_allocated_gb": metrics[M.PROFILE_GPU_PEAK_ALLOCATED_GB],
                                      "peak_reserved_gb": metrics[M.PROFILE_GPU_PEAK_RESERVED_GB]}],
                                    ["peak_allocated_gb", "peak_reserved_gb"]),
@@ -202,19 +202,19 @@ def profile_runtime_step(
             "samples": [{"t": t, "rss": mb} for t, mb in samples],
             "stage_ends_ms": _cumulative(mem_step.laps),
         })
-        plots = {"memory": reports.line_plot(
+        plots = {"memory_plot": reports.line_plot(
             report_dir / "profile_memory.png", [t for t, _ in samples], {"RSS": rss_mb},
             xlabel="ms since the step began", ylabel="resident set size (MB)",
             title="Process memory during one runtime step (CPU)",
         )}
         memory_section = [
-            "Resident set size sampled every millisecond during one more step (tensors included), and "
-            "tracemalloc's view of Python-level allocations.",
+            ("Resident set size sampled every millisecond during one more step (tensors included), and "
+            "tracemalloc's view of Python-level allocations."),
             reports.markdown_table([{"peak_rss_mb": metrics[M.PROFILE_PEAK_RSS_MB],
                                      "rss_growth_mb": metrics[M.PROFILE_RSS_GROWTH_MB],
                                      "python_traced_peak_mb": metrics[M.PROFILE_TRACED_PEAK_MB]}],
                                    ["peak_rss_mb", "rss_growth_mb", "python_traced_peak_mb"]),
-            f"![memory]({plots['memory'].name})",
+            f"![memory]({plots['memory_plot'].name})",
             reports.markdown_table([{"site": str(s.traceback[0]), "mb": s.size / 2**20, "blocks": s.count} for s in sites],
                                    ["site", "mb", "blocks"]) if sites else "No Python allocation outlived the step.",
             f"Timeline: `{memory}`.",
@@ -225,11 +225,11 @@ def profile_runtime_step(
                 for k, v in profiled.laps.items()]
     sections = [
         f"# Runtime step profile — config `{cfg.name}`",
-        f"One `MegaContextEngine.step` ({R} new tokens, horizon {H}, W_max {engine.w_max}) after {prefill} "
+        (f"One `MegaContextEngine.step` ({R} new tokens, horizon {H}, W_max {engine.w_max}) after {prefill} "
         f"prefilled tokens and {warmup_steps} warm-up step(s), policy `{getattr(policy, 'name', type(policy).__name__)}`, "
-        f"device `{lm.device}`. Step under the profiler: {profiled.latency_ms:.1f} ms.",
-        f"Chrome trace: `{chrome}` (open in chrome://tracing or ui.perfetto.dev; engine stages are the "
-        "`mcx/*` ranges).",
+        f"device `{lm.device}`. Step under the profiler: {profiled.latency_ms:.1f} ms."),
+        (f"Chrome trace: `{chrome}` (open in chrome://tracing or ui.perfetto.dev; engine stages are the "
+        "`mcx/*` ranges)."),
         "## Stages (stopwatch laps of the profiled step)",
         reports.markdown_table(lap_rows, ["stage", "ms", "share"]),
         reports.markdown_table(ranges, ["range", "calls", "cpu_total_ms"]) if ranges else "",

@@ -77,11 +77,18 @@ def materialize(config_path: str, selection: str | None, log_level: str, force: 
 
     from mcx_dagster.definitions import defs
 
-    result = run_materialize(defs(), selection, dg.DagsterInstance.get(), log_level=log_level)
+    definitions = defs()
+    instance = dg.DagsterInstance.get()
+    result = run_materialize(definitions, selection, instance, log_level=log_level)
     _print_outcome(result)
     failed = _failed_checks(result)
     if step_failures(result):
         sys.exit(1)
+    if selection is None:  # second pass: the post-hoc analyses, which must run even when a gate failed
+        analysis = run_materialize(definitions, POST_HOC, instance, log_level=log_level)
+        _print_outcome(analysis)
+        if step_failures(analysis):
+            sys.exit(1)
     if failed:
         for ev in failed:
             click.echo(f"check failed: {ev.asset_key.to_user_string()}:{ev.check_name}: {ev.description or ''}", err=True)
@@ -89,6 +96,7 @@ def materialize(config_path: str, selection: str | None, log_level: str, force: 
 
 
 EXIT_CHECKS_FAILED = 3
+POST_HOC = ["telemetry_analysis"]
 
 
 def run_materialize(definitions, selection: str | None, instance, resources: dict | None = None,
@@ -98,6 +106,10 @@ def run_materialize(definitions, selection: str | None, instance, resources: dic
     import dagster as dg
 
     assets = list(definitions.assets or []) + list(definitions.asset_checks or [])
+    if selection is None:  # everything but partitioned assets (the sweep runs per partition: its schedule)
+        selection = dg.AssetSelection.all() - dg.AssetSelection.assets(
+            *[k for a in definitions.assets or [] if getattr(a, "partitions_def", None) for k in a.keys], *POST_HOC
+        )
     return dg.materialize(
         assets,
         instance=instance,
@@ -288,6 +300,17 @@ def query(sql: str, params: tuple[str, ...], as_json: bool, artifacts: str):
     for r in rows:
         table.add_row(*(f"{v:.4g}" if isinstance(v, float) else str(v) for v in r))
     Console().print(table)
+
+
+
+def _register_telemetry_commands() -> None:
+    from mcx_dagster.cli_telemetry import analyze, compare, profile
+
+    for command in (analyze, profile, compare):
+        main.add_command(command)
+
+
+_register_telemetry_commands()
 
 
 if __name__ == "__main__":

@@ -291,7 +291,7 @@ def compare(run_a, run_b, config_path, tracking_uri, out_dir, as_json):
 
     cfg = _config(config_path) if config_path else None
     uri = _tracking_uri(cfg, tracking_uri)
-    safe = lambda s: re.sub(r"[^\w.-]+", "_", s)[:40]  # noqa: E731
+    safe = lambda s: re.sub(r"[^\w.-]+", "_", s)[:40]
     artifacts = resolve_path(cfg.artifacts_dir) if cfg else project_root() / "artifacts"
     out = Path(out_dir) if out_dir else artifacts / "reports" / "compare" / f"{safe(run_a)}_vs_{safe(run_b)}"
     try:

@@ -5,6 +5,7 @@ import json
 import threading
 from http.server import BaseHTTPRequestHandler, HTTPServer
 from pathlib import Path
+from typing import ClassVar
 
 import dagster as dg
 import pytest
@@ -106,7 +107,7 @@ def test_tags_name_each_alert_for_the_mlflow_run():
 
 
 class _Capture(BaseHTTPRequestHandler):
-    bodies: list = []
+    bodies: ClassVar[list] = []
 
     def do_POST(self):
         self.bodies.append(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))

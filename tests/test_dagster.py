@@ -81,6 +81,11 @@ def test_materialize_smoke_logs_to_mlflow_and_passes_checks(smoke_project):
             assert gate.metadata[f"{ds}/w96/delta_nll_gist_mean/margin"].value == pytest.approx(0.1 - value)
         values = [gate.metadata[f"{ds}/w96/delta_nll_gist_mean"].value for ds in ("narrative", "code")]
         assert gate.passed == all(v <= 0.1 for v in values)
+        # The POC gate: poc_acceptance runs only when every blocking check upstream passed.
+        blocking_failed = [e.check_name for e in evaluations.values() if not e.passed and e.check_name != "gist_stress_1024x_within_threshold"]
+        gate_open = not blocking_failed
+        materialized = {m.asset_key.to_user_string() for m in result.get_asset_materialization_events()}
+        assert ("poc_acceptance" in materialized) == gate_open, blocking_failed
         # Smoke histories (256 tokens) hold no 1024-token span: the stress check says so and passes.
         assert "not applicable" in evaluations["gist_stress_1024x_within_threshold"].description
         # The Dagster run points at its MLflow runs ...
@@ -95,7 +100,8 @@ def test_materialize_smoke_logs_to_mlflow_and_passes_checks(smoke_project):
             "mlflow.run_id.delta_table",
             "mlflow.run_id.lensnet_checkpoint",
             "mlflow.run_id.runtime_eval",
-        }
+            "mlflow.run_id.lora_checkpoint",
+        } | ({"mlflow.run_id.poc_acceptance"} if gate_open else set())
 
     # ... and every MLflow run points back at the Dagster run, with params, config and metrics.
     from mlflow import MlflowClient
@@ -164,3 +170,45 @@ def test_materialize_smoke_logs_to_mlflow_and_passes_checks(smoke_project):
     assert again["summary"] == json.loads((reports / "baseline_eval.json").read_text())
     changed = cfg.model_copy(update={"evaluation": cfg.evaluation.model_copy(update={"samples_per_dataset": 1})})
     assert not pipeline.run_baseline_eval(changed, lm, progress=False).get("cached")
+
+
+def test_acceptance_gate_blocks_on_strict_and_passes_on_lenient_thresholds(smoke_project):
+    """Same tiny run twice through the gate: impossible thresholds skip `poc_acceptance` and the
+    failing check names metric, value and threshold; lenient ones promote the checkpoint set."""
+    root, cfg_path = smoke_project
+    uri = f"sqlite:///{root / 'mlflow.db'}"
+    data = yaml.safe_load(cfg_path.read_text())
+
+    def run(acceptance: dict, selection):
+        data["acceptance"] = {**data.get("acceptance", {}), **acceptance}
+        cfg_path.write_text(yaml.safe_dump(data))
+        with dg.DagsterInstance.get() as instance:
+            return run_materialize(
+                defs(), selection, instance,
+                resources={
+                    "settings": MegaContextSettings(config_path=str(cfg_path), root=str(root)),
+                    "mlflow": MLflowTracker(tracking_uri=uri),
+                },
+            )
+
+    strict = {"swap_rate_max": -1.0}  # no run can have a negative swap rate
+    result = run(strict, None)
+    assert step_failures(result) == []
+    ev = {e.check_name: e for e in result.get_asset_check_evaluations()}["runtime_swap_rate"]
+    assert not ev.passed
+    assert ev.metadata["swap_rate/threshold"].value == -1.0
+    assert "mean swap rate" in ev.description and "misses by" in ev.description
+    skipped = {e.step_key for e in result.all_events if e.is_step_skipped}
+    assert "poc_acceptance" in skipped or "poc_acceptance" not in {
+        m.asset_key.to_user_string() for m in result.get_asset_materialization_events()
+    }
+    assert not (root / "artifacts" / "smoke" / "champion.json").exists()
+
+    lenient = {
+        "swap_rate_max": 1.0, "mean_residency_min": 0.0, "utilization_min": 0.0, "latency_overhead_max": 1000.0,
+        "delta_nll_max": 100.0, "delta_nll_1024x_max": 100.0, "nan_free_steps": 1,
+    }
+    result = run(lenient, ["gist_eval_report", "runtime_eval", "poc_acceptance"])
+    assert result.success, step_failures(result)
+    champion = json.loads((root / "artifacts" / "smoke" / "champion.json").read_text())
+    assert champion["passed"] and {g["name"] for g in champion["gates"]} >= {"swap_rate", "nan_free_steps"}

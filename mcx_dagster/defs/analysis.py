@@ -31,7 +31,10 @@ def _tag_mlflow_run(where: tuple[str, str] | None, alerts_: list) -> None:
         MLflowSink(*where).set_tags(alerts.tags(alerts_))
 
 
-@dg.asset(group_name="telemetry", deps=["runtime_eval", "gist_eval_report"], kinds={"duckdb"})
+# No declared deps on purpose: the analyses matter most when an acceptance check failed, and a
+# failed blocking check would skip everything downstream of it. `mcx materialize` runs this group in a
+# second pass after the main graph; in the UI, materialize it after `runtime_eval` / `gist_eval_report`.
+@dg.asset(group_name="telemetry", kinds={"duckdb"})
 def telemetry_analysis(
     context: dg.AssetExecutionContext, settings: MegaContextSettings, mlflow: MLflowTracker
 ) -> dg.MaterializeResult:
@@ -150,7 +153,7 @@ def telemetry_alerts(
     events = []
     if new:
         fresh = [a for _, a in new]
-        alerts.dispatch(fresh, cfg.alerts, {"config": cfg.name, "sensor": context.sensor_name})
+        alerts.dispatch(fresh, cfg.alerts, {"config": cfg.name, "sensor": "telemetry_alerts"})
         _tag_mlflow_run(_runtime_eval_mlflow_run(context.instance), [a for run_id, a in new if run_id is None])
         for run_id in {r for r, _ in new if r}:
             _tag_mlflow_run((uri, run_id), [a for r, a in new if r == run_id])

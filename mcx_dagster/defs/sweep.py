@@ -1,0 +1,75 @@
+"""The nightly evaluation sweep: a partitioned grid of W_max × dataset (narrative, code, recall),
+each partition scored with the current GistNet and upserted into
+`artifacts/deltas/eval_sweep.parquet`; the `nightly_eval_sweep` schedule requests every partition."""
+
+import os
+from pathlib import Path
+
+import dagster as dg
+
+from mcx_dagster.defs._meta import floats
+from mcx_dagster.defs.resources import DEFAULT_CONFIG, MegaContextSettings, MLflowTracker, project_root
+
+
+def _sweep_config():
+    """The grid comes from the config the code location serves (`MCX_CONFIG`, default configs/default.yaml)."""
+    from mcx_core.config import load_config
+
+    path = Path(os.environ.get("MCX_CONFIG", DEFAULT_CONFIG))
+    os.environ.setdefault("MCX_HOME", str(project_root()))
+    return load_config(path if path.is_absolute() else project_root() / path)
+
+
+_CFG = _sweep_config()
+
+
+def _grid() -> list[str]:
+    from mcx_core.sweep import sweep_partitions
+
+    return sweep_partitions(_CFG)
+
+
+eval_sweep_partitions = dg.StaticPartitionsDefinition(_grid())
+
+
+@dg.asset(
+    group_name="evaluation", deps=["gistnet_checkpoint"], partitions_def=eval_sweep_partitions, kinds={"parquet"}
+)
+def eval_sweep(context: dg.AssetExecutionContext, settings: MegaContextSettings, mlflow: MLflowTracker) -> dg.MaterializeResult:
+    """One cell of the W_max × dataset grid: full / recency / mean-pool / learned-gist NLLs per sample
+    (answer NLL and accuracy on the planted needle for `recall`), upserted into eval_sweep.parquet."""
+    from mcx_core import pipeline, sweep
+
+    cfg = settings.load()
+    with mlflow.run(context, cfg, settings.root_dir(), name=f"eval_sweep[{context.partition_key}]") as sink:
+        lm, _ = pipeline.prepare_base_model(cfg)
+        out = sweep.run_partition(cfg, lm, pipeline.jt1_checkpoint(cfg), context.partition_key, sink, progress=False)
+        rows = out["summary"]
+        sink.log_table({k: [r.get(k) for r in rows] for k in rows[0]}, f"sweep/{context.partition_key}.json")
+    return dg.MaterializeResult(
+        metadata={
+            **floats({k.split("/", 3)[-1]: v for k, v in out["metrics"].items()}),
+            "rows": dg.MetadataValue.int(out["rows"]),
+            "checkpoint": out["checkpoint"],
+            "table": dg.MetadataValue.path(str(out["table"])),
+            "seconds": dg.MetadataValue.float(out["seconds"]),
+        }
+    )
+
+
+nightly_eval_sweep_job = dg.define_asset_job(
+    "nightly_eval_sweep_job", selection=[eval_sweep], partitions_def=eval_sweep_partitions
+)
+
+
+@dg.schedule(
+    name="nightly_eval_sweep", cron_schedule=_CFG.sweep.cron, job=nightly_eval_sweep_job, execution_timezone="UTC",
+    default_status=dg.DefaultScheduleStatus.RUNNING,
+)
+def nightly_eval_sweep(context: dg.ScheduleEvaluationContext):
+    """Every night (sweep.cron, default 02:00 UTC): one run per grid cell, keyed by the night."""
+    night = context.scheduled_execution_time.strftime("%Y-%m-%d")
+    return [
+        dg.RunRequest(partition_key=key, run_key=f"{night}:{key}", tags={"mcx.sweep_night": night})
+        for key in eval_sweep_partitions.get_partition_keys()
+    ]

@@ -244,7 +244,7 @@ class _InterruptingSink(MemorySink):
         super().log_metrics(metrics, step)
 
 
-def test_resume_after_interruption_matches_uninterrupted_run(lm, tmp_path):
+def test_resume_after_interruption_matches_uninterrupted_run(lm, tmp_path, monkeypatch):
     phases = [
         {"name": "warm", "objective": "pooling_mse", "max_steps": 1},
         {"name": "sub", "objective": "delta_nll", "max_steps": 4},
@@ -264,7 +264,11 @@ def test_resume_after_interruption_matches_uninterrupted_run(lm, tmp_path):
     a, b = _state(full.checkpoint), _state(resumed.checkpoint)
     assert all(torch.equal(a[n], b[n]) for n in a)
     assert [h["step"] for h in resumed.history] == [1, 2, 3, 4, 5]
-    # A finished run resumes to itself without training further.
+    # A finished run resumes to itself without training further, and without the teacher pass.
+    def no_teacher(*a, **k):
+        raise AssertionError("a finished run must not rebuild the sample pool")
+
+    monkeypatch.setattr(jt1, "build_pool", no_teacher)
     again = jt1.train_jt1(cfg, lm, _ids(), tmp_path / "b", MemorySink(), progress=False)
     assert again.steps == 5 and again.checkpoint == resumed.checkpoint
 

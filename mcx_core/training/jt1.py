@@ -406,8 +406,12 @@ def train_jt1(
     sink.log_params({"jt1.gistnet_parameters": int(gist_profile[M.GISTNET_PARAMETERS])})
 
     rows = choose_pool_rows(len(train_ids), tcfg.sample_pool, cfg.seed, cycle)
+    finished = run.phase_index == len(tcfg.phases) - 1 and run.phase_complete
     needs_kl = any(p.kl_weight > 0 for p in tcfg.phases)
-    pool = build_pool(lm, np.asarray(train_ids)[rows.numpy()], C, H, K, keep_logprobs=needs_kl, progress=progress)
+    # A finished run (resumed after its last phase) needs no teacher pass: it returns at once.
+    pool = None if finished else build_pool(
+        lm, np.asarray(train_ids)[rows.numpy()], C, H, K, keep_logprobs=needs_kl, progress=progress
+    )
 
     def trainer_state() -> dict:
         return {

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -84,12 +85,15 @@ class MLflowTracker(dg.ConfigurableResource):
         sink.log_text(cfg.to_yaml(), "config/config.yaml")
         context.instance.add_run_tags(context.run_id, {f"mlflow.run_id.{asset.replace('/', '.')}": sink.run_id})
         context.add_output_metadata({"mlflow_run_id": sink.run_id, "mlflow_tracking_uri": uri})
+        context.log.info(f"{asset}: started (MLflow run {sink.run_id}, experiment {cfg.mlflow.experiment or cfg.name})")
+        t0 = time.perf_counter()
         try:
             yield sink
         except BaseException:
             sink.end("FAILED")
             raise
         sink.end("FINISHED")
+        context.log.info(f"{asset}: done in {time.perf_counter() - t0:.1f} s")
 
 
 class DuckDBResource(dg.ConfigurableResource):

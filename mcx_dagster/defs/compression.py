@@ -84,7 +84,7 @@ def gist_delta_nll_within_threshold(settings: MegaContextSettings) -> dg.AssetCh
     return gates_result(acceptance.gist_delta_nll_gates(cfg, result["summary"]))
 
 
-@dg.asset_check(asset="gist_eval_report")
+@dg.asset_check(asset="gist_eval_report", blocking=True)
 def gist_stress_1024x_within_threshold(settings: MegaContextSettings) -> dg.AssetCheckResult:
     """Maximum compression (one LOD2 gist per 1024 tokens): ΔNLL@H ≤ `acceptance.delta_nll_1024x_max`."""
     from mcx_core import acceptance, pipeline

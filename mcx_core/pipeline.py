@@ -228,6 +228,7 @@ def run_baseline_eval(cfg: MegaContextConfig, lm: BaseLM, sink: TelemetrySink | 
 
     report = write_baseline_report(cfg, summary, paths.reports, seconds, len(rows))
     _log_baseline(sink, summary, seconds, len(rows), report.values(), table_path)
+    log_eval_distribution(sink, table_path, "baseline_eval")
     result = {"summary": summary, "report": report, "table": table_path, "seconds": seconds, "rows": len(rows)}
     save_stage(cfg, "baseline_eval", fp, result, [table_path, *report.values()])
     return result
@@ -364,6 +365,7 @@ def run_gist_eval(cfg: MegaContextConfig, lm: BaseLM, checkpoint: Path, sink: Te
         cfg, lm, load_gister(checkpoint, lm), load_eval_samples(cfg), paths.root, Path(checkpoint).name,
         sink, progress, baseline_rows,
     )
+    log_eval_distribution(sink or NullSink(), result["table"], "gist_eval")
     keep = {k: result[k] for k in ("summary", "stress", "distance", "metrics", "report", "table", "seconds")}
     save_stage(cfg, "gist_eval", fp, keep, [result["table"], *result["report"].values()])
     return keep
@@ -431,12 +433,14 @@ def generate_deltas(cfg: MegaContextConfig, lm: BaseLM, sink: TelemetrySink | No
     cached = load_stage(cfg, f"deltas_cycle{cycle}", fp)
     if cached is not None:
         (sink or NullSink()).log_metrics(cached["stats"], step=0)
+        log_delta_tables(sink or NullSink(), Path(cached["path"]))
         return Path(cached["path"]), cached["stats"], ck
     path, stats = deltas.generate_delta_table(
         cfg, lm, load_gister(ck, lm), ck, train_ids(cfg), ArtifactPaths.from_config(cfg).deltas,
         sink or NullSink(), progress, cycle=cycle,
     )
     save_stage(cfg, f"deltas_cycle{cycle}", fp, {"path": path, "stats": stats}, [path, deltas.contexts_path(path)])
+    log_delta_tables(sink or NullSink(), path)
     return path, stats, ck
 
 
@@ -542,6 +546,7 @@ def run_runtime_eval(cfg: MegaContextConfig, lm: BaseLM, sink: TelemetrySink | N
         traces.append(res.trace_path)
         per_doc.append({"document": name, **{k: v for k, v in res.summary.items()}})
     summary = runtime.summarize_run(records, residencies)
+    _log_focus_tables(sink, records, residencies)
     main = {
         "policy": "lensnet", "w_max": cfg.working_context.w_max, "documents": len(docs), "steps": len(records),
         "loss_at_h": summary[M.RUNTIME_LOSS_AT_H_MEAN], "swap_rate": summary[M.SWAP_RATE_MEAN],
@@ -685,3 +690,52 @@ def promote_champion(cfg: MegaContextConfig, evidence: dict) -> Path:
     path = ArtifactPaths.from_config(cfg).root / "champion.json"
     reports.write_json(path, {"promoted_at": datetime.datetime.now(datetime.UTC).isoformat(), **evidence})
     return path
+
+
+TABLE_ROWS_MAX = 2000  # rows per MLflow table (a sample: the full data is in the Parquet/JSONL artifacts)
+
+
+def columns(rows: list[dict]) -> dict[str, list]:
+    """Row dicts -> the column dict `log_table` takes (keys of the first row)."""
+    return {k: [r.get(k) for r in rows] for k in rows[0]} if rows else {}
+
+
+def _log_focus_tables(sink: TelemetrySink, records: list[dict], residencies: list[int]) -> None:
+    """Focus actions and the residency distribution as MLflow tables."""
+    from mcx_core import runtime
+
+    actions = [
+        {"step": r["step"], **{k: a[k] for k in ("kind", "level", "start", "end", "score", "forced", "residency")}}
+        for r in records for a in r.get("actions", [])
+    ][:TABLE_ROWS_MAX]
+    if actions:
+        sink.log_table(columns(actions), "runtime/focus_actions.json")
+    hist = runtime.residency_histogram(residencies)
+    sink.log_table({"residency_steps": list(hist), "blocks": list(hist.values())}, "runtime/residency_histogram.json")
+
+
+def log_delta_tables(sink: TelemetrySink, table_path: Path) -> None:
+    """Counterfactual utility samples (a seeded sample of the delta table) as an MLflow table."""
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(table_path)
+    if table.num_rows > TABLE_ROWS_MAX:
+        keep = np.sort(np.random.default_rng(0).choice(table.num_rows, TABLE_ROWS_MAX, replace=False))
+        table = table.take(keep)
+    cols = [c for c in ("sample_id", "block_id", "level", "action", "delta_nll", "token_cost", "distance_to_cursor") if c in table.column_names]
+    sink.log_table({c: table.column(c).to_pylist() for c in cols}, "deltas/utility_samples.json")
+
+
+def log_eval_distribution(sink: TelemetrySink, table_path: Path, name: str) -> None:
+    """Per-sample ΔNLL of every condition vs the full history (the distribution behind mean/p95)."""
+    import pyarrow.parquet as pq
+
+    rows = evaluation.rows_from_table(pq.read_table(table_path))
+    full = {(r.dataset, r.sample_id): r.nll for r in rows if r.condition == "full"}
+    out = [
+        {"dataset": r.dataset, "w_max": r.w_max, "condition": r.condition, "sample_id": r.sample_id,
+         "delta_nll": r.nll - full[(r.dataset, r.sample_id)]}
+        for r in rows if r.condition != "full" and (r.dataset, r.sample_id) in full
+    ][:TABLE_ROWS_MAX]
+    if out:
+        sink.log_table(columns(out), f"eval/{name}_delta_nll_samples.json")

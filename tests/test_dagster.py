@@ -131,6 +131,14 @@ def test_materialize_smoke_logs_to_mlflow_and_passes_checks(smoke_project):
     assert "train/loss" in train_run.data.metrics and "train/delta_nll_mean" in train_run.data.metrics
     assert len(client.get_metric_history(train_run.info.run_id, "train/loss")) >= 2  # metrics with steps
 
+    # Distributions and samples as MLflow tables (issue: histograms and tables in MLflow).
+    def files(run_id, folder):
+        return {a.path for a in client.list_artifacts(run_id, folder)}
+
+    assert "eval/baseline_eval_delta_nll_samples.json" in files(run.info.run_id, "eval")
+    assert "deltas/utility_samples.json" in files(mlflow_ids["mlflow.run_id.delta_table"], "deltas")
+    assert "runtime/residency_histogram.json" in files(mlflow_ids["mlflow.run_id.runtime_eval"], "runtime")
+
     # Files the user reads: the report with its plot, the per-token table.
     reports = root / "artifacts" / "smoke" / "reports"
     assert (reports / "baseline_eval.md").read_text().count("| narrative |") == 2

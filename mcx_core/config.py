@@ -342,6 +342,13 @@ class MLflowConfig(Section):
     system_metrics: bool = False
 
 
+class TrainingLoopConfig(Section):
+    """The alternating schedule (SPEC §6): `n_cycles` × (JT1 → deltas → JT2 → JT3), each cycle starting
+    from the previous cycle's checkpoints."""
+
+    n_cycles: int = Field(default=1, gt=0, description="JT1→JT2→JT3 cycles `mcx_core.cycles.run_cycles` runs")
+
+
 class MegaContextConfig(Section):
     name: str
     description: str = ""
@@ -361,6 +368,9 @@ class MegaContextConfig(Section):
     acceptance: AcceptanceConfig = Field(default_factory=AcceptanceConfig)
     alerts: AlertsConfig = Field(default_factory=AlertsConfig)
     mlflow: MLflowConfig = Field(default_factory=MLflowConfig)
+    training_loop: TrainingLoopConfig = Field(
+        default_factory=TrainingLoopConfig, description="cycles of the alternating JT1/JT2/JT3 schedule"
+    )
 
     @field_validator("name")
     @classmethod

@@ -304,9 +304,9 @@ def query(sql: str, params: tuple[str, ...], as_json: bool, artifacts: str):
 
 
 def _register_telemetry_commands() -> None:
-    from mcx_dagster.cli_telemetry import analyze, compare, profile
+    from mcx_dagster.cli_telemetry import analyze, compare, explain, profile
 
-    for command in (analyze, profile, compare):
+    for command in (analyze, profile, compare, explain):
         main.add_command(command)
 
 

@@ -1,6 +1,6 @@
-"""`mcx analyze …`, `mcx profile`, `mcx compare`: the telemetry tools on the command line. Registered on
+"""`mcx analyze …`, `mcx profile`, `mcx compare`, `mcx explain`: the telemetry tools on the command line. Registered on
 the `mcx` group in `cli.py`; every command calls `mcx_core` (analysis, alerts, schemas, profiling,
-compare). Exit codes: 0 fine, 2 a usage problem (one line, no traceback), 3 the tool found problems
+compare, explain). Exit codes: 0 fine, 2 a usage problem (one line, no traceback), 3 the tool found problems
 (alerts fired, invalid telemetry)."""
 
 from __future__ import annotations
@@ -323,3 +323,67 @@ def compare(run_a, run_b, config_path, tracking_uri, out_dir, as_json):
     console.print(metrics)
     for k, v in result["files"].items():
         console.print(f"{k}: {v}")
+
+
+# ---------------------------------------------------------------------------------------------- explain
+
+
+@click.command("explain")
+@click.option("--config", "config_path", required=True, type=click.Path(dir_okay=False), help="Experiment YAML.")
+@click.option("--checkpoint", required=True, type=click.Path(), help="A JT2 checkpoint (gistnet/ + lensnet/).")
+@click.option("--text", "text_path", required=True, type=click.Path(), help="Any UTF-8 text file.")
+@click.option("--w-max", type=click.IntRange(min=1), default=None, help="Working budget (default: working_context.w_max).")
+@click.option("--at", "query_at", type=click.IntRange(min=1), default=None,
+              help="Cursor token: explain the focus there (default: the text's tokens minus the horizon).")
+@click.option("--top", "top_k", type=click.IntRange(min=1), default=8, show_default=True,
+              help="Expand / collapse candidates to list.")
+@click.option("--out", "out_dir", type=click.Path(file_okay=False), default=None,
+              help="Report folder (default: <artifacts>/reports/explain).")
+@click.option("--json", "as_json", is_flag=True, help="Print the top spans and files as one JSON object.")
+def explain(config_path, checkpoint, text_path, w_max, query_at, top_k, out_dir, as_json):
+    """Which spans LensNet wants in more detail (expand) or less (collapse) at one cursor of a text: the
+    text highlighted by score (explain.html), a markdown report, a focus heatmap (explain.png)."""
+    cfg = _config(config_path)
+    from mcx_core import gist_eval
+
+    ck = Path(checkpoint)
+    if not (ck / "gistnet").is_dir() or not (ck / "lensnet").is_dir():
+        _fail(f"{ck} is not a JT2 checkpoint (needs gistnet/ and lensnet/ inside)")
+    try:
+        text = gist_eval.read_text_file(Path(text_path))
+    except gist_eval.TextError as err:
+        _fail(str(err))
+
+    import torch
+
+    from mcx_core.config import resolve_path
+    from mcx_core.explain import explain_text, write_reports
+    from mcx_core.model import load_base_model
+    from mcx_core.training.jt1 import load_gister
+    from mcx_core.training.jt2 import load_lensnet
+
+    lm = load_base_model(cfg.base_model, cfg.dataset, seed=cfg.seed)
+    ids = torch.as_tensor(lm.tokenizer(text, add_special_tokens=False)["input_ids"], dtype=torch.long)
+    try:
+        result = explain_text(cfg, lm, load_gister(ck, lm), load_lensnet(ck, lm.device), ids, w_max=w_max,
+                              query_at=query_at, top_k=top_k, progress=not as_json)
+    except ValueError as err:
+        _fail(str(err))
+    out = Path(out_dir) if out_dir else resolve_path(cfg.artifacts_dir) / "reports" / "explain"
+    files = {k: str(v) for k, v in write_reports(result, out).items()}
+    if as_json:
+        click.echo(json.dumps({k: v for k, v in result.items() if k != "entries"} | {"files": files}))
+        return
+    from mcx_core.explain import summary_line
+
+    click.echo(summary_line(result))
+    for title, items in (("expand (highest-scored gists)", result["expand"]),
+                         ("collapse (lowest-scored entries)", result["collapse"])):
+        click.echo(f"{title}:")
+        for e in items:
+            click.echo(f"  {e['score']:+.3f}  {e['span_id']:>8}  LOD{e['level']} [{e['start']}, {e['end']})  "
+                       f"{e['snippet']}")
+        if not items:
+            click.echo("  (none)")
+    for k, v in files.items():
+        click.echo(f"  {k}: {v}")

@@ -3,6 +3,7 @@ run), so Dagster's multi-process executor and nested runs behave."""
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import subprocess
@@ -12,7 +13,10 @@ from typing import Any
 
 from mcx_core.telemetry.sinks import NullSink
 
+log = logging.getLogger(__name__)
+
 MAX_PARAM_LEN = 6000
+SYSTEM_METRICS_INTERVAL_S = 5.0
 
 
 def default_tracking_uri(root: Path) -> str:
@@ -84,13 +88,33 @@ class MLflowSink(NullSink):
         return self.client.get_run(self.run_id).info.experiment_id
 
     def _start_system_metrics(self) -> None:
+        """MLflow's `system/*` metrics (CPU, memory, disk, network; GPU when pynvml sees one) for this run,
+        sampled every SYSTEM_METRICS_INTERVAL_S seconds unless `mlflow.set_system_metrics_sampling_interval`
+        says otherwise. The monitor must be given this store's URI: by default it writes to the global
+        tracking URI (a `mlflow.db` in the working directory), not to the run's store."""
         try:
             from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
 
-            self._system = SystemMetricsMonitor(self.run_id, sampling_interval=5, samples_before_logging=1)
+            self._system = SystemMetricsMonitor(
+                self.run_id, sampling_interval=SYSTEM_METRICS_INTERVAL_S, samples_before_logging=1,
+                tracking_uri=self.tracking_uri,
+            )  # fmt: skip
             self._system.start()
         except Exception:  # system metrics are a convenience; never fail a run over them
             self._system = None
+
+    def _finish_system_metrics(self) -> None:
+        """Stop the monitor and log one last sample, so a run shorter than the sampling interval still
+        has its system metrics (the monitor drops the sample it was waiting on when stopped)."""
+        monitor, self._system = self._system, None
+        try:
+            monitor.finish()
+            if not any(m._metrics for m in monitor.monitors):
+                monitor.collect_metrics()
+            monitor.publish_metrics(monitor.aggregate_metrics())
+            monitor.mlflow_logger.flush()
+        except Exception as err:  # noqa: BLE001 - as above: a convenience, never a failed run
+            log.warning("system metrics: last sample not logged: %s", err)
 
     def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
         from mlflow.entities import Metric
@@ -133,8 +157,7 @@ class MLflowSink(NullSink):
 
     def end(self, status: str = "FINISHED") -> None:
         if self._system is not None:
-            self._system.finish()
-            self._system = None
+            self._finish_system_metrics()
         self.client.set_terminated(self.run_id, status=status)
 
     def metric_history(self, key: str) -> list[tuple[int, float]]:

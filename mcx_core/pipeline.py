@@ -651,6 +651,22 @@ def train_lora(cfg: MegaContextConfig, lm: BaseLM, sink: TelemetrySink | None = 
     )
 
 
+def evaluate_lora(cfg: MegaContextConfig, lm: BaseLM, checkpoint: Path, sink: TelemetrySink | None = None,
+                  per_dataset: int = 4) -> dict[str, float]:
+    """Held-out Loss@H with and without the JT3 adapter (same LensNet-chosen contexts), per dataset."""
+    from mcx_core.training import jt3
+    from mcx_core.training.jt1 import load_gister
+    from mcx_core.training.jt2 import load_lensnet
+
+    gister, lensnet = load_gister(jt1_checkpoint(cfg), lm), load_lensnet(jt2_checkpoint(cfg), lm.device)
+    out: dict[str, float] = {}
+    for ds, (_, ids) in load_eval_samples(cfg).items():
+        for k, v in jt3.evaluate_lora(cfg, lm, gister, lensnet, checkpoint, ids[:per_dataset]).items():
+            out[f"eval/{ds}/lora/{k.split('/')[-1]}"] = float(v)
+    (sink or NullSink()).log_metrics(out, step=0)
+    return out
+
+
 def jt3_checkpoint(cfg: MegaContextConfig, cycle: int = 0) -> Path:
     from mcx_core.training.common import latest_checkpoint
 

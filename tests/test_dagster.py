@@ -162,6 +162,10 @@ def test_materialize_smoke_logs_to_mlflow_and_passes_checks(smoke_project):
     assert con.execute("SELECT count(*) FROM traces WHERE filename LIKE '%runtime_eval%'").fetchone()[0] == 2 * 5
     assert con.execute("SELECT count(DISTINCT action) FROM deltas").fetchone()[0] == 2
 
+    # JT3: held-out Loss@H with and without the adapter, per dataset.
+    lora = result.asset_materializations_for_node("lora_checkpoint")[0].metadata
+    assert any(k.startswith("narrative/lora/") for k in lora), sorted(lora)
+
     # Float metadata, so the UI charts them across materializations.
     mat = result.asset_materializations_for_node("baseline_eval")[0]
     assert isinstance(mat.metadata["narrative/w64/delta_nll_recency_mean"], dg.FloatMetadataValue)

@@ -21,9 +21,11 @@ def lora_checkpoint(
         lm, _ = pipeline.prepare_base_model(cfg)
         result = pipeline.train_lora(cfg, lm, sink)
         sink.log_artifact(result.checkpoint / "trainer_state.json", "checkpoint")
+        held_out = pipeline.evaluate_lora(cfg, lm, result.checkpoint, sink)
     return dg.MaterializeResult(
         metadata={
             **floats(result.metrics),
+            **floats({k.removeprefix("eval/"): v for k, v in held_out.items()}),
             "checkpoint": dg.MetadataValue.path(str(result.checkpoint)),
             "steps": dg.MetadataValue.int(result.steps),
             "nan_free": dg.MetadataValue.bool(result.nan_free),

@@ -21,6 +21,7 @@ SUITES = {
     "gist": "bench_gist",
     "runtime": "bench_runtime",
     "lora": "bench_lora",
+    "cycle": "bench_cycle",
 }
 
 

@@ -148,8 +148,9 @@ def _print_outcome(result) -> None:
     for ev in result.get_asset_check_evaluations():
         status = "[green]passed[/]" if ev.passed else "[red]FAILED[/]"
         table.add_row("check", f"{ev.asset_key.to_user_string()}:{ev.check_name}", status)
+    failed_steps = set(step_failures(result))  # not the steps of failed checks: their rows say it
     for ev in result.all_events:
-        if ev.is_step_failure:
+        if ev.is_step_failure and ev.step_key in failed_steps:
             table.add_row("step", ev.step_key, "[red]failed[/]")
         elif ev.is_step_skipped:
             table.add_row("step", ev.step_key, "[yellow]skipped[/]")

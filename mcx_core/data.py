@@ -439,7 +439,7 @@ def _samples_table(corpus: str, split: str, windows: list[_Window], sample_token
 # ---------------------------------------------------------------------------------------------- files
 
 
-def _write_atomic(path: Path, write: Callable[[Path], None]) -> None:
+def write_atomic(path: Path, write: Callable[[Path], None]) -> None:
     """Write to a temporary name, then rename: a reader never sees half a file."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
@@ -450,7 +450,7 @@ def _write_atomic(path: Path, write: Callable[[Path], None]) -> None:
         tmp.unlink(missing_ok=True)
 
 
-def _write_arrow(table: pa.Table, path: Path) -> None:
+def write_arrow(table: pa.Table, path: Path) -> None:
     with pa.OSFile(str(path), "wb") as sink, ipc.new_file(sink, table.schema) as writer:
         writer.write_table(table)
 
@@ -601,7 +601,7 @@ def _build_split(
         windows = _spread(windows, cap, salt=f"{cfg.seed}:{spec.name}:{split}")
     path = _split_file(spec, split, out_dir)
     table = _samples_table(spec.name, split, windows, ds.sample_tokens)
-    _write_atomic(path, lambda tmp: _write_arrow(table, tmp))
+    write_atomic(path, lambda tmp: write_arrow(table, tmp))
     return {
         "path": _relative(path, out_dir),
         "sha256": _sha256(path),
@@ -683,7 +683,7 @@ def build_block_datasets(
         },
     }
     text = json.dumps(manifest, indent=2, sort_keys=True) + "\n"
-    _write_atomic(out_dir / MANIFEST, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+    write_atomic(out_dir / MANIFEST, lambda tmp: tmp.write_text(text, encoding="utf-8"))
     return json.loads(text)  # the same dict, key order included, that load_manifest returns
 
 

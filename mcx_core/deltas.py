@@ -57,6 +57,7 @@ from pyarrow import ipc
 from tqdm.auto import tqdm
 
 from mcx_core.config import MegaContextConfig
+from mcx_core.data import write_arrow, write_atomic
 from mcx_core.evaluation import ConditionInput, horizon_nll
 from mcx_core.lensnet import AGE_SCALE
 from mcx_core.model import BaseLM
@@ -301,21 +302,6 @@ def _now() -> datetime:
     return datetime.now(UTC)
 
 
-def _write_atomic(path: Path, write) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def _write_arrow(table: pa.Table, path: Path) -> None:
-    with pa.OSFile(str(path), "wb") as sink, ipc.new_file(sink, table.schema) as writer:
-        writer.write_table(table)
-
-
 def read_contexts(delta_path: str | os.PathLike) -> pa.Table:
     with pa.OSFile(str(contexts_path(delta_path)), "rb") as source:
         return ipc.open_file(source).read_all()
@@ -464,9 +450,9 @@ def generate_delta_table(
     bar.close()
     out_path = delta_table_path(out_dir, cycle, gistnet_checkpoint)
     contexts_table = pa.Table.from_pylist(context_rows, schema=CONTEXT_SCHEMA)
-    _write_atomic(contexts_path(out_path), lambda p: _write_arrow(contexts_table, p))
+    write_atomic(contexts_path(out_path), lambda p: write_arrow(contexts_table, p))
     table = pa.Table.from_pylist(rows, schema=DELTA_SCHEMA)
-    _write_atomic(out_path, lambda p: pq.write_table(table, p))
+    write_atomic(out_path, lambda p: pq.write_table(table, p))
     stats = delta_table_stats(rows, len(context_rows), len(chosen), time.perf_counter() - t0)
     (sink or NullSink()).log_metrics(stats, step=cycle)
     return out_path, stats

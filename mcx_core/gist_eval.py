@@ -12,6 +12,7 @@ import numpy as np
 from mcx_core import evaluation as E
 from mcx_core import reports
 from mcx_core.config import MegaContextConfig
+from mcx_core.data import write_atomic
 from mcx_core.model import BaseLM
 from mcx_core.telemetry.sinks import NullSink, TelemetrySink
 
@@ -294,11 +295,8 @@ def run(cfg: MegaContextConfig, lm: BaseLM, gister, samples, out_dir: Path, chec
     sink = sink or NullSink()
     result = evaluate_gists(cfg, lm, gister, samples, progress, baseline_rows)
     table_path = out_dir / "eval" / "gist_eval.parquet"
-    table_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = table_path.with_suffix(".parquet.tmp")
     probes = [r for r in result["probe_rows"] if r.condition != "full"]  # full rows are in result["rows"]
-    pq.write_table(E.rows_to_table(result["rows"] + probes), tmp)
-    tmp.replace(table_path)
+    write_atomic(table_path, lambda tmp: pq.write_table(E.rows_to_table(result["rows"] + probes), tmp))
     result["report"] = write_report(cfg, result, out_dir / "reports", checkpoint)
     result["table"] = table_path
     result["metrics"] = log_metrics(result, sink)

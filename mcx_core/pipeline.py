@@ -220,11 +220,8 @@ def run_baseline_eval(cfg: MegaContextConfig, lm: BaseLM, sink: TelemetrySink | 
 
     import pyarrow.parquet as pq
 
-    paths.eval.mkdir(parents=True, exist_ok=True)
     table_path = paths.eval / "baseline_eval.parquet"
-    tmp = table_path.with_suffix(".parquet.tmp")
-    pq.write_table(evaluation.rows_to_table(rows), tmp)
-    tmp.replace(table_path)
+    data.write_atomic(table_path, lambda tmp: pq.write_table(evaluation.rows_to_table(rows), tmp))
 
     report = write_baseline_report(cfg, summary, paths.reports, seconds, len(rows))
     _log_baseline(sink, summary, seconds, len(rows), report.values(), table_path)
@@ -371,15 +368,20 @@ def run_gist_eval(cfg: MegaContextConfig, lm: BaseLM, checkpoint: Path, sink: Te
     return keep
 
 
-def jt1_checkpoint(cfg: MegaContextConfig, cycle: int = 0) -> Path:
-    """The newest complete JT1 checkpoint of `cycle`, or FileNotFoundError naming where it looked."""
+def jt_checkpoint(cfg: MegaContextConfig, phase: int, cycle: int = 0) -> Path:
+    """The newest complete JT{phase} checkpoint of `cycle`, or FileNotFoundError naming where it looked."""
     from mcx_core.training.common import latest_checkpoint
 
     where = ArtifactPaths.from_config(cfg).checkpoints
-    found = latest_checkpoint(where, 1, cycle)
+    found = latest_checkpoint(where, phase, cycle)
     if found is None:
-        raise FileNotFoundError(f"no complete JT1_cycle{cycle}_step* checkpoint under {where}; train GistNet first")
+        what = {1: "train GistNet", 2: "train LensNet", 3: "train LoRA"}[phase]
+        raise FileNotFoundError(f"no complete JT{phase}_cycle{cycle}_step* checkpoint under {where}; {what} first")
     return found
+
+
+def jt1_checkpoint(cfg: MegaContextConfig, cycle: int = 0) -> Path:
+    return jt_checkpoint(cfg, 1, cycle)
 
 
 def check_jt1_finite(cfg: MegaContextConfig, cycle: int = 0) -> tuple[list[str], dict[str, float]]:
@@ -468,13 +470,7 @@ def train_lensnet(cfg: MegaContextConfig, lm: BaseLM, sink: TelemetrySink | None
 
 
 def jt2_checkpoint(cfg: MegaContextConfig, cycle: int = 0) -> Path:
-    from mcx_core.training.common import latest_checkpoint
-
-    where = ArtifactPaths.from_config(cfg).checkpoints
-    found = latest_checkpoint(where, 2, cycle)
-    if found is None:
-        raise FileNotFoundError(f"no complete JT2_cycle{cycle}_step* checkpoint under {where}; train LensNet first")
-    return found
+    return jt_checkpoint(cfg, 2, cycle)
 
 
 def held_out_documents(cfg: MegaContextConfig, tokenizer, n: int, min_tokens: int) -> list[tuple[str, np.ndarray]]:
@@ -668,13 +664,7 @@ def evaluate_lora(cfg: MegaContextConfig, lm: BaseLM, checkpoint: Path, sink: Te
 
 
 def jt3_checkpoint(cfg: MegaContextConfig, cycle: int = 0) -> Path:
-    from mcx_core.training.common import latest_checkpoint
-
-    where = ArtifactPaths.from_config(cfg).checkpoints
-    found = latest_checkpoint(where, 3, cycle)
-    if found is None:
-        raise FileNotFoundError(f"no complete JT3_cycle{cycle}_step* checkpoint under {where}; train LoRA first")
-    return found
+    return jt_checkpoint(cfg, 3, cycle)
 
 
 def acceptance_evidence(cfg: MegaContextConfig) -> dict:

@@ -167,13 +167,10 @@ def _print_outcome(result) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object (default: a table).")
 def eval_text(config_path, checkpoint, text_path, w_max, horizon, samples, as_json):
     """ΔNLL@H of a checkpoint's gists vs full history, recency and mean-pool on any text file."""
-    cfg = _load(config_path)
     from mcx_core import gist_eval
 
-    try:
-        text = gist_eval.read_text_file(Path(text_path))
-    except gist_eval.TextError as err:
-        _fail(str(err))
+    cfg = _load(config_path)
+    text = _read_text(text_path)
     ck = Path(checkpoint)
     if not (ck / "gistnet").is_dir():
         _fail(f"{ck} is not a JT1 checkpoint (no gistnet/ inside); see artifacts/checkpoints/JT1_cycle*_step*")
@@ -190,18 +187,7 @@ def eval_text(config_path, checkpoint, text_path, w_max, horizon, samples, as_js
         out = gist_eval.evaluate_text(cfg, lm, load_gister(ck, lm), text, w, H, samples, progress=not as_json)
     except gist_eval.TextError as err:
         _fail(str(err))
-    if as_json:
-        click.echo(json.dumps(out))
-        return
-    from rich.console import Console
-    from rich.table import Table
-
-    table = Table(title=f"{text_path}: ΔNLL@{H}, W_max={w}")
-    table.add_column("metric")
-    table.add_column("value")
-    for k, v in out.items():
-        table.add_row(k, f"{v:.4f}" if isinstance(v, float) else str(v))
-    Console().print(table)
+    _print_summary(out, as_json, f"{text_path}: ΔNLL@{H}, W_max={w}", "{:.4f}")
 
 
 @main.command("run")
@@ -221,12 +207,7 @@ def run_text(config_path, checkpoint, text_path, steps, w_max, policy, prefill, 
     """Stream a text file through the runtime engine (ingest → focus → forward every
     `runtime.refocus_every` tokens) and write one trace line per step."""
     cfg = _load(config_path)
-    from mcx_core import gist_eval
-
-    try:
-        text = gist_eval.read_text_file(Path(text_path))
-    except gist_eval.TextError as err:
-        _fail(str(err))
+    text = _read_text(text_path)
     ck = Path(checkpoint)
     if not (ck / "gistnet").is_dir():
         _fail(f"{ck} is not a JT checkpoint (no gistnet/ inside); see artifacts/checkpoints/")
@@ -259,18 +240,33 @@ def run_text(config_path, checkpoint, text_path, steps, w_max, policy, prefill, 
     except ValueError as err:
         _fail(str(err))
     summary = {"policy": policy, "trace": str(res.trace_path), **res.summary}
+    _print_summary(summary, as_json, f"{text_path}: {int(res.summary['steps'])} steps, policy {policy}", "{:.4g}")
+
+
+def _print_summary(values: dict, as_json: bool, title: str, float_format: str) -> None:
+    """One JSON object, or a metric/value table."""
     if as_json:
-        click.echo(json.dumps(summary))
+        click.echo(json.dumps(values))
         return
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(title=f"{text_path}: {int(res.summary['steps'])} steps, policy {policy}")
+    table = Table(title=title)
     table.add_column("metric")
     table.add_column("value")
-    for k, v in summary.items():
-        table.add_row(k, f"{v:.4g}" if isinstance(v, float) else str(v))
+    for k, v in values.items():
+        table.add_row(k, float_format.format(v) if isinstance(v, float) else str(v))
     Console().print(table)
+
+
+def _read_text(text_path: str) -> str:
+    """The text file's contents, or one `error:` line and exit 2."""
+    from mcx_core import gist_eval
+
+    try:
+        return gist_eval.read_text_file(Path(text_path))
+    except gist_eval.TextError as err:
+        _fail(str(err))
 
 
 @main.command()

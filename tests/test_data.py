@@ -47,7 +47,7 @@ def rows(out: Path, corpus: str) -> list[dict]:
 
 def replace_split(out: Path, corpus: str, split: str, table: pa.Table) -> None:
     path = out / data.load_manifest(out)["corpora"][corpus]["splits"][split]["path"]
-    data._write_atomic(path, lambda tmp: data._write_arrow(table, tmp))
+    data.write_atomic(path, lambda tmp: data.write_arrow(table, tmp))
 
 
 @pytest.fixture(scope="module")
@@ -407,7 +407,7 @@ def test_a_failed_build_leaves_no_manifest(tokenizer, tmp_path, monkeypatch):
     data.build_block_datasets(small_cfg(src), tokenizer, out, progress=False)
     assert (out / "manifest.json").is_file()
 
-    real_write, calls = data._write_arrow, []
+    real_write, calls = data.write_arrow, []
 
     def failing_write(table, path):
         calls.append(path)
@@ -415,7 +415,7 @@ def test_a_failed_build_leaves_no_manifest(tokenizer, tmp_path, monkeypatch):
             raise RuntimeError("disk full")
         real_write(table, path)
 
-    monkeypatch.setattr(data, "_write_arrow", failing_write)
+    monkeypatch.setattr(data, "write_arrow", failing_write)
     changed = small_cfg(src, horizon=64)
     with pytest.raises(RuntimeError, match="disk full"):
         data.build_block_datasets(changed, tokenizer, out, progress=False)
@@ -424,7 +424,7 @@ def test_a_failed_build_leaves_no_manifest(tokenizer, tmp_path, monkeypatch):
     with pytest.raises(FileNotFoundError, match=str(out / "manifest.json")):
         data.load_manifest(out)
 
-    monkeypatch.setattr(data, "_write_arrow", real_write)
+    monkeypatch.setattr(data, "write_arrow", real_write)
     assert data.build_block_datasets(changed, tokenizer, out, progress=False)["horizon"] == 64
 
 

@@ -120,3 +120,21 @@ def write_json(path: Path, payload: dict) -> None:
 
 def read_json(path: Path) -> dict:
     return json.loads(Path(path).read_text(encoding="utf-8"))
+
+
+def save_jt_checkpoint(
+    checkpoints_dir: Path, phase: int, cycle: int, step: int, parts: dict[str, Callable[[Path], None]],
+    optimizer: torch.optim.Optimizer, scheduler, cfg, state: dict,
+) -> Path:
+    """`JT{phase}_cycle{cycle}_step{step}/`: each `parts[subdir](path)` (a module's save_pretrained),
+    the optimizer, `config.yaml`, and `trainer_state.json` last — its presence marks it complete."""
+
+    def write(tmp: Path) -> None:
+        for subdir, save in parts.items():
+            save(tmp / subdir)
+        save_optimizer(tmp / OPTIMIZER_FILE, optimizer, scheduler)
+        (tmp / CONFIG_FILE).write_text(cfg.to_yaml(), encoding="utf-8")
+        write_json(tmp / TRAINER_STATE_FILE, state)
+
+    return write_checkpoint(Path(checkpoints_dir) / checkpoint_name(phase, cycle, step), write)
+

@@ -332,23 +332,10 @@ def gist_drift(old: Gister, new: Gister, probe_blocks: torch.Tensor, level: int 
     return float(torch.nn.functional.cosine_similarity(a, b, dim=-1).mean())
 
 
-def _save(
-    checkpoints_dir: Path,
-    cycle: int,
-    gister: Gister,
-    opt,
-    sched,
-    cfg: MegaContextConfig,
-    state: dict,
-) -> Path:
-    def write(tmp: Path) -> None:
-        gister.save_pretrained(tmp / GISTNET_DIR)
-        common.save_optimizer(tmp / common.OPTIMIZER_FILE, opt, sched)
-        (tmp / common.CONFIG_FILE).write_text(cfg.to_yaml(), encoding="utf-8")
-        common.write_json(tmp / common.TRAINER_STATE_FILE, state)  # last: marks the directory complete
-
-    name = common.checkpoint_name(JT, cycle, state["global_step"])
-    return common.write_checkpoint(Path(checkpoints_dir) / name, write)
+def _save(checkpoints_dir: Path, cycle: int, gister: Gister, opt, sched, cfg: MegaContextConfig, state: dict) -> Path:
+    return common.save_jt_checkpoint(
+        checkpoints_dir, JT, cycle, state["global_step"], {GISTNET_DIR: gister.save_pretrained}, opt, sched, cfg, state
+    )
 
 
 @dataclass

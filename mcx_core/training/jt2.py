@@ -242,27 +242,12 @@ class _Run:
     initial: dict[str, float] = field(default_factory=dict)  # held-out metrics before step 1
 
 
-def _save(
-    checkpoints_dir: Path,
-    cycle: int,
-    lensnet: LensNet,
-    gister: GistFn,
-    opt,
-    sched,
-    cfg: MegaContextConfig,
-    state: dict,
-) -> Path:
-    def write(tmp: Path) -> None:
-        lensnet.save_pretrained(tmp / LENSNET_DIR)
-        if isinstance(gister, torch.nn.Module) and hasattr(gister, "save_pretrained"):
-            gister.save_pretrained(tmp / GISTNET_DIR)
-        common.save_optimizer(tmp / common.OPTIMIZER_FILE, opt, sched)
-        (tmp / common.CONFIG_FILE).write_text(cfg.to_yaml(), encoding="utf-8")
-        common.write_json(tmp / common.TRAINER_STATE_FILE, state)  # last: marks the directory complete
-
-    return common.write_checkpoint(
-        Path(checkpoints_dir) / common.checkpoint_name(JT, cycle, state["step"]), write
-    )
+def _save(checkpoints_dir: Path, cycle: int, lensnet: LensNet, gister: GistFn, opt, sched, cfg: MegaContextConfig,
+          state: dict) -> Path:
+    parts = {LENSNET_DIR: lensnet.save_pretrained}
+    if isinstance(gister, torch.nn.Module) and hasattr(gister, "save_pretrained"):
+        parts[GISTNET_DIR] = gister.save_pretrained  # the frozen GistNet the labels came from
+    return common.save_jt_checkpoint(checkpoints_dir, JT, cycle, state["step"], parts, opt, sched, cfg, state)
 
 
 def train_jt2(

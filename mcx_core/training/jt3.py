@@ -358,18 +358,10 @@ class _Run:
 
 
 def _save(checkpoints_dir, cycle, adapter, gister, lensnet, opt, sched, cfg, state) -> Path:
-    def write(tmp: Path) -> None:
-        save_adapter(adapter, tmp / LORA_DIR)
-        if isinstance(gister, torch.nn.Module) and hasattr(gister, "save_pretrained"):
-            gister.save_pretrained(tmp / GISTNET_DIR)
-        lensnet.save_pretrained(tmp / LENSNET_DIR)
-        common.save_optimizer(tmp / common.OPTIMIZER_FILE, opt, sched)
-        (tmp / common.CONFIG_FILE).write_text(cfg.to_yaml(), encoding="utf-8")
-        common.write_json(tmp / common.TRAINER_STATE_FILE, state)  # last: marks the directory complete
-
-    return common.write_checkpoint(
-        Path(checkpoints_dir) / common.checkpoint_name(JT, cycle, state["step"]), write
-    )
+    parts = {LORA_DIR: lambda d: save_adapter(adapter, d), LENSNET_DIR: lensnet.save_pretrained}
+    if isinstance(gister, torch.nn.Module) and hasattr(gister, "save_pretrained"):
+        parts[GISTNET_DIR] = gister.save_pretrained
+    return common.save_jt_checkpoint(checkpoints_dir, JT, cycle, state["step"], parts, opt, sched, cfg, state)
 
 
 @contextmanager

@@ -43,12 +43,9 @@ def gist_eval_report(
     """ΔNLL@H of learned gists at 32× (every W_max) and 1024×, against full history, recency and
     mean-pool gists on held-out narrative and code; by horizon position and by gisted-block distance."""
     from mcx_core import pipeline
-    from mcx_core.training.common import latest_checkpoint
 
     cfg = settings.load()
-    checkpoint = latest_checkpoint(pipeline.ArtifactPaths.from_config(cfg).checkpoints, 1, 0)
-    if checkpoint is None:
-        raise dg.Failure("no complete JT1 checkpoint: materialize gistnet_checkpoint first")
+    checkpoint = pipeline.jt1_checkpoint(cfg)
     with mlflow.run(context, cfg, settings.root_dir()) as sink:
         lm, _ = pipeline.prepare_base_model(cfg)
         result = pipeline.run_gist_eval(cfg, lm, checkpoint, sink)

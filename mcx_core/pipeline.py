@@ -672,8 +672,8 @@ def acceptance_evidence(cfg: MegaContextConfig) -> dict:
     from mcx_core import acceptance
     from mcx_core.training import common
 
-    gates = acceptance.gist_delta_nll_gates(cfg, read_gist_eval(cfg)["summary"])
-    gates += acceptance.stress_gates(cfg, read_gist_eval(cfg)["stress"])
+    gist = read_gist_eval(cfg)
+    gates = acceptance.gist_delta_nll_gates(cfg, gist["summary"]) + acceptance.stress_gates(cfg, gist["stress"])
     for group in acceptance.runtime_gates(cfg, read_runtime_eval(cfg)["summary"]).values():
         gates += group
     jt1 = jt1_checkpoint(cfg)

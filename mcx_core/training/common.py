@@ -127,7 +127,10 @@ def save_jt_checkpoint(
     optimizer: torch.optim.Optimizer, scheduler, cfg, state: dict,
 ) -> Path:
     """`JT{phase}_cycle{cycle}_step{step}/`: each `parts[subdir](path)` (a module's save_pretrained),
-    the optimizer, `config.yaml`, and `trainer_state.json` last — its presence marks it complete."""
+    the optimizer, `config.yaml`, and `trainer_state.json` last — its presence marks it complete.
+    With several processes only the main one writes; every rank returns once it is written (collective:
+    every rank must call it)."""
+    from mcx_core.training import distributed
 
     def write(tmp: Path) -> None:
         for subdir, save in parts.items():
@@ -136,5 +139,9 @@ def save_jt_checkpoint(
         (tmp / CONFIG_FILE).write_text(cfg.to_yaml(), encoding="utf-8")
         write_json(tmp / TRAINER_STATE_FILE, state)
 
-    return write_checkpoint(Path(checkpoints_dir) / checkpoint_name(phase, cycle, step), write)
+    final_dir = Path(checkpoints_dir) / checkpoint_name(phase, cycle, step)
+    if distributed.is_main_process():
+        write_checkpoint(final_dir, write)
+    distributed.wait_for_everyone()
+    return final_dir
 

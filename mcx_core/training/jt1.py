@@ -34,6 +34,11 @@ Phases (`gistnet.training.phases[i].objective`):
 Determinism: step s samples with a generator seeded from (seed, s) and seeds torch (dropout) with
 seed + s, so an interrupted run resumed from its newest checkpoint takes exactly the steps an
 uninterrupted run takes.
+
+Data parallel (`accelerate launch`, N processes; see `training.distributed`): rank r trains on its slice
+of step s's permutation (the effective batch is batch_size · N; dropout seeded with seed + s +
+r · 1_000_003), gradients are averaged over ranks before clipping, metrics averaged before logging, and
+only rank 0 logs and writes checkpoints. One process is exactly the single-process trainer.
 """
 
 from __future__ import annotations
@@ -55,7 +60,7 @@ from mcx_core.gistnet import Gister, mean_pool, profile
 from mcx_core.model import BaseLM
 from mcx_core.telemetry import metrics as M
 from mcx_core.telemetry.sinks import TelemetrySink
-from mcx_core.training import common
+from mcx_core.training import common, distributed
 from mcx_core.tree import MegaContextTree
 from mcx_core.working_context import WorkingContext, entry_for
 
@@ -121,7 +126,7 @@ def build_pool(
 ) -> SamplePool:
     """The full-history teacher and the pooling targets, once per sample; `ids` [n, >= C + H]."""
     ids = torch.as_tensor(ids, dtype=torch.long)[:, : context_tokens + horizon]
-    C, H, K = context_tokens, horizon, block_size
+    C, K = context_tokens, block_size
     decoder = lm.model.get_decoder()
     nll, lod1, lod2, logprobs = [], [], [], []
     for i in tqdm(range(0, len(ids), batch_size), desc="JT1 teacher + pooling targets", disable=not progress):
@@ -306,11 +311,14 @@ def _phase_lr(cfg: MegaContextConfig, phase: PhaseConfig) -> float:
     return phase.lr or cfg.gistnet.training.lr
 
 
-def _sample_step(seed: int, step: int, pool_size: int, batch_size: int, w_values: list[int]):
-    """Rows of the pool and a W_max per row for global step `step`: a function of (seed, step) only."""
+def _sample_step(seed: int, step: int, pool_size: int, batch_size: int, w_values: list[int], rank: int = 0,
+                 world: int = 1):
+    """Rows of the pool and a W_max per row for global step `step`: a function of (seed, step) only
+    (and of the rank: rank r of `world` takes its own slice of the step's draws, `distributed.rank_rows`)."""
     g = common.step_generator(seed, step)
-    rows = torch.randperm(pool_size, generator=g)[: min(batch_size, pool_size)]
-    w_idx = torch.randint(len(w_values), (len(rows),), generator=g)
+    rows = distributed.rank_rows(torch.randperm(pool_size, generator=g), batch_size, rank)
+    b = len(rows)
+    w_idx = torch.randint(len(w_values), (world * b,), generator=g)[rank * b : (rank + 1) * b]
     return rows, [w_values[i] for i in w_idx.tolist()]
 
 
@@ -374,8 +382,11 @@ def train_jt1(
     C, H, K = cfg.dataset.context_tokens, cfg.dataset.horizon, cfg.dataset.block_size
     checkpoints_dir = Path(checkpoints_dir)
     base_checksum = lm.weights_checksum()
+    sink, rank, world = distributed.main_sink(sink), distributed.process_index(), distributed.world_size()
+    progress = progress and distributed.is_main_process()
 
     gister = _new_gister(cfg, lm)
+    distributed.wait_for_everyone()  # every rank sees the same checkpoints (resume reads the same one)
     run, resume_dir = _Run(), common.latest_checkpoint(checkpoints_dir, JT, cycle) if resume else None
     if resume_dir is not None:
         state = common.read_json(resume_dir / common.TRAINER_STATE_FILE)
@@ -386,6 +397,7 @@ def train_jt1(
         log.info("JT1: resuming from %s (global step %d)", resume_dir, run.global_step)
     elif init_from is not None:
         gister.load_state_dict(load_gister(init_from, lm).state_dict())
+    distributed.broadcast_parameters(gister.parameters())  # every rank starts from rank 0's weights
     gister.train()
 
     gist_profile = profile(gister)
@@ -418,6 +430,7 @@ def train_jt1(
             },
             "base_model": {"id": lm.model_id, "weights_checksum": base_checksum},
             "gistnet": gist_profile,
+            **distributed.state_fields(tcfg.batch_size, gister.parameters()),
             "run": run.__dict__,
         }
 
@@ -438,18 +451,16 @@ def train_jt1(
         while run.phase_step < phase.max_steps:
             t0 = time.perf_counter()
             batch_rows, w_maxes = _sample_step(
-                cfg.seed, run.global_step, len(pool.ids), tcfg.batch_size, cfg.working_context.eval_w_max
+                cfg.seed, run.global_step, len(pool.ids), tcfg.batch_size, cfg.working_context.eval_w_max,
+                rank, world,
             )
-            torch.manual_seed(cfg.seed + run.global_step)
+            torch.manual_seed(distributed.rank_seed(cfg.seed + run.global_step))
             if phase.objective == "pooling_mse":
                 loss, metrics = pooling_mse_loss(gister, lm, pool, batch_rows, C, K)
             else:
                 loss, metrics = delta_nll_loss(gister, lm, pool, batch_rows, w_maxes, cfg, phase)
-            grad_norm = float("nan")
-            if math.isfinite(loss.item()):
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                grad_norm = float(torch.nn.utils.clip_grad_norm_(gister.parameters(), tcfg.grad_clip))
+            # backward + gradient all-reduce over ranks + clipping; NaN when any rank's loss is non-finite
+            grad_norm = distributed.backward_step(loss, opt, gister.parameters(), tcfg.grad_clip)
             if not (math.isfinite(loss.item()) and math.isfinite(grad_norm)):
                 # Stop this phase without applying the step: the weights stay the last finite ones.
                 run.nan_free = False
@@ -474,6 +485,7 @@ def train_jt1(
                 }
             )
             if run.global_step % tcfg.log_every == 0 or run.phase_step == phase.max_steps:
+                metrics = distributed.reduce_metrics(metrics, sum_keys=[M.TRAIN_TOKENS_PER_S])
                 sink.log_metrics(metrics, step=run.global_step)
                 run.history.append({"step": run.global_step, **metrics})
             bar.update(1)

@@ -34,6 +34,11 @@ GistNet the labels and inputs came from, when it is a module with `save_pretrain
 holds the pair the runtime needs), `optimizer.pt`, `config.yaml`, `trainer_state.json` (written last,
 via `common.write_checkpoint`). Step s draws its contexts from a generator seeded by (seed, s), so a
 resumed run takes the same steps as an uninterrupted one.
+
+Data parallel (`accelerate launch`, N processes; see `training.distributed`): every rank loads all the
+contexts, rank r trains on its slice of step s's permutation (effective batch batch_size · N), gradients
+are averaged over ranks before clipping, LensNet starts from rank 0's initialisation, and only rank 0
+logs and writes checkpoints. One process is exactly the single-process trainer.
 """
 
 from __future__ import annotations
@@ -65,7 +70,7 @@ from mcx_core.lensnet import LensNet, collate, entry_inputs, mask_scores
 from mcx_core.model import BaseLM
 from mcx_core.telemetry import metrics as M
 from mcx_core.telemetry.sinks import TelemetrySink
-from mcx_core.training import common
+from mcx_core.training import common, distributed
 from mcx_core.tree import GistFn
 
 log = logging.getLogger(__name__)
@@ -274,6 +279,8 @@ def train_jt2(
     t_start = time.perf_counter()
     tcfg = cfg.lensnet.training
     checkpoints_dir = Path(checkpoints_dir)
+    sink, rank = distributed.main_sink(sink), distributed.process_index()
+    progress = progress and distributed.is_main_process()
     delta_paths = [Path(p) for p in delta_paths]
     for path in delta_paths:  # before the (slow) loading: refuse unusable or stale tables at once
         problems = validate_delta_table(path)
@@ -297,6 +304,7 @@ def train_jt2(
 
     lensnet = LensNet(lm.d_model, cfg.lensnet.model, max_level=max_level).to(lm.device)
     run = _Run()
+    distributed.wait_for_everyone()  # every rank sees the same checkpoints (resume reads the same one)
     resume_dir = common.latest_checkpoint(checkpoints_dir, JT, cycle) if resume else None
     if resume_dir is not None:
         state = common.read_json(resume_dir / common.TRAINER_STATE_FILE)
@@ -305,6 +313,7 @@ def train_jt2(
         log.info("JT2: resuming from %s (step %d)", resume_dir, run.step)
     elif init_from is not None:
         lensnet.load_state_dict(load_lensnet(init_from).state_dict())
+    distributed.broadcast_parameters(lensnet.parameters())  # every rank starts from rank 0's weights
     lensnet.train()
     opt = common.make_optimizer(lensnet, tcfg.lr, tcfg.weight_decay)  # asserts every parameter is in it
     sched = common.make_scheduler(opt, tcfg.warmup_steps, tcfg.max_steps)
@@ -340,6 +349,7 @@ def train_jt2(
             },
             "base_model": {"id": lm.model_id},
             "lensnet_parameters": num_parameters(lensnet),
+            **distributed.state_fields(tcfg.batch_size, lensnet.parameters()),
             "run": run.__dict__,
         }
 
@@ -347,13 +357,10 @@ def train_jt2(
     bar = tqdm(total=tcfg.max_steps, initial=run.step, desc="JT2 LensNet", disable=not progress)
     while run.step < tcfg.max_steps:
         g = common.step_generator(cfg.seed, run.step)
-        picks = torch.randperm(len(train_idx), generator=g)[: tcfg.batch_size].tolist()
+        picks = distributed.rank_rows(torch.randperm(len(train_idx), generator=g), tcfg.batch_size, rank).tolist()
         loss, metrics = jt2_loss(lensnet, [examples[train_idx[i]] for i in picks], cfg)
-        grad_norm = math.nan
-        if math.isfinite(loss.item()):
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(lensnet.parameters(), tcfg.grad_clip))
+        # backward + gradient all-reduce over ranks + clipping; NaN when any rank's loss is non-finite
+        grad_norm = distributed.backward_step(loss, opt, lensnet.parameters(), tcfg.grad_clip)
         if not (math.isfinite(loss.item()) and math.isfinite(grad_norm)):
             run.nan_free = False  # stop without applying the step: the weights stay the last finite ones
             log.error("JT2: non-finite loss/grad at step %d; training stopped", run.step)
@@ -364,6 +371,7 @@ def train_jt2(
         sched.step()
         run.step += 1
         if run.step % tcfg.log_every == 0 or run.step == tcfg.max_steps:
+            metrics = distributed.reduce_metrics(metrics)  # the held-out metrics below agree on every rank
             lensnet.eval()
             metrics.update(evaluate_lensnet(lensnet, held_out))
             train_eval = evaluate_lensnet(lensnet, train_probe)

@@ -30,6 +30,12 @@ is self-contained: `jt1.load_gister` / `jt2.load_lensnet` read them), `optimizer
 `trainer_state.json` (last, via `common.write_checkpoint`). Step s samples with a generator seeded by
 (seed, s) and seeds torch (LoRA dropout) with seed + s; the fresh adapter is initialised from `seed`
 alone. So a run resumed from its newest checkpoint takes exactly the steps of an uninterrupted one.
+
+Data parallel (`accelerate launch`, N processes; see `training.distributed`): every rank attaches the
+adapter to its own copy of the base model, builds the working contexts of its slice of step s's
+permutation only (effective batch batch_size · N; LoRA dropout seeded with seed + s + r · 1_000_003),
+the LoRA gradients are averaged over ranks before clipping, and only rank 0 logs and writes
+checkpoints. One process is exactly the single-process trainer.
 """
 
 from __future__ import annotations
@@ -56,7 +62,7 @@ from mcx_core.lensnet import LensNet, LensNetPolicy
 from mcx_core.model import BaseLM
 from mcx_core.telemetry import metrics as M
 from mcx_core.telemetry.sinks import TelemetrySink
-from mcx_core.training import common
+from mcx_core.training import common, distributed
 from mcx_core.tree import GistFn, MegaContextTree
 from mcx_core.working_context import WorkingContext
 
@@ -331,11 +337,14 @@ def jt3_loss(lm: BaseLM, samples: list[LoRASample]) -> tuple[torch.Tensor, dict[
 # ---------------------------------------------------------------------------------------------- training
 
 
-def _sample_step(seed: int, step: int, n_train: int, batch_size: int, w_values: list[int]):
-    """Rows of `train_ids` and a W_max per row for step `step`: a function of (seed, step) only."""
+def _sample_step(seed: int, step: int, n_train: int, batch_size: int, w_values: list[int], rank: int = 0,
+                 world: int = 1):
+    """Rows of `train_ids` and a W_max per row for step `step`: a function of (seed, step) only (and of
+    the rank: rank r of `world` takes its own slice of the step's draws, `distributed.rank_rows`)."""
     g = common.step_generator(seed, step)
-    rows = torch.randperm(n_train, generator=g)[: min(batch_size, n_train)]
-    w_idx = torch.randint(len(w_values), (len(rows),), generator=g)
+    rows = distributed.rank_rows(torch.randperm(n_train, generator=g), batch_size, rank)
+    b = len(rows)
+    w_idx = torch.randint(len(w_values), (world * b,), generator=g)[rank * b : (rank + 1) * b]
     return rows, [w_values[i] for i in w_idx.tolist()]
 
 
@@ -409,7 +418,10 @@ def train_jt3(
         raise ValueError(f"GistNet has levels up to {gister.max_level}, LensNet reads {lensnet.max_level}")
     base_checksum = lm.weights_checksum()
     frozen = {"gistnet": module_checksum(gister), "lensnet": module_checksum(lensnet)}
+    sink, rank, world = distributed.main_sink(sink), distributed.process_index(), distributed.world_size()
+    progress = progress and distributed.is_main_process()
 
+    distributed.wait_for_everyone()  # every rank sees the same checkpoints (resume reads the same one)
     run, resume_dir = _Run(), common.latest_checkpoint(checkpoints_dir, JT, cycle) if resume else None
     state = common.read_json(resume_dir / common.TRAINER_STATE_FILE) if resume_dir is not None else None
     if state is not None:
@@ -428,6 +440,7 @@ def train_jt3(
         elif init_from is not None:
             load_adapter_weights(adapter, init_from, cfg.lora)
         params = lora_parameters(adapter)
+        distributed.broadcast_parameters(p for _, p in params)  # every rank starts from rank 0's adapter
         n_params = sum(p.numel() for _, p in params)
         opt = common.make_optimizer(adapter, tcfg.lr, tcfg.weight_decay)  # asserts every parameter is in it
         sched = common.make_scheduler(opt, tcfg.warmup_steps, tcfg.max_steps)
@@ -459,6 +472,7 @@ def train_jt3(
                 "base_model": {"id": lm.model_id, "weights_checksum": base_checksum},
                 "frozen": frozen,
                 "lora": {**cfg.lora.model_dump(mode="json", exclude={"training"}), "parameters": n_params},
+                **distributed.state_fields(tcfg.batch_size, lora_params),
                 "run": run.__dict__,
             }
 
@@ -468,18 +482,15 @@ def train_jt3(
         while run.step < tcfg.max_steps:
             t0 = time.perf_counter()
             rows, w_maxes = _sample_step(
-                cfg.seed, run.step, len(train_ids), tcfg.batch_size, cfg.working_context.eval_w_max
+                cfg.seed, run.step, len(train_ids), tcfg.batch_size, cfg.working_context.eval_w_max, rank, world
             )
             samples = build_samples(cfg, lm, gister, lensnet, train_ids[rows], w_maxes)
-            torch.manual_seed(cfg.seed + run.step)
+            torch.manual_seed(distributed.rank_seed(cfg.seed + run.step))
             _set_dropout(adapter, True)
             loss, metrics = jt3_loss(lm, samples)
             _set_dropout(adapter, False)
-            grad_norm = math.nan
-            if math.isfinite(loss.item()):
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                grad_norm = float(torch.nn.utils.clip_grad_norm_(lora_params, tcfg.grad_clip))
+            # backward + gradient all-reduce over ranks + clipping; NaN when any rank's loss is non-finite
+            grad_norm = distributed.backward_step(loss, opt, lora_params, tcfg.grad_clip)
             if not (math.isfinite(loss.item()) and math.isfinite(grad_norm)):
                 run.nan_free = False  # stop without applying the step: the adapter stays the last finite one
                 log.error("JT3: non-finite loss/grad at step %d; training stopped", run.step)
@@ -505,6 +516,7 @@ def train_jt3(
                 }
             )
             if run.step % tcfg.log_every == 0 or run.step == tcfg.max_steps:
+                metrics = distributed.reduce_metrics(metrics, sum_keys=[M.TRAIN_LORA_TOKENS_PER_S])
                 sink.log_metrics(metrics, step=run.step)
                 run.history.append({"step": run.step, **metrics})
             bar.update(1)

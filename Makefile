@@ -41,6 +41,7 @@ test-slow: setup
 	$(BIN)/python -m pytest -q -m slow
 
 dev: setup
+	$(BIN)/mcx register-cycles --config $(CONFIG)
 	$(BIN)/dagster dev -w workspace.yaml -h 127.0.0.1 -p 3000
 
 mlflow: setup

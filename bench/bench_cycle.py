@@ -1,4 +1,5 @@
-"""The alternating training loop: seconds for one JT1 → deltas → JT2 → JT3 cycle, per phase and in total.
+"""The alternating training loop: seconds and peak memory for one JT1 → deltas → JT2 → JT3 cycle, per phase
+and in total.
 
 Runs `mcx_core.cycles.run_cycles(n_cycles=1)` on the config as given (the smoke config stays smoke-sized)
 with its artifacts and datasets in a temporary directory, so the project's artifacts are never touched.
@@ -44,6 +45,14 @@ def rows(cfg) -> list[dict]:
         {"bench": f"cycle phase {phase}", "value": summary["seconds"][phase], "unit": "s", "note": steps[phase]}
         for phase in cycles.PHASES
     ]
+    # Peak RSS sampled while each phase ran (the process's own, base model included); GPU peak on CUDA.
+    for phase in cycles.PHASES:
+        mem = summary["memory"][phase]
+        out.append({"bench": f"peak memory {phase}", "value": mem["phase/peak_rss_mb"], "unit": "MiB",
+                    "note": f"+{mem['phase/rss_growth_mb']:.0f} MiB during the phase"})
+        if "phase/gpu_peak_allocated_gb" in mem:
+            out.append({"bench": f"peak GPU memory {phase}", "value": mem["phase/gpu_peak_allocated_gb"],
+                        "unit": "GB", "note": "torch.cuda.max_memory_allocated"})
     out.append({"bench": "seconds per cycle", "value": cycle_s, "unit": "s/cycle",
                 "note": f"JT1→deltas→JT2→JT3, config {cfg.name}, device {lm.device}"})
     return out

@@ -192,12 +192,20 @@ class LensNetConfig(Section):
     training: LensNetTrainingConfig = Field(default_factory=LensNetTrainingConfig)
 
 
+class LoRATrainingConfig(TrainingConfig):
+    """JT3: the adapter trained on Loss@H over LensNet + allocator-chosen working contexts."""
+
+    max_steps: int = Field(default=50, gt=0)
+    lr: float = Field(default=2e-4, gt=0)
+    warmup_steps: int = Field(default=2, ge=0)
+
+
 class LoRAConfig(Section):
     rank: int = Field(default=8, gt=0)
     alpha: float = Field(default=16.0, gt=0)
     dropout: float = Field(default=0.0, ge=0, lt=1)
     target_modules: list[str] = Field(default_factory=lambda: ["q_proj", "v_proj"])
-    training: LensNetTrainingConfig = Field(default_factory=LensNetTrainingConfig)
+    training: LoRATrainingConfig = Field(default_factory=LoRATrainingConfig)
     refocus_steps: int = Field(
         default=4,
         gt=0,

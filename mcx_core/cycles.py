@@ -12,13 +12,13 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from mcx_core import pipeline, reports
 from mcx_core.config import MegaContextConfig
 from mcx_core.model import BaseLM
+from mcx_core.telemetry import metrics as M
 from mcx_core.telemetry.sinks import NullSink, TelemetrySink
 
 log = logging.getLogger(__name__)
@@ -60,75 +60,120 @@ def _floats(metrics: dict) -> dict[str, float]:
     return {k: float(v) for k, v in metrics.items() if isinstance(v, int | float)}
 
 
-def run_cycle(cfg: MegaContextConfig, lm: BaseLM, cycle: int, sink_factory: SinkFactory = null_sinks,
-              progress: bool = True) -> dict:
-    """One JT1 → deltas → JT2 → JT3 cycle, initialised from cycle − 1's checkpoints; its summary."""
-    from mcx_core.training.jt1 import load_gister
-    from mcx_core.training.jt2 import load_lensnet
-    from mcx_core.training.jt3 import train_jt3
+PHASE_NUMBER = {"jt1": 1, "jt2": 2, "jt3": 3}
 
-    paths = pipeline.ArtifactPaths.from_config(cfg)
-    init = (
-        {
-            "jt1": pipeline.jt1_checkpoint(cfg, cycle - 1),
-            "jt2": pipeline.jt2_checkpoint(cfg, cycle - 1),
-            "jt3": pipeline.jt3_checkpoint(cfg, cycle - 1),
-        }
-        if cycle > 0
-        else {"jt1": None, "jt2": None, "jt3": None}
-    )
-    seconds: dict[str, float] = {}
 
-    t0 = time.perf_counter()
-    with sink_factory("jt1", cycle) as sink:
-        sink.set_tags({"mcx.cycle": str(cycle), "mcx.phase": "jt1"})
-        jt1 = pipeline.train_gistnet(cfg, lm, sink, cycle=cycle, init_from=init["jt1"], progress=progress)
-    seconds["jt1"] = time.perf_counter() - t0
+def init_checkpoint(cfg: MegaContextConfig, phase: str, cycle: int) -> Path | None:
+    """Where `phase` of `cycle` starts from: cycle − 1's checkpoint of the same phase (None in cycle 0).
+    A missing one is an error that says which cycle to run first."""
+    if cycle == 0:
+        return None
+    try:
+        return pipeline.jt_checkpoint(cfg, PHASE_NUMBER[phase], cycle - 1)
+    except FileNotFoundError as err:
+        raise FileNotFoundError(f"cycle {cycle} starts from cycle {cycle - 1}'s checkpoints, which are not there "
+                                f"({err}): run cycle {cycle - 1} first") from None
 
-    t0 = time.perf_counter()
-    with sink_factory("deltas", cycle) as sink:
-        sink.set_tags({"mcx.cycle": str(cycle), "mcx.phase": "deltas"})
-        # Regenerated from this cycle's GistNet: the table's name and `gistnet_checkpoint` column say which.
-        table, delta_stats, gist_ck = pipeline.generate_deltas(cfg, lm, sink, cycle=cycle, progress=progress)
-    seconds["deltas"] = time.perf_counter() - t0
 
-    t0 = time.perf_counter()
-    with sink_factory("jt2", cycle) as sink:
-        sink.set_tags({"mcx.cycle": str(cycle), "mcx.phase": "jt2"})
-        jt2 = pipeline.train_lensnet(cfg, lm, sink, cycle=cycle, init_from=init["jt2"], progress=progress)
-    seconds["jt2"] = time.perf_counter() - t0
+def _measured(sink: TelemetrySink, lm: BaseLM, fn: Callable[[], object]):
+    """Run one phase; log its wall time and peak memory (`phase/*`) to its sink. (result, metrics)."""
+    from mcx_core.profiling import PhaseMemory
 
-    t0 = time.perf_counter()
-    with sink_factory("jt3", cycle) as sink:
-        sink.set_tags({"mcx.cycle": str(cycle), "mcx.phase": "jt3"})
-        # pipeline.train_lora has no init_from: call the trainer directly to carry the adapter over.
-        jt3 = train_jt3(
-            cfg, lm, load_gister(jt1.checkpoint, lm), load_lensnet(jt2.checkpoint, lm.device),
-            pipeline.train_ids(cfg), paths.checkpoints, sink, cycle=cycle, progress=progress, init_from=init["jt3"],
-        )
-    seconds["jt3"] = time.perf_counter() - t0
+    with PhaseMemory(lm.device) as mem:
+        result = fn()
+    metrics = mem.metrics()
+    sink.log_metrics(metrics)
+    return result, metrics
 
-    checkpoints = {"jt1": jt1.checkpoint, "jt2": jt2.checkpoint, "jt3": jt3.checkpoint}
+
+def phase_jt1(cfg: MegaContextConfig, lm: BaseLM, cycle: int, sink: TelemetrySink, progress: bool = True):
+    """JT1 of `cycle`, initialised from cycle − 1's GistNet; (JT1Result, phase metrics)."""
+    init = init_checkpoint(cfg, "jt1", cycle)
+    return _measured(sink, lm, lambda: pipeline.train_gistnet(cfg, lm, sink, cycle=cycle, init_from=init, progress=progress))
+
+
+def phase_deltas(cfg: MegaContextConfig, lm: BaseLM, cycle: int, sink: TelemetrySink, progress: bool = True):
+    """Delta labels regenerated from this cycle's GistNet (the table's name and its `gistnet_checkpoint`
+    column say which); ((table, stats, gistnet checkpoint), phase metrics)."""
+    return _measured(sink, lm, lambda: pipeline.generate_deltas(cfg, lm, sink, cycle=cycle, progress=progress))
+
+
+def phase_jt2(cfg: MegaContextConfig, lm: BaseLM, cycle: int, sink: TelemetrySink, progress: bool = True):
+    """JT2 of `cycle` on this cycle's delta table, initialised from cycle − 1's LensNet."""
+    init = init_checkpoint(cfg, "jt2", cycle)
+    return _measured(sink, lm, lambda: pipeline.train_lensnet(cfg, lm, sink, cycle=cycle, init_from=init, progress=progress))
+
+
+def phase_jt3(cfg: MegaContextConfig, lm: BaseLM, cycle: int, sink: TelemetrySink, progress: bool = True):
+    """JT3 of `cycle` with this cycle's GistNet + LensNet, carrying cycle − 1's adapter over."""
+    init = init_checkpoint(cfg, "jt3", cycle)
+    return _measured(sink, lm, lambda: pipeline.train_lora(cfg, lm, sink, cycle=cycle, init_from=init, progress=progress))
+
+
+def write_cycle_record(cfg: MegaContextConfig, cycle: int, metrics: dict[str, dict] | None = None,
+                       seconds: dict[str, float] | None = None, memory: dict[str, dict] | None = None) -> dict:
+    """`cycles/cycle{c}.json`: the cycle's checkpoints (with ids, so a later change is noticed), the delta
+    table and where each phase started from; written when its last phase (JT3) has finished."""
+    from mcx_core.training import common
+
+    checkpoints = {p: pipeline.jt_checkpoint(cfg, n, cycle) for p, n in PHASE_NUMBER.items()}
+    init = {p: init_checkpoint(cfg, p, cycle) for p in PHASE_NUMBER}
+    states = {p: common.read_json(ck / common.TRAINER_STATE_FILE) for p, ck in checkpoints.items()}
+    seconds = seconds or {}
     summary = {
         "cycle": cycle,
         "checkpoints": {k: str(v) for k, v in checkpoints.items()},
         "checkpoint_ids": {k: pipeline.checkpoint_id(v) for k, v in checkpoints.items()},
         "init_from": {k: (str(v) if v is not None else None) for k, v in init.items()},
-        "delta_table": str(table),
-        "delta_gistnet_checkpoint": str(gist_ck),
-        "metrics": {
-            "jt1": _floats(jt1.metrics),
-            "deltas": _floats(delta_stats),
-            "jt2": _floats(jt2.metrics),
-            "jt3": _floats(jt3.metrics),
-        },
-        "nan_free": bool(jt1.nan_free and jt2.nan_free and jt3.nan_free),
+        "delta_table": str(pipeline.delta_table(cfg, cycle)),
+        "delta_gistnet_checkpoint": str(checkpoints["jt1"]),
+        "metrics": metrics or {},
+        "memory": memory or {},
+        "nan_free": all(bool(st.get("nan_free", True)) for st in states.values()),
         "seconds": seconds,
         "seconds_total": sum(seconds.values()),
         "skipped": False,
     }
     reports.write_json(cycle_record_path(cfg, cycle), summary)
     return summary
+
+
+def cycle_metrics(memory: dict[str, dict]) -> dict[str, float]:
+    """A cycle's `cycle/*` metrics (wall time, peak memory; total and per phase) from its phases' `phase/*`."""
+    out: dict[str, float] = {}
+    for phase, m in memory.items():
+        out[f"cycle/{phase}/seconds"] = float(m[M.PHASE_SECONDS])
+        out[f"cycle/{phase}/peak_rss_mb"] = float(m[M.PHASE_PEAK_RSS_MB])
+        if M.PHASE_GPU_PEAK_ALLOCATED_GB in m:
+            out[f"cycle/{phase}/gpu_peak_allocated_gb"] = float(m[M.PHASE_GPU_PEAK_ALLOCATED_GB])
+    if memory:
+        out[M.CYCLE_SECONDS] = sum(float(m[M.PHASE_SECONDS]) for m in memory.values())
+        out[M.CYCLE_PEAK_RSS_MB] = max(float(m[M.PHASE_PEAK_RSS_MB]) for m in memory.values())
+    return out
+
+
+def run_cycle(cfg: MegaContextConfig, lm: BaseLM, cycle: int, sink_factory: SinkFactory = null_sinks,
+              progress: bool = True) -> dict:
+    """One JT1 → deltas → JT2 → JT3 cycle, initialised from cycle − 1's checkpoints; its summary."""
+    runners = {"jt1": phase_jt1, "deltas": phase_deltas, "jt2": phase_jt2, "jt3": phase_jt3}
+    results, memory = {}, {}
+    for phase in PHASES:
+        with sink_factory(phase, cycle) as sink:
+            sink.set_tags({"mcx.cycle": str(cycle), "mcx.phase": phase})
+            results[phase], memory[phase] = runners[phase](cfg, lm, cycle, sink, progress)
+    _, delta_stats, _ = results["deltas"]
+    metrics = {
+        "jt1": _floats(results["jt1"].metrics),
+        "deltas": _floats(delta_stats),
+        "jt2": _floats(results["jt2"].metrics),
+        "jt3": _floats(results["jt3"].metrics),
+    }
+    seconds = {phase: m[M.PHASE_SECONDS] for phase, m in memory.items()}
+    from mcx_core.training import distributed
+
+    summary = write_cycle_record(cfg, cycle, metrics, seconds, memory) if distributed.is_main_process() else None
+    distributed.wait_for_everyone()  # data-parallel: every rank sees the record rank 0 wrote
+    return summary or completed_cycle(cfg, cycle) or {}
 
 
 def run_cycles(cfg: MegaContextConfig, lm: BaseLM, sink_factory: SinkFactory | None = None,
@@ -190,20 +235,6 @@ def mlflow_sinks(cfg: MegaContextConfig, root: Path, parent_name: str) -> tuple[
     return factory, parent.end
 
 
-def rank_config(cfg: MegaContextConfig, rank: int, world_size: int) -> MegaContextConfig:
-    """Under `accelerate launch` with several processes, process `rank` trains its own seed replica
-    (seed + rank) in its own artifacts and dataset directories. The trainers are single-process: this is
-    seed-parallel, not data-parallel."""
-    if world_size <= 1:
-        return cfg
-    update = {
-        "seed": cfg.seed + rank,
-        "artifacts_dir": str(Path(cfg.artifacts_dir) / f"rank{rank}"),
-        "dataset": cfg.dataset.model_copy(update={"output_dir": str(Path(cfg.dataset.output_dir) / f"rank{rank}")}),
-    }
-    return cfg.model_copy(update=update)
-
-
 def build_parser():
     import argparse
 
@@ -223,32 +254,44 @@ def main(argv: list[str] | None = None) -> list[dict]:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
 
     from mcx_core.config import load_config, project_root
+    from mcx_core.training import distributed
 
-    # accelerate / torchrun set these; one process per GPU, each pinned to its own device.
-    rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    if world > 1:
+    # Under `accelerate launch` (RANK / WORLD_SIZE / LOCAL_RANK set) every process trains the same model
+    # data-parallel (mcx_core.training.distributed): one config, one artifacts directory, one set of
+    # checkpoints, written by the main process. One process per GPU, each pinned to its own device.
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         import torch
 
         if torch.cuda.is_available():
-            torch.cuda.set_device(local_rank)
-    cfg = rank_config(load_config(args.config), rank, world)
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    if os.environ.get("MASTER_ADDR") and "WORLD_SIZE" not in os.environ:
+        log.warning("launched by `accelerate launch --cpu` without mpirun: ONE process. For N CPU processes on one "
+                    "machine use `accelerate launch --multi_gpu --num_processes N` with no GPU visible")
+    cfg = load_config(args.config)
     root = project_root()
-    pipeline.build_datasets(cfg, progress=not args.no_progress)
-    lm, info = pipeline.prepare_base_model(cfg)
-    log.info("base model %s on %s", info["model_id"], info["device"])
-    factory, end = (null_sinks, None) if args.no_mlflow else mlflow_sinks(
-        cfg, root, f"cycles-{cfg.name}" + (f"-rank{rank}" if world > 1 else "")
+    main_process = distributed.is_main_process()
+    progress = not args.no_progress and main_process
+    with distributed.main_process_first():  # datasets built and the base model converted once, by rank 0
+        pipeline.build_datasets(cfg, progress=progress)
+        lm, info = pipeline.prepare_base_model(cfg)
+    log.info("base model %s on %s (process %d of %d)", info["model_id"], info["device"],
+             distributed.process_index(), distributed.world_size())
+    # One MLflow parent run, logged by the main process; the trainers average metrics over ranks first.
+    factory, end = (null_sinks, None) if args.no_mlflow or not main_process else mlflow_sinks(
+        cfg, root, f"cycles-{cfg.name}"
     )
     try:
-        summaries = run_cycles(cfg, lm, factory, n_cycles=args.cycles, progress=not args.no_progress)
+        summaries = run_cycles(cfg, lm, factory, n_cycles=args.cycles, progress=progress)
     except BaseException:
         if end is not None:
             end("FAILED")
         raise
     if end is not None:
         end("FINISHED")
-    print(json.dumps([{k: s[k] for k in ("cycle", "checkpoints", "seconds", "skipped")} for s in summaries], indent=2))
+    distributed.wait_for_everyone()
+    if main_process:
+        print(json.dumps([{k: s[k] for k in ("cycle", "checkpoints", "seconds", "skipped")} for s in summaries],
+                         indent=2))
     return summaries
 
 

@@ -73,6 +73,16 @@ def stage_fingerprint(cfg: MegaContextConfig, sections: list[str], *extra) -> st
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
 
+TRAINING_SECTIONS = ["seed", "dataset", "base_model", "gistnet", "lensnet", "lora", "deltas", "working_context",
+                     "allocator", "training_loop"]
+
+
+def training_loop_key(cfg: MegaContextConfig) -> str:
+    """Identity of one alternating training loop (its MLflow parent run): the config name plus the
+    fingerprint of every section the four phases read."""
+    return f"{cfg.name}-{stage_fingerprint(cfg, TRAINING_SECTIONS)}"
+
+
 def checkpoint_id(checkpoint: Path) -> str:
     """A checkpoint's name plus a hash of its trainer state (a retrained directory of the same name differs)."""
     import hashlib
@@ -368,10 +378,17 @@ def run_gist_eval(cfg: MegaContextConfig, lm: BaseLM, checkpoint: Path, sink: Te
     return keep
 
 
-def jt_checkpoint(cfg: MegaContextConfig, phase: int, cycle: int = 0) -> Path:
-    """The newest complete JT{phase} checkpoint of `cycle`, or FileNotFoundError naming where it looked."""
+def final_cycle(cfg: MegaContextConfig) -> int:
+    """The cycle whose checkpoints the evaluations, the gate and the sweep read: the last of `n_cycles`."""
+    return cfg.training_loop.n_cycles - 1
+
+
+def jt_checkpoint(cfg: MegaContextConfig, phase: int, cycle: int | None = None) -> Path:
+    """The newest complete JT{phase} checkpoint of `cycle` (default: the final cycle), or
+    FileNotFoundError naming where it looked."""
     from mcx_core.training.common import latest_checkpoint
 
+    cycle = final_cycle(cfg) if cycle is None else cycle
     where = ArtifactPaths.from_config(cfg).checkpoints
     found = latest_checkpoint(where, phase, cycle)
     if found is None:
@@ -380,11 +397,11 @@ def jt_checkpoint(cfg: MegaContextConfig, phase: int, cycle: int = 0) -> Path:
     return found
 
 
-def jt1_checkpoint(cfg: MegaContextConfig, cycle: int = 0) -> Path:
+def jt1_checkpoint(cfg: MegaContextConfig, cycle: int | None = None) -> Path:
     return jt_checkpoint(cfg, 1, cycle)
 
 
-def check_jt1_finite(cfg: MegaContextConfig, cycle: int = 0) -> tuple[list[str], dict[str, float]]:
+def check_jt1_finite(cfg: MegaContextConfig, cycle: int | None = None) -> tuple[list[str], dict[str, float]]:
     """Problems with the newest JT1 checkpoint's training history (non-finite values, NaN stops)."""
     return check_training_finite(jt1_checkpoint(cfg, cycle))
 
@@ -400,12 +417,16 @@ def check_training_finite(checkpoint: Path) -> tuple[list[str], dict[str, float]
     problems = [f"phase {i} stopped on a non-finite loss/gradient" for i in state["run"].get("nan_phases", [])]
     if not state.get("nan_free", True) and not problems:
         problems.append("the trainer stopped on a non-finite loss/gradient")
+    undefined = 0
     for h in history:
         bad = [k for k, v in h.items() if isinstance(v, float) and not math.isfinite(v)]
+        undefined += sum(k in M.UNDEFINED_WHEN_EMPTY for k in bad)
+        bad = [k for k in bad if k not in M.UNDEFINED_WHEN_EMPTY]
         if bad:
             problems.append(f"step {int(h['step'])}: non-finite {', '.join(sorted(bad))}")
     step = state.get("global_step", state.get("step", 0))
-    return problems, {"logged_steps": float(len(history)), "global_step": float(step)}
+    return problems, {"logged_steps": float(len(history)), "global_step": float(step),
+                      "undefined_statistics": float(undefined)}
 
 
 def read_gist_eval(cfg: MegaContextConfig) -> dict:
@@ -425,6 +446,7 @@ def generate_deltas(cfg: MegaContextConfig, lm: BaseLM, sink: TelemetrySink | No
                     progress: bool = True) -> tuple[Path, dict[str, float], Path]:
     """On-policy counterfactual labels from the newest JT1 checkpoint: (table, stats, checkpoint)."""
     from mcx_core import deltas
+    from mcx_core.training import distributed
     from mcx_core.training.jt1 import load_gister
 
     ck = jt1_checkpoint(cfg, cycle)
@@ -432,24 +454,27 @@ def generate_deltas(cfg: MegaContextConfig, lm: BaseLM, sink: TelemetrySink | No
         cfg, ["dataset", "base_model", "working_context", "deltas", "seed"],
         data.load_manifest(datasets_dir(cfg))["config_hash"], lm.model_id, checkpoint_id(ck), cycle,
     )
-    cached = load_stage(cfg, f"deltas_cycle{cycle}", fp)
-    if cached is not None:
-        (sink or NullSink()).log_metrics(cached["stats"], step=0)
-        log_delta_tables(sink or NullSink(), Path(cached["path"]))
-        return Path(cached["path"]), cached["stats"], ck
-    path, stats = deltas.generate_delta_table(
-        cfg, lm, load_gister(ck, lm), ck, train_ids(cfg), ArtifactPaths.from_config(cfg).deltas,
-        sink or NullSink(), progress, cycle=cycle,
-    )
-    save_stage(cfg, f"deltas_cycle{cycle}", fp, {"path": path, "stats": stats}, [path, deltas.contexts_path(path)])
-    log_delta_tables(sink or NullSink(), path)
-    return path, stats, ck
+    # Several processes (accelerate launch): rank 0 labels and writes the table; the others then find its stage.
+    with distributed.main_process_first():
+        cached = load_stage(cfg, f"deltas_cycle{cycle}", fp)
+        if cached is not None:
+            (sink or NullSink()).log_metrics(cached["stats"], step=0)
+            log_delta_tables(sink or NullSink(), Path(cached["path"]))
+            return Path(cached["path"]), cached["stats"], ck
+        path, stats = deltas.generate_delta_table(
+            cfg, lm, load_gister(ck, lm), ck, train_ids(cfg), ArtifactPaths.from_config(cfg).deltas,
+            sink or NullSink(), progress, cycle=cycle,
+        )
+        save_stage(cfg, f"deltas_cycle{cycle}", fp, {"path": path, "stats": stats}, [path, deltas.contexts_path(path)])
+        log_delta_tables(sink or NullSink(), path)
+        return path, stats, ck
 
 
-def delta_table(cfg: MegaContextConfig, cycle: int = 0) -> Path:
-    """The delta table labelled by the newest JT1 checkpoint of `cycle`."""
+def delta_table(cfg: MegaContextConfig, cycle: int | None = None) -> Path:
+    """The delta table labelled by the newest JT1 checkpoint of `cycle` (default: the final cycle)."""
     from mcx_core import deltas
 
+    cycle = final_cycle(cfg) if cycle is None else cycle
     path = deltas.delta_table_path(ArtifactPaths.from_config(cfg).deltas, cycle, jt1_checkpoint(cfg, cycle))
     if not path.is_file():
         raise FileNotFoundError(f"{path} is missing; materialize delta_table first")
@@ -469,7 +494,7 @@ def train_lensnet(cfg: MegaContextConfig, lm: BaseLM, sink: TelemetrySink | None
     )
 
 
-def jt2_checkpoint(cfg: MegaContextConfig, cycle: int = 0) -> Path:
+def jt2_checkpoint(cfg: MegaContextConfig, cycle: int | None = None) -> Path:
     return jt_checkpoint(cfg, 2, cycle)
 
 
@@ -633,7 +658,7 @@ def read_runtime_eval(cfg: MegaContextConfig) -> dict:
 
 
 def train_lora(cfg: MegaContextConfig, lm: BaseLM, sink: TelemetrySink | None = None, cycle: int = 0,
-               resume: bool = True, progress: bool = True):
+               resume: bool = True, progress: bool = True, init_from: Path | None = None):
     """JT3: LoRA adapters on the base model, trained on Loss@H with working contexts chosen by the
     current LensNet + allocator (GistNet, LensNet frozen); returns the trainer's `JT3Result`."""
     from mcx_core.training.jt1 import load_gister
@@ -644,17 +669,19 @@ def train_lora(cfg: MegaContextConfig, lm: BaseLM, sink: TelemetrySink | None = 
     return train_jt3(
         cfg, lm, load_gister(gist_ck, lm), load_lensnet(lens_ck, lm.device), train_ids(cfg),
         ArtifactPaths.from_config(cfg).checkpoints, sink or NullSink(), cycle=cycle, resume=resume, progress=progress,
+        init_from=init_from,
     )
 
 
 def evaluate_lora(cfg: MegaContextConfig, lm: BaseLM, checkpoint: Path, sink: TelemetrySink | None = None,
-                  per_dataset: int = 4) -> dict[str, float]:
-    """Held-out Loss@H with and without the JT3 adapter (same LensNet-chosen contexts), per dataset."""
+                  per_dataset: int = 4, cycle: int | None = None) -> dict[str, float]:
+    """Held-out Loss@H with and without the JT3 adapter (same LensNet-chosen contexts), per dataset,
+    with `cycle`'s GistNet and LensNet (default: the final cycle's)."""
     from mcx_core.training import jt3
     from mcx_core.training.jt1 import load_gister
     from mcx_core.training.jt2 import load_lensnet
 
-    gister, lensnet = load_gister(jt1_checkpoint(cfg), lm), load_lensnet(jt2_checkpoint(cfg), lm.device)
+    gister, lensnet = load_gister(jt1_checkpoint(cfg, cycle), lm), load_lensnet(jt2_checkpoint(cfg, cycle), lm.device)
     out: dict[str, float] = {}
     for ds, (_, ids) in load_eval_samples(cfg).items():
         for k, v in jt3.evaluate_lora(cfg, lm, gister, lensnet, checkpoint, ids[:per_dataset]).items():
@@ -663,7 +690,7 @@ def evaluate_lora(cfg: MegaContextConfig, lm: BaseLM, checkpoint: Path, sink: Te
     return out
 
 
-def jt3_checkpoint(cfg: MegaContextConfig, cycle: int = 0) -> Path:
+def jt3_checkpoint(cfg: MegaContextConfig, cycle: int | None = None) -> Path:
     return jt_checkpoint(cfg, 3, cycle)
 
 
@@ -684,7 +711,8 @@ def acceptance_evidence(cfg: MegaContextConfig) -> dict:
     return {
         "gates": [g.to_dict() for g in gates],
         "passed": all(g.passed for g in gates),
-        "checkpoints": {"gistnet": str(jt1), "lensnet": str(jt2_checkpoint(cfg))},
+        "cycle": final_cycle(cfg),
+        "checkpoints": {"gistnet": str(jt1), "lensnet": str(jt2_checkpoint(cfg)), "lora": str(jt3_checkpoint(cfg))},
         "summary": acceptance.summarize(gates),
     }
 

@@ -103,6 +103,35 @@ class RssSampler:
         self._thread.join()
 
 
+class PhaseMemory:
+    """Wall time and peak memory of one training phase: RSS sampled every `interval_s` in a thread (the
+    process-lifetime `ru_maxrss` cannot tell phases apart) and, on CUDA, the peak allocated memory
+    since the phase began. `metrics()` gives the `phase/*` metrics."""
+
+    def __init__(self, device: torch.device | None = None, interval_s: float = 0.05):
+        self.device = device
+        self.sampler = RssSampler(interval_s)
+        self.seconds = 0.0
+
+    def __enter__(self) -> Self:
+        if self.device is not None and self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+        self._t0 = time.perf_counter()
+        self.sampler.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.sampler.__exit__(*exc)
+        self.seconds = time.perf_counter() - self._t0
+
+    def metrics(self) -> dict[str, float]:
+        rss = [mb for _, mb in self.sampler.samples] or [self.sampler.process.memory_info().rss / 2**20]
+        out = {M.PHASE_SECONDS: self.seconds, M.PHASE_PEAK_RSS_MB: max(rss), M.PHASE_RSS_GROWTH_MB: max(rss) - rss[0]}
+        if self.device is not None and self.device.type == "cuda":
+            out[M.PHASE_GPU_PEAK_ALLOCATED_GB] = torch.cuda.max_memory_allocated(self.device) / 1e9
+        return out
+
+
 def _top_ops(prof, cuda: bool, n: int = 15) -> list[dict[str, Any]]:
     key = "self_device_time_total" if cuda else "self_cpu_time_total"
     rows = []

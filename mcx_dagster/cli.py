@@ -95,29 +95,122 @@ def materialize(config_path: str, selection: str | None, log_level: str, force: 
         sys.exit(EXIT_CHECKS_FAILED)
 
 
+@main.command("register-cycles")
+@click.option("--config", "config_path", required=True, type=click.Path(dir_okay=False), help="Experiment YAML.")
+def register_cycles_command(config_path: str):
+    """Add the config's training-cycle partitions (0 … training_loop.n_cycles − 1) to the Dagster
+    instance at $DAGSTER_HOME, so the UI can materialize each cycle (`make dev` runs this)."""
+    cfg = _load(config_path, check=False)
+    import dagster as dg
+
+    from mcx_dagster.defs._meta import register_cycles
+
+    with dg.DagsterInstance.get() as instance:
+        keys = register_cycles(instance, cfg)
+    click.echo(f"jt_cycle partitions: {', '.join(keys)} (DAGSTER_HOME={os.environ.get('DAGSTER_HOME')})")
+
+
 EXIT_CHECKS_FAILED = 3
 POST_HOC = ["telemetry_analysis"]
 
 
-def run_materialize(definitions, selection: str | None, instance, resources: dict | None = None,
-                    log_level: str = "INFO"):
-    """Materialize `selection` (all assets when None) of `definitions`; never raises on step failure.
-    `resources` replaces bound resources by key (tests point them at temporary stores)."""
+class Materialized:
+    """The runs one `mcx materialize` made, read as one result: with `training_loop.n_cycles` > 1 the
+    cycle-partitioned training assets need one Dagster run per cycle (run c: cycle c's JT1 → deltas →
+    JT2 → JT3; the first also builds what training reads, the last also evaluates and gates)."""
+
+    def __init__(self, results: list) -> None:
+        self.results = results
+
+    @property
+    def success(self) -> bool:
+        return all(r.success for r in self.results)
+
+    @property
+    def run_id(self) -> str:
+        return self.results[-1].run_id
+
+    @property
+    def run_ids(self) -> list[str]:
+        return [r.run_id for r in self.results]
+
+    @property
+    def all_events(self) -> list:
+        return [e for r in self.results for e in r.all_events]
+
+    def get_asset_check_evaluations(self) -> list:
+        return [e for r in self.results for e in r.get_asset_check_evaluations()]
+
+    def get_asset_materialization_events(self) -> list:
+        return [e for r in self.results for e in r.get_asset_materialization_events()]
+
+    def asset_materializations_for_node(self, node: str) -> list:
+        return [m for r in self.results for m in r.asset_materializations_for_node(node)]
+
+
+def cycle_plan(definitions, selection, cfg) -> list[tuple[str | None, set]]:
+    """[(partition key, asset keys)] — the runs that materialize `selection` (all assets when None).
+    Without cycle-partitioned assets in it: one run. With them: one run per cycle, in order."""
     import dagster as dg
 
+    from mcx_dagster.defs._meta import JT_CYCLES, cycle_keys
+
+    graph = definitions.resolve_asset_graph()
+    if selection is None:  # everything but other partitioned assets (the sweep runs per partition: its schedule)
+        sel = dg.AssetSelection.all() - dg.AssetSelection.assets(*POST_HOC)
+    else:
+        sel = dg.AssetSelection.from_coercible(selection)
+    selected = set(sel.resolve(graph))
+    cycle_assets, other_partitioned = set(), set()
+    for a in definitions.assets or []:
+        pd = getattr(a, "partitions_def", None)
+        if pd is None:
+            continue
+        (cycle_assets if getattr(pd, "name", None) == JT_CYCLES else other_partitioned).update(a.keys)
+    if selection is None:
+        selected -= other_partitioned
+    cyc = selected & cycle_assets
+    if not cyc:
+        return [(None, selected)]
+    before = selected & set(dg.AssetSelection.assets(*cyc).upstream().resolve(graph)) - cyc
+    after = selected - cyc - before
+    keys = cycle_keys(cfg)
+    return [
+        (key, cyc | (before if i == 0 else set()) | (after if i == len(keys) - 1 else set()))
+        for i, key in enumerate(keys)
+    ]
+
+
+def run_materialize(definitions, selection, instance, resources: dict | None = None,
+                    log_level: str = "INFO") -> Materialized:
+    """Materialize `selection` (all assets when None) of `definitions`; never raises on step failure.
+    `resources` replaces bound resources by key (tests point them at temporary stores). Registers the
+    config's cycle partitions, then runs the cycles in order and stops after a cycle whose run failed a
+    step or a check (a later cycle would start from an unchecked one)."""
+    import dagster as dg
+
+    from mcx_dagster.defs._meta import register_cycles
+
+    resources = {**(definitions.resources or {}), **(resources or {})}
+    cfg = resources["settings"].load()
+    register_cycles(instance, cfg)
     assets = list(definitions.assets or []) + list(definitions.asset_checks or [])
-    if selection is None:  # everything but partitioned assets (the sweep runs per partition: its schedule)
-        selection = dg.AssetSelection.all() - dg.AssetSelection.assets(
-            *[k for a in definitions.assets or [] if getattr(a, "partitions_def", None) for k in a.keys], *POST_HOC
+    results = []
+    for key, keys in cycle_plan(definitions, selection, cfg):
+        result = dg.materialize(
+            assets,
+            instance=instance,
+            resources=resources,
+            selection=dg.AssetSelection.assets(*keys),
+            partition_key=key,
+            raise_on_error=False,
+            tags={"mcx.cycle": key} if key is not None else None,
+            run_config={"loggers": {"console": {"config": {"log_level": log_level}}}},
         )
-    return dg.materialize(
-        assets,
-        instance=instance,
-        resources={**(definitions.resources or {}), **(resources or {})},
-        selection=selection,
-        raise_on_error=False,
-        run_config={"loggers": {"console": {"config": {"log_level": log_level}}}},
-    )
+        results.append(result)
+        if step_failures(result) or _failed_checks(result) or any(e.is_step_skipped for e in result.all_events):
+            break
+    return Materialized(results)
 
 
 def step_failures(result) -> list[str]:
@@ -134,27 +227,30 @@ def _failed_checks(result) -> list:
     return [e for e in result.get_asset_check_evaluations() if not e.passed]
 
 
-def _print_outcome(result) -> None:
+def _print_outcome(outcome: Materialized) -> None:
     from rich.console import Console
     from rich.table import Table
 
     console = Console()
-    table = Table(title=f"dagster run {result.run_id}")
-    table.add_column("kind")
-    table.add_column("name")
-    table.add_column("result")
-    for mat in result.get_asset_materialization_events():
-        table.add_row("asset", mat.asset_key.to_user_string(), "[green]materialized[/]")
-    for ev in result.get_asset_check_evaluations():
-        status = "[green]passed[/]" if ev.passed else "[red]FAILED[/]"
-        table.add_row("check", f"{ev.asset_key.to_user_string()}:{ev.check_name}", status)
-    failed_steps = set(step_failures(result))  # not the steps of failed checks: their rows say it
-    for ev in result.all_events:
-        if ev.is_step_failure and ev.step_key in failed_steps:
-            table.add_row("step", ev.step_key, "[red]failed[/]")
-        elif ev.is_step_skipped:
-            table.add_row("step", ev.step_key, "[yellow]skipped[/]")
-    console.print(table)
+    for result in outcome.results:
+        partition = result.dagster_run.tags.get("dagster/partition")
+        table = Table(title=f"dagster run {result.run_id}" + (f" (cycle {partition})" if partition else ""))
+        table.add_column("kind")
+        table.add_column("name")
+        table.add_column("result")
+        for mat in result.get_asset_materialization_events():
+            name = mat.asset_key.to_user_string() + (f"[{mat.partition}]" if mat.partition else "")
+            table.add_row("asset", name, "[green]materialized[/]")
+        for ev in result.get_asset_check_evaluations():
+            status = "[green]passed[/]" if ev.passed else "[red]FAILED[/]"
+            table.add_row("check", f"{ev.asset_key.to_user_string()}:{ev.check_name}", status)
+        failed_steps = set(step_failures(result))  # not the steps of failed checks: their rows say it
+        for ev in result.all_events:
+            if ev.is_step_failure and ev.step_key in failed_steps:
+                table.add_row("step", ev.step_key, "[red]failed[/]")
+            elif ev.is_step_skipped:
+                table.add_row("step", ev.step_key, "[yellow]skipped[/]")
+        console.print(table)
 
 
 @main.command("eval-text")

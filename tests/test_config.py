@@ -126,3 +126,14 @@ def test_cli_validate_config_one_line_per_problem(tmp_path):
     )
     assert good.returncode == 0, good.stderr
     assert "name: smoke" in good.stdout
+
+
+def test_lora_training_is_its_own_section(tmp_path):
+    """JT3 has its own training section: LensNet's loss weights are not accepted there."""
+    cfg = load_config(ROOT / "configs" / "smoke.yaml")
+    assert type(cfg.lora.training).__name__ == "LoRATrainingConfig"
+    assert not hasattr(cfg.lora.training, "ranking_weight")
+    data = yaml.safe_load((ROOT / "configs" / "smoke.yaml").read_text())
+    data["lora"]["training"]["ranking_weight"] = 0.5
+    err = _bad(tmp_path, data)
+    assert any(p.startswith("lora.training.ranking_weight") for p in err.problems), err.problems

@@ -127,11 +127,3 @@ def test_lost_checkpoint_reruns_its_cycle(smoke):
     out = cycles.run_cycles(cfg, lm, n_cycles=1, progress=False)
     assert not out[0]["skipped"]  # trainers resume at once from their finished checkpoints
     assert cycles.completed_cycle(cfg, 0) is not None
-
-
-def test_rank_config_separates_replicas(smoke):
-    cfg, _, _ = smoke
-    assert cycles.rank_config(cfg, 0, 1) is cfg
-    r1 = cycles.rank_config(cfg, 1, 4)
-    assert r1.seed == cfg.seed + 1
-    assert r1.artifacts_dir.endswith("rank1") and r1.dataset.output_dir.endswith("rank1")

@@ -184,12 +184,14 @@ def test_materialize_smoke_logs_to_mlflow_and_passes_checks(smoke_project):
     assert not pipeline.run_baseline_eval(changed, lm, progress=False).get("cached")
 
 
-def test_acceptance_gate_blocks_on_strict_and_passes_on_lenient_thresholds(smoke_project):
-    """Same tiny run twice through the gate: impossible thresholds skip `poc_acceptance` and the
-    failing check names metric, value and threshold; lenient ones promote the checkpoint set."""
+def test_two_cycles_then_gate_blocks_on_strict_and_passes_on_lenient_thresholds(smoke_project):
+    """Two full JT1 → deltas → JT2 → JT3 cycles through `materialize()` (one Dagster run per cycle
+    partition), then the gate: impossible thresholds skip `poc_acceptance` and the failing check names
+    metric, value and threshold; lenient ones promote the final cycle's checkpoint set."""
     root, cfg_path = smoke_project
     uri = f"sqlite:///{root / 'mlflow.db'}"
     data = yaml.safe_load(cfg_path.read_text())
+    data["training_loop"] = {"n_cycles": 2}
 
     def run(acceptance: dict, selection):
         data["acceptance"] = {**data.get("acceptance", {}), **acceptance}
@@ -206,6 +208,24 @@ def test_acceptance_gate_blocks_on_strict_and_passes_on_lenient_thresholds(smoke
     strict = {"swap_rate_max": -1.0}  # no run can have a negative swap rate
     result = run(strict, None)
     assert step_failures(result) == []
+    # One run per cycle: the cycle structure is the partition key of the four phase assets.
+    assert len(result.results) == 2
+    phases = ("gistnet_checkpoint", "delta_table", "lensnet_checkpoint", "lora_checkpoint")
+    done = {(m.asset_key.to_user_string(), m.partition) for m in result.get_asset_materialization_events()}
+    assert {(p, c) for p in phases for c in ("0", "1")} <= done
+    assert ("block_dataset", None) in done and ("runtime_eval", None) in done
+    with dg.DagsterInstance.get() as instance:
+        assert instance.get_dynamic_partitions("jt_cycle") == ["0", "1"]
+        assert [instance.get_run_by_id(r).tags.get("dagster/partition") for r in result.run_ids] == ["0", "1"]
+    art = root / "artifacts" / "smoke"
+    records = [json.loads((art / "cycles" / f"cycle{c}.json").read_text()) for c in (0, 1)]
+    assert records[1]["init_from"]["jt1"] == records[0]["checkpoints"]["jt1"]
+    assert records[1]["init_from"]["jt3"] == records[0]["checkpoints"]["jt3"]
+    assert "cycle1" in records[1]["delta_table"] and records[1]["delta_gistnet_checkpoint"] == records[1]["checkpoints"]["jt1"]
+    assert set(records[1]["memory"]) == {"jt1", "deltas", "jt2", "jt3"}
+    assert all(m["phase/peak_rss_mb"] > 0 for m in records[1]["memory"].values())
+
+    # The gate: the swap-rate check fails, names value and threshold, and poc_acceptance is skipped.
     ev = {e.check_name: e for e in result.get_asset_check_evaluations()}["runtime_swap_rate"]
     assert not ev.passed
     assert ev.metadata["swap_rate/threshold"].value == -1.0
@@ -214,7 +234,21 @@ def test_acceptance_gate_blocks_on_strict_and_passes_on_lenient_thresholds(smoke
     assert "poc_acceptance" in skipped or "poc_acceptance" not in {
         m.asset_key.to_user_string() for m in result.get_asset_materialization_events()
     }
-    assert not (root / "artifacts" / "smoke" / "champion.json").exists()
+    assert not (art / "champion.json").exists()
+
+    # MLflow: one parent run for the loop, one child per phase per cycle, per-cycle time and memory on it.
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=uri)
+    exp = client.get_experiment_by_name("smoke")
+    parents = client.search_runs([exp.experiment_id], filter_string="tags.`mcx.role` = 'training_loop'")
+    assert len(parents) == 1
+    parent = parents[0]
+    children = client.search_runs([exp.experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
+    assert {c.info.run_name for c in children} == {f"cycle{c}-{p}" for c in (0, 1) for p in ("jt1", "deltas", "jt2", "jt3")}
+    assert all("phase/peak_rss_mb" in c.data.metrics for c in children)
+    seconds = client.get_metric_history(parent.info.run_id, "cycle/seconds")
+    assert sorted(m.step for m in seconds) == [0, 1] and all(m.value > 0 for m in seconds)
 
     lenient = {
         "swap_rate_max": 1.0, "mean_residency_min": 0.0, "utilization_min": 0.0, "latency_overhead_max": 1000.0,
@@ -222,5 +256,25 @@ def test_acceptance_gate_blocks_on_strict_and_passes_on_lenient_thresholds(smoke
     }
     result = run(lenient, ["gist_eval_report", "runtime_eval", "poc_acceptance"])
     assert result.success, step_failures(result)
-    champion = json.loads((root / "artifacts" / "smoke" / "champion.json").read_text())
+    champion = json.loads((art / "champion.json").read_text())
     assert champion["passed"] and {g["name"] for g in champion["gates"]} >= {"swap_rate", "nan_free_steps"}
+    assert champion["cycle"] == 1 and champion["checkpoints"]["lora"] == records[1]["checkpoints"]["jt3"]
+
+
+def test_cycle_plan_orders_runs_by_cycle(smoke_project):
+    """Selection → runs: the training assets once per cycle; what they read in the first run, what
+    reads them in the last; a selection without training assets is one run."""
+    from mcx_core.config import load_config
+    from mcx_dagster.cli import cycle_plan
+
+    root, cfg_path = smoke_project
+    cfg = load_config(cfg_path)
+    cfg = cfg.model_copy(update={"training_loop": cfg.training_loop.model_copy(update={"n_cycles": 3})})
+    plan = [(k, {a.to_user_string() for a in keys}) for k, keys in cycle_plan(defs(), None, cfg)]
+    assert [k for k, _ in plan] == ["0", "1", "2"]
+    phases = {"gistnet_checkpoint", "delta_table", "lensnet_checkpoint", "lora_checkpoint"}
+    assert all(phases <= keys for _, keys in plan)
+    assert {"block_dataset", "base_model"} <= plan[0][1] and "block_dataset" not in plan[1][1]
+    assert {"poc_acceptance", "runtime_eval", "gist_eval_report"} <= plan[2][1] - plan[0][1]
+    assert not any("eval_sweep" in keys or "telemetry_analysis" in keys for _, keys in plan)
+    assert cycle_plan(defs(), ["runtime_eval"], cfg) == [(None, {dg.AssetKey("runtime_eval")})]

@@ -128,6 +128,11 @@ def causality_violations(spans: Iterable, cursor: int) -> int:
     return sum(1 for s in spans if s.end > cursor)
 
 
+# Statistics that are NaN by definition when there is nothing to measure (no held-out context, no pair of
+# distinct utilities): reported, but not a sign of a diverging run (training-finite checks skip them).
+UNDEFINED_WHEN_EMPTY = frozenset({TRAIN_LENSNET_RANKING_ACCURACY, TRAIN_LENSNET_RANK_CORRELATION, TRAIN_LENSNET_TRAIN_RANKING_ACCURACY})
+
+
 def pairwise_ranking_accuracy(scores, utilities, groups, min_gap: float = 0.0) -> float:
     """Share of pairs within a group (a working context) that `scores` order like `utilities`.
 
@@ -228,6 +233,15 @@ PROFILE_STEP_MS = "profile/step_ms"  # the profiled step, under the profiler
 PROFILE_MEMORY_STEP_MS = "profile/memory_step_ms"  # the memory-tracked step
 PROFILE_PEAK_RSS_MB = "profile/peak_rss_mb"  # CPU: peak RSS sampled during the memory-tracked step
 PROFILE_RSS_GROWTH_MB = "profile/rss_growth_mb"
+
+# --- per training phase (JT1, deltas, JT2, JT3), logged by every phase's MLflow run ------------------
+PHASE_SECONDS = "phase/seconds"  # wall time of the phase
+PHASE_PEAK_RSS_MB = "phase/peak_rss_mb"  # peak resident set size sampled while the phase ran
+PHASE_RSS_GROWTH_MB = "phase/rss_growth_mb"  # peak RSS minus RSS when the phase began
+PHASE_GPU_PEAK_ALLOCATED_GB = "phase/gpu_peak_allocated_gb"  # CUDA: peak allocated during the phase
+# --- per cycle, on the training loop's parent run (step = cycle) ----------------------------------------
+CYCLE_SECONDS = "cycle/seconds"  # JT1 + deltas + JT2 + JT3 wall time; per phase: cycle/<phase>/seconds
+CYCLE_PEAK_RSS_MB = "cycle/peak_rss_mb"  # the largest phase peak; per phase: cycle/<phase>/peak_rss_mb
 PROFILE_TRACED_PEAK_MB = "profile/python_traced_peak_mb"  # tracemalloc (Python allocations only)
 PROFILE_GPU_PEAK_ALLOCATED_GB = "profile/gpu_peak_allocated_gb"
 PROFILE_GPU_PEAK_RESERVED_GB = "profile/gpu_peak_reserved_gb"

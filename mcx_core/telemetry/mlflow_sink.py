@@ -84,6 +84,28 @@ class MLflowSink(NullSink):
             sink._start_system_metrics()
         return sink
 
+    @classmethod
+    def parent(
+        cls,
+        tracking_uri: str,
+        experiment: str,
+        key: str,
+        run_name: str,
+        tags: dict[str, str] | None = None,
+        artifact_location: str | None = None,
+    ) -> tuple["MLflowSink", bool]:
+        """The parent run tagged `mcx.training_loop = key` (the newest), else a new one: (sink, created).
+        Every phase of every cycle of one training loop is a child of it, whichever process runs it."""
+        exp_id = ensure_experiment(tracking_uri, experiment, artifact_location)
+        found = _client(tracking_uri).search_runs(
+            [exp_id], filter_string=f"tags.`mcx.training_loop` = '{key}'", max_results=1,
+            order_by=["attributes.start_time DESC"],
+        )
+        if found:
+            return cls(tracking_uri, found[0].info.run_id), False
+        tags = {**(tags or {}), "mcx.training_loop": key, "mcx.role": "training_loop"}
+        return cls.start(tracking_uri, experiment, run_name, tags=tags, artifact_location=artifact_location), True
+
     @property
     def experiment_id(self) -> str:
         return self.client.get_run(self.run_id).info.experiment_id

@@ -4,47 +4,81 @@ the checkpoint set."""
 
 import dagster as dg
 
-from mcx_dagster.defs._meta import floats, problems_result
+from mcx_dagster.defs._meta import cycle_of, final_cycle, floats, jt_cycles, problems_result
 from mcx_dagster.defs.resources import MegaContextSettings, MLflowTracker
 
 
-@dg.asset(group_name="training", deps=["lensnet_checkpoint"], kinds={"pytorch", "safetensors"})
+@dg.asset(group_name="training", deps=["lensnet_checkpoint"], partitions_def=jt_cycles, kinds={"pytorch", "safetensors"})
 def lora_checkpoint(
     context: dg.AssetExecutionContext, settings: MegaContextSettings, mlflow: MLflowTracker
 ) -> dg.MaterializeResult:
-    """JT3: LoRA adapters (peft) on the frozen base model, trained on Loss@H with working contexts
-    chosen by the current LensNet + allocator; the base weights' checksum is verified unchanged."""
-    from mcx_core import pipeline
+    """JT3, the last phase of a cycle: LoRA adapters (peft) on the frozen base model, trained on Loss@H
+    with working contexts chosen by the cycle's LensNet + allocator (cycle c > 0 carries c − 1's adapter
+    over); the base weights' checksum is verified unchanged. Closes the cycle: writes
+    `cycles/cycle{c}.json` and logs the cycle's wall time and peak memory per phase to the loop's parent run."""
+    from mcx_core import cycles, pipeline
 
     cfg = settings.load()
-    with mlflow.run(context, cfg, settings.root_dir()) as sink:
+    cycle = cycle_of(context)
+    with mlflow.cycle_run(context, cfg, settings.root_dir(), "jt3") as sink:
         lm, _ = pipeline.prepare_base_model(cfg)
-        result = pipeline.train_lora(cfg, lm, sink)
+        result, phase = cycles.phase_jt3(cfg, lm, cycle, sink)
         sink.log_artifact(result.checkpoint / "trainer_state.json", "checkpoint")
-        held_out = pipeline.evaluate_lora(cfg, lm, result.checkpoint, sink)
+        held_out = pipeline.evaluate_lora(cfg, lm, result.checkpoint, sink, cycle=cycle)
+    memory = {**_earlier_phases(context, cycle), "jt3": phase}
+    record = cycles.write_cycle_record(cfg, cycle, seconds={p: m["phase/seconds"] for p, m in memory.items()},
+                                       memory=memory)
+    per_cycle = cycles.cycle_metrics(memory)
+    mlflow.loop_parent(cfg, settings.root_dir()).log_metrics(per_cycle, step=cycle)
     return dg.MaterializeResult(
         metadata={
             **floats(result.metrics),
+            **floats(phase),
+            **floats(per_cycle),
             **floats({k.removeprefix("eval/"): v for k, v in held_out.items()}),
             "checkpoint": dg.MetadataValue.path(str(result.checkpoint)),
+            "cycle_record": dg.MetadataValue.path(str(cycles.cycle_record_path(cfg, cycle))),
+            "cycle_nan_free": dg.MetadataValue.bool(record["nan_free"]),
             "steps": dg.MetadataValue.int(result.steps),
             "nan_free": dg.MetadataValue.bool(result.nan_free),
         }
     )
 
 
+_PHASE_ASSETS = {"jt1": "gistnet_checkpoint", "deltas": "delta_table", "jt2": "lensnet_checkpoint"}
+
+
+def _earlier_phases(context: dg.AssetExecutionContext, cycle: int) -> dict[str, dict[str, float]]:
+    """The `phase/*` metadata (wall time, peak memory) of this cycle's JT1, deltas and JT2 materializations."""
+    out = {}
+    for phase, key in _PHASE_ASSETS.items():
+        records = context.instance.fetch_materializations(
+            dg.AssetRecordsFilter(asset_key=dg.AssetKey(key), asset_partitions=[str(cycle)]), limit=1
+        ).records
+        if records:
+            meta = records[0].asset_materialization.metadata
+            values = {k: float(v.value) for k, v in meta.items() if k.startswith("phase/")}
+            if "phase/seconds" in values:
+                out[phase] = values
+    return out
+
+
 @dg.asset_check(asset="lora_checkpoint", blocking=True)
-def lora_training_finite(settings: MegaContextSettings) -> dg.AssetCheckResult:
-    """Every logged JT3 step has a finite loss and gradient norm."""
+def lora_training_finite(context: dg.AssetCheckExecutionContext, settings: MegaContextSettings) -> dg.AssetCheckResult:
+    """Every logged JT3 step of the cycle has a finite loss and gradient norm."""
     from mcx_core import pipeline
 
-    problems, meta = pipeline.check_training_finite(pipeline.jt3_checkpoint(settings.load()))
+    problems, meta = pipeline.check_training_finite(pipeline.jt3_checkpoint(settings.load(), cycle_of(context)))
     return problems_result(problems, "all logged JT3 steps finite", **floats(meta))
 
 
 @dg.asset(
     group_name="acceptance",
-    deps=["gist_eval_report", "runtime_eval", "gistnet_checkpoint", "lensnet_checkpoint", "lora_checkpoint"],
+    deps=[
+        "gist_eval_report",
+        "runtime_eval",
+        *(dg.AssetDep(k, partition_mapping=final_cycle) for k in ("gistnet_checkpoint", "lensnet_checkpoint", "lora_checkpoint")),
+    ],
     kinds={"json"},
 )
 def poc_acceptance(

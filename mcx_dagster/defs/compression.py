@@ -2,22 +2,26 @@
 
 import dagster as dg
 
-from mcx_dagster.defs._meta import floats, gates_result, markdown_file, problems_result
+from mcx_dagster.defs._meta import cycle_of, final_cycle, floats, gates_result, jt_cycles, markdown_file, problems_result
 from mcx_dagster.defs.resources import MegaContextSettings, MLflowTracker
 
 
-@dg.asset(group_name="compression", deps=["block_dataset", "base_model"], kinds={"pytorch", "safetensors"})
+@dg.asset(
+    group_name="compression", deps=["block_dataset", "base_model"], partitions_def=jt_cycles,
+    kinds={"pytorch", "safetensors"},
+)
 def gistnet_checkpoint(
     context: dg.AssetExecutionContext, settings: MegaContextSettings, mlflow: MLflowTracker
 ) -> dg.MaterializeResult:
-    """JT1: GistNet trained through the config's phases (pooling_mse warm start, then ΔNLL
-    substitution through the frozen base model). Resumes from the newest complete checkpoint."""
-    from mcx_core import pipeline
+    """JT1 of one cycle (partition = cycle): GistNet trained through the config's phases (pooling_mse
+    warm start, then ΔNLL substitution through the frozen base model); cycle c > 0 starts from cycle
+    c − 1's GistNet. Resumes from the newest complete checkpoint of the cycle."""
+    from mcx_core import cycles, pipeline
 
     cfg = settings.load()
-    with mlflow.run(context, cfg, settings.root_dir()) as sink:
+    with mlflow.cycle_run(context, cfg, settings.root_dir(), "jt1") as sink:
         lm, _ = pipeline.prepare_base_model(cfg)
-        result = pipeline.train_gistnet(cfg, lm, sink)
+        result, phase = cycles.phase_jt1(cfg, lm, cycle_of(context), sink)
         drift, previous = pipeline.gist_drift(cfg, lm, result.checkpoint)
         if drift is not None:
             sink.log_metrics({"jt1/gist_drift_cosine": drift}, step=result.steps)
@@ -25,6 +29,7 @@ def gistnet_checkpoint(
     return dg.MaterializeResult(
         metadata={
             **floats(result.metrics),
+            **floats(phase),
             "checkpoint": dg.MetadataValue.path(str(result.checkpoint)),
             "steps": dg.MetadataValue.int(result.steps),
             "nan_free": dg.MetadataValue.bool(result.nan_free),
@@ -36,12 +41,17 @@ def gistnet_checkpoint(
     )
 
 
-@dg.asset(group_name="compression", deps=["gistnet_checkpoint", "baseline_eval"], kinds={"parquet"})
+@dg.asset(
+    group_name="compression",
+    deps=[dg.AssetDep("gistnet_checkpoint", partition_mapping=final_cycle), "baseline_eval"],
+    kinds={"parquet"},
+)
 def gist_eval_report(
     context: dg.AssetExecutionContext, settings: MegaContextSettings, mlflow: MLflowTracker
 ) -> dg.MaterializeResult:
     """ΔNLL@H of learned gists at 32× (every W_max) and 1024×, against full history, recency and
-    mean-pool gists on held-out narrative and code; by horizon position and by gisted-block distance."""
+    mean-pool gists on held-out narrative and code; by horizon position and by gisted-block distance.
+    Reads the final cycle's GistNet."""
     from mcx_core import pipeline
 
     cfg = settings.load()
@@ -63,11 +73,11 @@ def gist_eval_report(
 
 
 @dg.asset_check(asset="gistnet_checkpoint", blocking=True)
-def gistnet_training_finite(settings: MegaContextSettings) -> dg.AssetCheckResult:
-    """Every logged JT1 step has a finite loss, ΔNLL and gradient norm, and no phase stopped on NaN/inf."""
+def gistnet_training_finite(context: dg.AssetCheckExecutionContext, settings: MegaContextSettings) -> dg.AssetCheckResult:
+    """Every logged JT1 step of the cycle has a finite loss, ΔNLL and gradient norm, and no phase stopped on NaN/inf."""
     from mcx_core import pipeline
 
-    problems, meta = pipeline.check_jt1_finite(settings.load())
+    problems, meta = pipeline.check_jt1_finite(settings.load(), cycle_of(context))
     return problems_result(problems, "all logged JT1 steps finite", **floats(meta))
 
 

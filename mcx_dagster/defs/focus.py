@@ -3,27 +3,29 @@ focus checks (swap rate, residency, utilization, causality, latency overhead).""
 
 import dagster as dg
 
-from mcx_dagster.defs._meta import floats, gates_result, markdown_file, problems_result
+from mcx_dagster.defs._meta import cycle_of, final_cycle, floats, gates_result, jt_cycles, markdown_file, problems_result
 from mcx_dagster.defs.resources import MegaContextSettings, MLflowTracker
 
 
-@dg.asset(group_name="focus", deps=["gistnet_checkpoint"], kinds={"parquet"})
+@dg.asset(group_name="focus", deps=["gistnet_checkpoint"], partitions_def=jt_cycles, kinds={"parquet"})
 def delta_table(
     context: dg.AssetExecutionContext, settings: MegaContextSettings, mlflow: MLflowTracker
 ) -> dg.MaterializeResult:
     """Counterfactual labels: for working contexts sampled from training histories (always the
     recency one), the ΔNLL@H of every candidate expand/collapse, computed with the current GistNet
-    (on-policy; the checkpoint id is a column). `artifacts/deltas/deltas_cycle{c}_{checkpoint}.parquet`."""
-    from mcx_core import pipeline
+    (on-policy; the checkpoint id is a column), regenerated every cycle from that cycle's GistNet.
+    `artifacts/deltas/deltas_cycle{c}_{checkpoint}.parquet`."""
+    from mcx_core import cycles, pipeline
 
     cfg = settings.load()
-    with mlflow.run(context, cfg, settings.root_dir()) as sink:
+    with mlflow.cycle_run(context, cfg, settings.root_dir(), "deltas") as sink:
         lm, _ = pipeline.prepare_base_model(cfg)
-        path, stats, ck = pipeline.generate_deltas(cfg, lm, sink)
+        (path, stats, ck), phase = cycles.phase_deltas(cfg, lm, cycle_of(context), sink)
         sink.log_artifact(path, "deltas")
     return dg.MaterializeResult(
         metadata={
             **floats(stats),
+            **floats(phase),
             "table": dg.MetadataValue.path(str(path)),
             "gistnet_checkpoint": dg.MetadataValue.path(str(ck)),
         }
@@ -31,31 +33,33 @@ def delta_table(
 
 
 @dg.asset_check(asset="delta_table", blocking=True)
-def delta_table_schema(settings: MegaContextSettings) -> dg.AssetCheckResult:
+def delta_table_schema(context: dg.AssetCheckExecutionContext, settings: MegaContextSettings) -> dg.AssetCheckResult:
     """The SPEC §6 columns with their types, one GistNet checkpoint, a recency context per sample,
     finite ΔNLL, a readable contexts file."""
     from mcx_core import deltas, pipeline
 
-    path = pipeline.delta_table(settings.load())
+    path = pipeline.delta_table(settings.load(), cycle_of(context))
     return problems_result(deltas.validate_delta_table(path), "schema and contents valid", table=dg.MetadataValue.path(str(path)))
 
 
-@dg.asset(group_name="focus", deps=["delta_table"], kinds={"pytorch", "safetensors"})
+@dg.asset(group_name="focus", deps=["delta_table"], partitions_def=jt_cycles, kinds={"pytorch", "safetensors"})
 def lensnet_checkpoint(
     context: dg.AssetExecutionContext, settings: MegaContextSettings, mlflow: MLflowTracker
 ) -> dg.MaterializeResult:
     """JT2: LensNet trained on the delta table (regression + ranking + budget + legality), GistNet
-    frozen; held-out ranking accuracy and score–utility rank correlation, before and after."""
-    from mcx_core import pipeline
+    frozen; held-out ranking accuracy and score–utility rank correlation, before and after. Cycle c > 0
+    starts from cycle c − 1's LensNet."""
+    from mcx_core import cycles, pipeline
 
     cfg = settings.load()
-    with mlflow.run(context, cfg, settings.root_dir()) as sink:
+    with mlflow.cycle_run(context, cfg, settings.root_dir(), "jt2") as sink:
         lm, _ = pipeline.prepare_base_model(cfg)
-        result = pipeline.train_lensnet(cfg, lm, sink)
+        result, phase = cycles.phase_jt2(cfg, lm, cycle_of(context), sink)
         sink.log_artifact(result.checkpoint / "trainer_state.json", "checkpoint")
     return dg.MaterializeResult(
         metadata={
             **floats(result.metrics),
+            **floats(phase),
             **floats(result.initial_metrics, prefix="untrained/"),
             "checkpoint": dg.MetadataValue.path(str(result.checkpoint)),
             "steps": dg.MetadataValue.int(result.steps),
@@ -65,22 +69,27 @@ def lensnet_checkpoint(
 
 
 @dg.asset_check(asset="lensnet_checkpoint", blocking=True)
-def lensnet_training_finite(settings: MegaContextSettings) -> dg.AssetCheckResult:
-    """Every logged JT2 step has finite loss terms, accuracy and gradient norm."""
+def lensnet_training_finite(context: dg.AssetCheckExecutionContext, settings: MegaContextSettings) -> dg.AssetCheckResult:
+    """Every logged JT2 step of the cycle has finite loss terms, accuracy and gradient norm."""
     from mcx_core import pipeline
 
-    problems, meta = pipeline.check_training_finite(pipeline.jt2_checkpoint(settings.load()))
+    problems, meta = pipeline.check_training_finite(pipeline.jt2_checkpoint(settings.load(), cycle_of(context)))
     return problems_result(problems, "all logged JT2 steps finite", **floats(meta))
 
 
-@dg.asset(group_name="focus", deps=["lensnet_checkpoint", "gistnet_checkpoint"], kinds={"json"})
+@dg.asset(
+    group_name="focus",
+    deps=[dg.AssetDep(k, partition_mapping=final_cycle) for k in ("lensnet_checkpoint", "gistnet_checkpoint")],
+    kinds={"json"},
+)
 def runtime_eval(
     context: dg.AssetExecutionContext, settings: MegaContextSettings, mlflow: MLflowTracker
 ) -> dg.MaterializeResult:
     """Held-out documents streamed through the runtime engine (ingest → LensNet → allocator → base
     forward every `runtime.refocus_every` tokens) for `runtime.steps` steps; swap rate, residency,
     utilization, latency overhead vs the frozen base model (measured in the same run), causality,
-    Loss@H; then recency / random / expand-nearest / oracle / LensNet compared at the same W_max."""
+    Loss@H; then recency / random / expand-nearest / oracle / LensNet compared at the same W_max.
+    Uses the final cycle's GistNet and LensNet."""
     from mcx_core import pipeline
 
     cfg = settings.load()

@@ -54,17 +54,47 @@ class MLflowTracker(dg.ConfigurableResource):
     tracking_uri: str = ""
     artifact_location: str = ""
 
-    @contextlib.contextmanager
-    def run(self, context: dg.AssetExecutionContext, cfg, root: Path, name: str | None = None) -> Iterator:
-        from mcx_core.telemetry.mlflow_sink import (
-            MLflowSink,
-            default_artifact_location,
-            default_tracking_uri,
-            git_commit,
-        )
+    def _store(self, cfg, root: Path) -> tuple[str, str]:
+        from mcx_core.telemetry.mlflow_sink import default_artifact_location, default_tracking_uri
 
         uri = self.tracking_uri or cfg.mlflow.tracking_uri or default_tracking_uri(root)
-        artifacts = self.artifact_location or cfg.mlflow.artifact_location or default_artifact_location(root)
+        return uri, self.artifact_location or cfg.mlflow.artifact_location or default_artifact_location(root)
+
+    def loop_parent(self, cfg, root: Path):
+        """The MLflow parent run of this config's training loop (found by its key, else created with the
+        config as params); the cycles' phase runs are its children."""
+        from mcx_core import pipeline
+        from mcx_core.telemetry.mlflow_sink import MLflowSink, git_commit
+
+        uri, artifacts = self._store(cfg, root)
+        parent, created = MLflowSink.parent(
+            uri, cfg.mlflow.experiment or cfg.name, pipeline.training_loop_key(cfg), f"training-loop-{cfg.name}",
+            tags={"mcx.config_name": cfg.name, "mcx.git_commit": git_commit(root),
+                  "mcx.n_cycles": str(cfg.training_loop.n_cycles)},
+            artifact_location=artifacts,
+        )
+        if created:
+            parent.log_params(cfg.flat())
+            parent.log_text(cfg.to_yaml(), "config/config.yaml")
+            parent.end("FINISHED")  # a container: children attach to it, per-cycle metrics land on it later
+        return parent
+
+    @contextlib.contextmanager
+    def cycle_run(self, context: dg.AssetExecutionContext, cfg, root: Path, phase: str) -> Iterator:
+        """`run` for one phase of one cycle: a child of the training loop's parent run, named
+        `cycle{c}-{phase}` and tagged `mcx.cycle` / `mcx.phase`."""
+        cycle = context.partition_key
+        parent = self.loop_parent(cfg, root)
+        with self.run(context, cfg, root, name=f"cycle{cycle}-{phase}", parent_run_id=parent.run_id,
+                      tags={"mcx.cycle": cycle, "mcx.phase": phase}) as sink:
+            yield sink
+
+    @contextlib.contextmanager
+    def run(self, context: dg.AssetExecutionContext, cfg, root: Path, name: str | None = None,
+            parent_run_id: str | None = None, tags: dict[str, str] | None = None) -> Iterator:
+        from mcx_core.telemetry.mlflow_sink import MLflowSink, git_commit
+
+        uri, artifacts = self._store(cfg, root)
         asset = context.asset_key.to_user_string()
         tags = {
             "dagster.run_id": context.run_id,
@@ -72,13 +102,17 @@ class MLflowTracker(dg.ConfigurableResource):
             "dagster.job": context.job_name,
             "mcx.config_name": cfg.name,
             "mcx.git_commit": git_commit(root),
+            **(tags or {}),
         }
+        if context.has_partition_key:
+            tags["dagster.partition_key"] = context.partition_key
         sink = MLflowSink.start(
             uri,
             cfg.mlflow.experiment or cfg.name,
             run_name=name or f"{asset}-{context.run_id[:8]}",
             tags=tags,
             artifact_location=artifacts,
+            parent_run_id=parent_run_id,
             system_metrics=cfg.mlflow.system_metrics,
         )
         sink.log_params(cfg.flat())

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import dagster as dg
 
-from mcx_dagster.defs._meta import floats
+from mcx_dagster.defs._meta import final_cycle, floats
 from mcx_dagster.defs.resources import DEFAULT_CONFIG, MegaContextSettings, MLflowTracker, project_root
 
 
@@ -17,7 +17,10 @@ def _sweep_config():
 
     path = Path(os.environ.get("MCX_CONFIG", DEFAULT_CONFIG))
     os.environ.setdefault("MCX_HOME", str(project_root()))
-    return load_config(path if path.is_absolute() else project_root() / path)
+    if not path.is_absolute():  # under the project root, else the repository's own (a project without configs/)
+        here = project_root() / path
+        path = here if here.is_file() else Path(__file__).resolve().parents[2] / path
+    return load_config(path)
 
 
 _CFG = _sweep_config()
@@ -33,7 +36,10 @@ eval_sweep_partitions = dg.StaticPartitionsDefinition(_grid())
 
 
 @dg.asset(
-    group_name="evaluation", deps=["gistnet_checkpoint"], partitions_def=eval_sweep_partitions, kinds={"parquet"}
+    group_name="evaluation",
+    deps=[dg.AssetDep("gistnet_checkpoint", partition_mapping=final_cycle)],
+    partitions_def=eval_sweep_partitions,
+    kinds={"parquet"},
 )
 def eval_sweep(context: dg.AssetExecutionContext, settings: MegaContextSettings, mlflow: MLflowTracker) -> dg.MaterializeResult:
     """One cell of the W_max × dataset grid: full / recency / mean-pool / learned-gist NLLs per sample

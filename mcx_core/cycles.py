@@ -203,8 +203,9 @@ def run_cycles(cfg: MegaContextConfig, lm: BaseLM, sink_factory: SinkFactory | N
 # ---------------------------------------------------------------------------------------------- CLI
 
 
-def mlflow_sinks(cfg: MegaContextConfig, root: Path, parent_name: str) -> tuple[SinkFactory, Callable[[str], None]]:
-    """(factory, end): one parent MLflow run for the whole loop, one child run per (phase, cycle)."""
+def mlflow_sinks(cfg: MegaContextConfig, root: Path) -> tuple[SinkFactory, TelemetrySink]:
+    """(factory, parent): the training loop's MLflow parent run — the same one the Dagster assets use,
+    found by its `mcx.training_loop` key, else created — and one child run per (phase, cycle)."""
     from mcx_core.telemetry.mlflow_sink import (
         MLflowSink,
         default_artifact_location,
@@ -216,15 +217,17 @@ def mlflow_sinks(cfg: MegaContextConfig, root: Path, parent_name: str) -> tuple[
     artifacts = cfg.mlflow.artifact_location or default_artifact_location(root)
     experiment = cfg.mlflow.experiment or cfg.name
     tags = {"mcx.config_name": cfg.name, "mcx.git_commit": git_commit(root)}
-    parent = MLflowSink.start(uri, experiment, parent_name, tags=tags, artifact_location=artifacts,
-                              system_metrics=cfg.mlflow.system_metrics)
-    parent.log_params(cfg.flat())
-    parent.log_text(cfg.to_yaml(), "config/config.yaml")
+    parent, created = MLflowSink.parent(uri, experiment, pipeline.training_loop_key(cfg), f"training-loop-{cfg.name}",
+                                        tags={**tags, "mcx.n_cycles": str(cfg.training_loop.n_cycles)},
+                                        artifact_location=artifacts)
+    if created:
+        parent.log_params(cfg.flat())
+        parent.log_text(cfg.to_yaml(), "config/config.yaml")
 
     @contextlib.contextmanager
     def factory(phase: str, cycle: int) -> Iterator[TelemetrySink]:
         child = MLflowSink.start(uri, experiment, f"cycle{cycle}-{phase}", tags=tags, artifact_location=artifacts,
-                                 parent_run_id=parent.run_id)
+                                 parent_run_id=parent.run_id, system_metrics=cfg.mlflow.system_metrics)
         try:
             yield child
         except BaseException:
@@ -232,7 +235,7 @@ def mlflow_sinks(cfg: MegaContextConfig, root: Path, parent_name: str) -> tuple[
             raise
         child.end("FINISHED")
 
-    return factory, parent.end
+    return factory, parent
 
 
 def build_parser():
@@ -277,17 +280,18 @@ def main(argv: list[str] | None = None) -> list[dict]:
     log.info("base model %s on %s (process %d of %d)", info["model_id"], info["device"],
              distributed.process_index(), distributed.world_size())
     # One MLflow parent run, logged by the main process; the trainers average metrics over ranks first.
-    factory, end = (null_sinks, None) if args.no_mlflow or not main_process else mlflow_sinks(
-        cfg, root, f"cycles-{cfg.name}"
-    )
+    factory, parent = (null_sinks, None) if args.no_mlflow or not main_process else mlflow_sinks(cfg, root)
     try:
         summaries = run_cycles(cfg, lm, factory, n_cycles=args.cycles, progress=progress)
     except BaseException:
-        if end is not None:
-            end("FAILED")
+        if parent is not None:
+            parent.end("FAILED")
         raise
-    if end is not None:
-        end("FINISHED")
+    if parent is not None:
+        for s in summaries:  # per-cycle wall time and peak memory on the parent (step = cycle)
+            if not s["skipped"] and s.get("memory"):
+                parent.log_metrics(cycle_metrics(s["memory"]), step=s["cycle"])
+        parent.end("FINISHED")
     distributed.wait_for_everyone()
     if main_process:
         print(json.dumps([{k: s[k] for k in ("cycle", "checkpoints", "seconds", "skipped")} for s in summaries],

@@ -127,3 +127,29 @@ def test_lost_checkpoint_reruns_its_cycle(smoke):
     out = cycles.run_cycles(cfg, lm, n_cycles=1, progress=False)
     assert not out[0]["skipped"]  # trainers resume at once from their finished checkpoints
     assert cycles.completed_cycle(cfg, 0) is not None
+
+
+def test_mlflow_parent_run_with_a_child_per_phase(smoke, tmp_path):
+    """`python -m mcx_core.cycles` logs under the training loop's parent run (the same one Dagster's phase
+    assets find by its key): one child per phase, each with its wall time and peak memory."""
+    from mlflow import MlflowClient
+
+    cfg, lm, root = smoke
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    cfg = cfg.model_copy(update={"mlflow": cfg.mlflow.model_copy(update={"tracking_uri": uri, "system_metrics": False})})
+    factory, parent = cycles.mlflow_sinks(cfg, root)
+    summary = cycles.run_cycle(cfg, lm, 0, factory, progress=False)
+    parent.log_metrics(cycles.cycle_metrics(summary["memory"]), step=0)
+    parent.end("FINISHED")
+    _, again = cycles.mlflow_sinks(cfg, root)
+    assert again.run_id == parent.run_id  # found by `mcx.training_loop`, not created twice
+
+    client = MlflowClient(tracking_uri=uri)
+    run = client.get_run(parent.run_id)
+    assert run.data.tags["mcx.training_loop"] == pipeline.training_loop_key(cfg)
+    children = client.search_runs([run.info.experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{parent.run_id}'")
+    assert sorted(c.info.run_name for c in children) == sorted(f"cycle0-{p}" for p in cycles.PHASES)
+    for c in children:
+        assert c.data.tags["mcx.phase"] in cycles.PHASES and c.data.metrics["phase/peak_rss_mb"] > 0
+    assert run.data.metrics["cycle/seconds"] == pytest.approx(sum(summary["seconds"].values()))
+    assert {f"cycle/{p}/peak_rss_mb" for p in cycles.PHASES} <= set(run.data.metrics)

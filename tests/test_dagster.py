@@ -267,7 +267,7 @@ def test_cycle_plan_orders_runs_by_cycle(smoke_project):
     from mcx_core.config import load_config
     from mcx_dagster.cli import cycle_plan
 
-    root, cfg_path = smoke_project
+    _, cfg_path = smoke_project
     cfg = load_config(cfg_path)
     cfg = cfg.model_copy(update={"training_loop": cfg.training_loop.model_copy(update={"n_cycles": 3})})
     plan = [(k, {a.to_user_string() for a in keys}) for k, keys in cycle_plan(defs(), None, cfg)]

@@ -3,7 +3,15 @@ focus checks (swap rate, residency, utilization, causality, latency overhead).""
 
 import dagster as dg
 
-from mcx_dagster.defs._meta import cycle_of, final_cycle, floats, gates_result, jt_cycles, markdown_file, problems_result
+from mcx_dagster.defs._meta import (
+    cycle_of,
+    final_cycle,
+    floats,
+    gates_result,
+    jt_cycles,
+    markdown_file,
+    problems_result,
+)
 from mcx_dagster.defs.resources import MegaContextSettings, MLflowTracker
 
 

@@ -203,37 +203,39 @@ def run_cycles(cfg: MegaContextConfig, lm: BaseLM, sink_factory: SinkFactory | N
 # ---------------------------------------------------------------------------------------------- CLI
 
 
-def mlflow_sinks(cfg: MegaContextConfig, root: Path) -> tuple[SinkFactory, TelemetrySink]:
-    """(factory, parent): the training loop's MLflow parent run — the same one the Dagster assets use,
-    found by its `mcx.training_loop` key, else created — and one child run per (phase, cycle)."""
-    from mcx_core.telemetry.mlflow_sink import (
-        MLflowSink,
-        default_artifact_location,
-        default_tracking_uri,
-        git_commit,
-    )
+def training_loop_parent(cfg: MegaContextConfig, root: Path, tracking_uri: str | None = None,
+                         artifact_location: str | None = None):
+    """(parent, created): the MLflow parent run of this config's training loop, found by its
+    `mcx.training_loop` key (`pipeline.training_loop_key`), else created with the config as params. The
+    Dagster phase assets and `python -m mcx_core.cycles` attach their phase runs to the same one."""
+    from mcx_core.telemetry.mlflow_sink import MLflowSink, git_commit, store
 
-    uri = cfg.mlflow.tracking_uri or default_tracking_uri(root)
-    artifacts = cfg.mlflow.artifact_location or default_artifact_location(root)
-    experiment = cfg.mlflow.experiment or cfg.name
-    tags = {"mcx.config_name": cfg.name, "mcx.git_commit": git_commit(root)}
-    parent, created = MLflowSink.parent(uri, experiment, pipeline.training_loop_key(cfg), f"training-loop-{cfg.name}",
-                                        tags={**tags, "mcx.n_cycles": str(cfg.training_loop.n_cycles)},
-                                        artifact_location=artifacts)
+    uri, artifacts = store(cfg, root, tracking_uri, artifact_location)
+    parent, created = MLflowSink.parent(
+        uri, cfg.mlflow.experiment or cfg.name, pipeline.training_loop_key(cfg), f"training-loop-{cfg.name}",
+        tags={"mcx.config_name": cfg.name, "mcx.git_commit": git_commit(root),
+              "mcx.n_cycles": str(cfg.training_loop.n_cycles)},
+        artifact_location=artifacts,
+    )
     if created:
         parent.log_params(cfg.flat())
         parent.log_text(cfg.to_yaml(), "config/config.yaml")
+    return parent, created
 
-    @contextlib.contextmanager
-    def factory(phase: str, cycle: int) -> Iterator[TelemetrySink]:
-        child = MLflowSink.start(uri, experiment, f"cycle{cycle}-{phase}", tags=tags, artifact_location=artifacts,
-                                 parent_run_id=parent.run_id, system_metrics=cfg.mlflow.system_metrics)
-        try:
-            yield child
-        except BaseException:
-            child.end("FAILED")
-            raise
-        child.end("FINISHED")
+
+def mlflow_sinks(cfg: MegaContextConfig, root: Path) -> tuple[SinkFactory, TelemetrySink]:
+    """(factory, parent): the training loop's parent run (`training_loop_parent`) and one child run per
+    (phase, cycle)."""
+    from mcx_core.telemetry.mlflow_sink import MLflowSink, git_commit, store
+
+    uri, artifacts = store(cfg, root)
+    parent, _ = training_loop_parent(cfg, root)
+    tags = {"mcx.config_name": cfg.name, "mcx.git_commit": git_commit(root)}
+
+    def factory(phase: str, cycle: int) -> contextlib.AbstractContextManager[TelemetrySink]:
+        return MLflowSink.start(uri, cfg.mlflow.experiment or cfg.name, f"cycle{cycle}-{phase}", tags=tags,
+                                artifact_location=artifacts, parent_run_id=parent.run_id,
+                                system_metrics=cfg.mlflow.system_metrics)
 
     return factory, parent
 
@@ -281,17 +283,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
              distributed.process_index(), distributed.world_size())
     # One MLflow parent run, logged by the main process; the trainers average metrics over ranks first.
     factory, parent = (null_sinks, None) if args.no_mlflow or not main_process else mlflow_sinks(cfg, root)
-    try:
+    with parent or contextlib.nullcontext():
         summaries = run_cycles(cfg, lm, factory, n_cycles=args.cycles, progress=progress)
-    except BaseException:
-        if parent is not None:
-            parent.end("FAILED")
-        raise
-    if parent is not None:
-        for s in summaries:  # per-cycle wall time and peak memory on the parent (step = cycle)
+        for s in summaries if parent is not None else []:  # per-cycle time and peak memory (step = cycle)
             if not s["skipped"] and s.get("memory"):
                 parent.log_metrics(cycle_metrics(s["memory"]), step=s["cycle"])
-        parent.end("FINISHED")
     distributed.wait_for_everyone()
     if main_process:
         print(json.dumps([{k: s[k] for k in ("cycle", "checkpoints", "seconds", "skipped")} for s in summaries],

@@ -401,11 +401,6 @@ def jt1_checkpoint(cfg: MegaContextConfig, cycle: int | None = None) -> Path:
     return jt_checkpoint(cfg, 1, cycle)
 
 
-def check_jt1_finite(cfg: MegaContextConfig, cycle: int | None = None) -> tuple[list[str], dict[str, float]]:
-    """Problems with the newest JT1 checkpoint's training history (non-finite values, NaN stops)."""
-    return check_training_finite(jt1_checkpoint(cfg, cycle))
-
-
 def check_training_finite(checkpoint: Path) -> tuple[list[str], dict[str, float]]:
     """Problems with a JT checkpoint's logged training history: non-finite values, phases stopped on NaN."""
     import math

@@ -55,18 +55,12 @@ def _sink(cfg, enabled: bool, run_name: str):
         yield NullSink()
         return
     from mcx_core.config import project_root
-    from mcx_core.telemetry.mlflow_sink import MLflowSink, default_artifact_location
+    from mcx_core.telemetry.mlflow_sink import MLflowSink, store
 
-    sink = MLflowSink.start(
-        _tracking_uri(cfg), cfg.mlflow.experiment or cfg.name, run_name, tags={"mcx.config_name": cfg.name},
-        artifact_location=cfg.mlflow.artifact_location or default_artifact_location(project_root()),
-    )
-    try:
+    _, artifacts = store(cfg, project_root())
+    with MLflowSink.start(_tracking_uri(cfg), cfg.mlflow.experiment or cfg.name, run_name,
+                          tags={"mcx.config_name": cfg.name}, artifact_location=artifacts) as sink:
         yield sink
-    except BaseException:
-        sink.end("FAILED")
-        raise
-    sink.end("FINISHED")
     click.echo(f"mlflow run: {sink.run_id}")
 
 

@@ -4,7 +4,6 @@ import json
 from pathlib import Path
 
 import pytest
-import yaml
 from click.testing import CliRunner
 
 from mcx_core.config import load_config
@@ -19,12 +18,9 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
-def project(tmp_path_factory):
+def project(tmp_path_factory, smoke_config):
     root = tmp_path_factory.mktemp("mcxrun")
-    data = yaml.safe_load((ROOT / "configs" / "smoke.yaml").read_text())
-    data["base_model"]["cache_dir"] = str(ROOT / ".cache" / "models")
-    cfg_path = root / "smoke.yaml"
-    cfg_path.write_text(yaml.safe_dump(data))
+    cfg_path = smoke_config(root)
     cfg = load_config(cfg_path)
     lm = load_base_model(cfg.base_model, cfg.dataset, seed=cfg.seed)
     Gister(lm.d_model, cfg.gistnet.model).save_pretrained(root / "ck" / "gistnet")

@@ -7,7 +7,6 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 import torch
-import yaml
 
 from mcx_core import cycles, pipeline
 from mcx_core.config import load_config
@@ -18,15 +17,10 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
-def smoke(tmp_path_factory):
+def smoke(tmp_path_factory, smoke_config):
     """A throwaway project root with the smoke config, its datasets and the tiny base model."""
     root = tmp_path_factory.mktemp("cycles")
-    data = yaml.safe_load((ROOT / "configs" / "smoke.yaml").read_text())
-    data["base_model"]["cache_dir"] = str(ROOT / ".cache" / "models")
-    data["artifacts_dir"] = str(root / "artifacts")
-    data["dataset"]["output_dir"] = str(root / "artifacts" / "datasets")
-    path = root / "smoke.yaml"
-    path.write_text(yaml.safe_dump(data))
+    path = smoke_config(root, artifacts=True)
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("MCX_HOME", str(root))
         cfg = load_config(path)

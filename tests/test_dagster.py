@@ -33,12 +33,9 @@ def test_definitions_load_with_blocking_dataset_checks():
 
 
 @pytest.fixture
-def smoke_project(tmp_path, monkeypatch):
+def smoke_project(tmp_path, monkeypatch, smoke_config):
     """A throwaway project root holding a copy of the smoke config (model cache shared with the repo)."""
-    data = yaml.safe_load((ROOT / "configs" / "smoke.yaml").read_text())
-    data["base_model"]["cache_dir"] = str(ROOT / ".cache" / "models")
-    cfg = tmp_path / "smoke.yaml"
-    cfg.write_text(yaml.safe_dump(data))
+    cfg = smoke_config(tmp_path)
     monkeypatch.setenv("MCX_HOME", str(tmp_path))
     monkeypatch.setenv("DAGSTER_HOME", str(tmp_path / "dagster_home"))
     (tmp_path / "dagster_home").mkdir()

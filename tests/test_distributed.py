@@ -96,21 +96,11 @@ def test_checkpoint_records_world_size_one(tmp_path):
 # ---------------------------------------------------------------------------------------------- two processes
 
 
-def _smoke_config(root: Path) -> Path:
-    data = yaml.safe_load((ROOT / "configs" / "smoke.yaml").read_text())
-    data["base_model"]["cache_dir"] = str(ROOT / ".cache" / "models")
-    data["artifacts_dir"] = str(root / "artifacts")
-    data["dataset"]["output_dir"] = str(root / "artifacts" / "datasets")
-    path = root / "smoke.yaml"
-    path.write_text(yaml.safe_dump(data))
-    return path
-
-
-def _cycle(root: Path, processes: int) -> tuple[subprocess.CompletedProcess, float]:
+def _cycle(cfg: Path, processes: int) -> tuple[subprocess.CompletedProcess, float]:
     """One smoke cycle through the CLI; with processes > 1 under `accelerate launch` on CPU processes.
     (`accelerate launch --cpu` starts one process unless mpirun is set up; `--multi_gpu` with no GPU
     visible runs torchrun with gloo, i.e. MULTI_CPU.)"""
-    cfg = _smoke_config(root)
+    root = cfg.parent
     cli = ["-m", "mcx_core.cycles", "--config", str(cfg), "--cycles", "1", "--no-mlflow", "--no-progress"]
     if processes > 1:
         cmd = [str(ACCELERATE), "launch", "--multi_gpu", "--num_processes", str(processes), "--num_machines", "1",
@@ -136,10 +126,10 @@ def _states(root: Path) -> dict[str, dict]:
     return out
 
 
-def test_two_cpu_processes_train_one_model_data_parallel(tmp_path):
+def test_two_cpu_processes_train_one_model_data_parallel(tmp_path, smoke_config):
     two, one = tmp_path / "two", tmp_path / "one"
     two.mkdir(), one.mkdir()
-    done, seconds = _cycle(two, 2)
+    done, seconds = _cycle(smoke_config(two, artifacts=True), 2)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-6000:]
     print(f"2-process smoke cycle: {seconds:.1f} s")
 
@@ -161,7 +151,7 @@ def test_two_cpu_processes_train_one_model_data_parallel(tmp_path):
     }
 
     # One process on the same config: world_size 1, and other weights (the two ranks saw other samples).
-    done, _ = _cycle(one, 1)
+    done, _ = _cycle(smoke_config(one, artifacts=True), 1)
     assert done.returncode == 0, done.stderr[-6000:]
     single = _states(one)
     for name, state in single.items():

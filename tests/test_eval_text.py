@@ -5,7 +5,6 @@ import json
 from pathlib import Path
 
 import pytest
-import yaml
 from click.testing import CliRunner
 
 from mcx_core.config import load_config
@@ -21,13 +20,10 @@ KEYS = {
 
 
 @pytest.fixture(scope="module")
-def project(tmp_path_factory):
+def project(tmp_path_factory, smoke_config):
     """The smoke config (tiny random Llama, 256-token histories) and an untrained GistNet checkpoint."""
     root = tmp_path_factory.mktemp("evaltext")
-    data = yaml.safe_load((ROOT / "configs" / "smoke.yaml").read_text())
-    data["base_model"]["cache_dir"] = str(ROOT / ".cache" / "models")
-    cfg_path = root / "smoke.yaml"
-    cfg_path.write_text(yaml.safe_dump(data))
+    cfg_path = smoke_config(root)
     cfg = load_config(cfg_path)
     lm = load_base_model(cfg.base_model, cfg.dataset, seed=cfg.seed)
     Gister(lm.d_model, cfg.gistnet.model).save_pretrained(root / "ck" / "gistnet")
@@ -41,7 +37,9 @@ def _run(args, root):
 def test_eval_text_prints_one_json_object(project):
     root, cfg = project
     text = root / "hamlet.txt"
-    from mcx_core.data import shakespeare_texts_dir  # the embedded corpus: plenty of text for 272-token samples
+    from mcx_core.data import (
+        shakespeare_texts_dir,  # the embedded corpus: plenty of text for 272-token samples
+    )
 
     src = sorted(p for p in shakespeare_texts_dir().glob("*.txt") if p.name != "metadata.txt")[0]
     text.write_text(src.read_text(encoding="utf-8", errors="replace"), encoding="utf-8")

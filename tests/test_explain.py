@@ -8,7 +8,6 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
 from click.testing import CliRunner
 
 from mcx_core.config import load_config
@@ -23,13 +22,9 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
-def project(tmp_path_factory):
+def project(tmp_path_factory, smoke_config):
     root = tmp_path_factory.mktemp("mcxexplain")
-    data = yaml.safe_load((ROOT / "configs" / "smoke.yaml").read_text())
-    data["base_model"]["cache_dir"] = str(ROOT / ".cache" / "models")
-    data["artifacts_dir"] = str(root / "artifacts")
-    cfg_path = root / "smoke.yaml"
-    cfg_path.write_text(yaml.safe_dump(data))
+    cfg_path = smoke_config(root, artifacts=True)
     cfg = load_config(cfg_path)
     lm = load_base_model(cfg.base_model, cfg.dataset, seed=cfg.seed)
     torch.manual_seed(0)

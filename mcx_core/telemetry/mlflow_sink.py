@@ -9,7 +9,7 @@ import os
 import subprocess
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 from mcx_core.telemetry.sinks import NullSink
 
@@ -25,6 +25,13 @@ def default_tracking_uri(root: Path) -> str:
 
 def default_artifact_location(root: Path) -> str:
     return (root / "mlruns" / "artifacts").resolve().as_uri()
+
+
+def store(cfg, root: Path, tracking_uri: str | None = None, artifact_location: str | None = None) -> tuple[str, str]:
+    """(tracking URI, artifact location) for a config: an explicit override, else the config's
+    `mlflow:` section, else the project's local sqlite store and artifact folder."""
+    uri = tracking_uri or cfg.mlflow.tracking_uri or default_tracking_uri(root)
+    return uri, artifact_location or cfg.mlflow.artifact_location or default_artifact_location(root)
 
 
 def git_commit(root: Path) -> str:
@@ -55,13 +62,15 @@ def ensure_experiment(tracking_uri: str, name: str, artifact_location: str | Non
 
 
 class MLflowSink(NullSink):
-    """An MLflow run. Create with `MLflowSink.start(...)`, end with `.end(status)`."""
+    """An MLflow run. Create with `MLflowSink.start(...)`, end with `.end(status)` — or use it as a context
+    manager: the run ends FINISHED, or FAILED when the block raises."""
 
     def __init__(self, tracking_uri: str, run_id: str) -> None:
         self.tracking_uri = tracking_uri
         self.run_id = run_id
         self.client = _client(tracking_uri)
         self._system = None
+        self.parent_run_id: str | None = None
 
     @classmethod
     def start(
@@ -73,13 +82,14 @@ class MLflowSink(NullSink):
         artifact_location: str | None = None,
         parent_run_id: str | None = None,
         system_metrics: bool = False,
-    ) -> "MLflowSink":
+    ) -> MLflowSink:
         exp_id = ensure_experiment(tracking_uri, experiment, artifact_location)
         tags = dict(tags or {})
         if parent_run_id:
             tags["mlflow.parentRunId"] = parent_run_id
         run = _client(tracking_uri).create_run(exp_id, tags=tags, run_name=run_name)
         sink = cls(tracking_uri, run.info.run_id)
+        sink.parent_run_id = parent_run_id
         if system_metrics:
             sink._start_system_metrics()
         return sink
@@ -93,7 +103,7 @@ class MLflowSink(NullSink):
         run_name: str,
         tags: dict[str, str] | None = None,
         artifact_location: str | None = None,
-    ) -> tuple["MLflowSink", bool]:
+    ) -> tuple[MLflowSink, bool]:
         """The parent run tagged `mcx.training_loop = key` (the newest), else a new one: (sink, created).
         Every phase of every cycle of one training loop is a child of it, whichever process runs it."""
         exp_id = ensure_experiment(tracking_uri, experiment, artifact_location)
@@ -177,6 +187,12 @@ class MLflowSink(NullSink):
 
     def log_table(self, rows: dict[str, list], artifact_file: str) -> None:
         self.client.log_table(self.run_id, data=rows, artifact_file=artifact_file)
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        self.end("FAILED" if exc_type is not None else "FINISHED")
 
     def end(self, status: str = "FINISHED") -> None:
         if self._system is not None:

@@ -56,8 +56,9 @@ def gates_result(gates, **metadata) -> dg.AssetCheckResult:
 JT_CYCLES = "jt_cycle"
 jt_cycles = dg.DynamicPartitionsDefinition(name=JT_CYCLES)
 
-# Consumers of the trained checkpoint set (evaluations, the gate, the sweep) read the final cycle.
-final_cycle = dg.LastPartitionMapping()
+# Consumers of the trained checkpoint set (evaluations, the gate, the sweep) read the final cycle
+# (as `mcx_core.pipeline.final_cycle` does: the newest cycle partition is n_cycles − 1).
+FROM_FINAL_CYCLE = dg.LastPartitionMapping()
 
 
 def cycle_keys(cfg) -> list[str]:
@@ -77,3 +78,13 @@ def register_cycles(instance: dg.DagsterInstance, cfg) -> list[str]:
 def cycle_of(context) -> int:
     """The cycle a partitioned phase asset (or its check) is materializing."""
     return int(context.partition_key)
+
+
+def training_finite_result(context, settings, phase: int) -> dg.AssetCheckResult:
+    """The finiteness check of a JT{phase} checkpoint of the cycle being materialized."""
+    from mcx_core import pipeline
+
+    checkpoint = pipeline.jt_checkpoint(settings.load(), phase, cycle_of(context))
+    problems, meta = pipeline.check_training_finite(checkpoint)
+    return problems_result(problems, f"all logged JT{phase} steps finite", **floats(meta),
+                           checkpoint=dg.MetadataValue.path(str(checkpoint)))

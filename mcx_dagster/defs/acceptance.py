@@ -4,7 +4,7 @@ the checkpoint set."""
 
 import dagster as dg
 
-from mcx_dagster.defs._meta import cycle_of, final_cycle, floats, jt_cycles, problems_result
+from mcx_dagster.defs._meta import FROM_FINAL_CYCLE, cycle_of, floats, jt_cycles, training_finite_result
 from mcx_dagster.defs.resources import MegaContextSettings, MLflowTracker
 
 
@@ -17,6 +17,8 @@ def lora_checkpoint(
     over); the base weights' checksum is verified unchanged. Closes the cycle: writes
     `cycles/cycle{c}.json` and logs the cycle's wall time and peak memory per phase to the loop's parent run."""
     from mcx_core import cycles, pipeline
+    from mcx_core.telemetry import metrics as M
+    from mcx_core.telemetry.mlflow_sink import MLflowSink
 
     cfg = settings.load()
     cycle = cycle_of(context)
@@ -25,11 +27,12 @@ def lora_checkpoint(
         result, phase = cycles.phase_jt3(cfg, lm, cycle, sink)
         sink.log_artifact(result.checkpoint / "trainer_state.json", "checkpoint")
         held_out = pipeline.evaluate_lora(cfg, lm, result.checkpoint, sink, cycle=cycle)
-    memory = {**_earlier_phases(context, cycle), "jt3": phase}
-    record = cycles.write_cycle_record(cfg, cycle, seconds={p: m["phase/seconds"] for p, m in memory.items()},
-                                       memory=memory)
-    per_cycle = cycles.cycle_metrics(memory)
-    mlflow.loop_parent(cfg, settings.root_dir()).log_metrics(per_cycle, step=cycle)
+        memory = {**_earlier_phases(context, cycle), "jt3": phase}
+        record = cycles.write_cycle_record(
+            cfg, cycle, seconds={p: m[M.PHASE_SECONDS] for p, m in memory.items()}, memory=memory
+        )
+        per_cycle = cycles.cycle_metrics(memory)
+        MLflowSink(sink.tracking_uri, sink.parent_run_id).log_metrics(per_cycle, step=cycle)
     return dg.MaterializeResult(
         metadata={
             **floats(result.metrics),
@@ -50,6 +53,8 @@ _PHASE_ASSETS = {"jt1": "gistnet_checkpoint", "deltas": "delta_table", "jt2": "l
 
 def _earlier_phases(context: dg.AssetExecutionContext, cycle: int) -> dict[str, dict[str, float]]:
     """The `phase/*` metadata (wall time, peak memory) of this cycle's JT1, deltas and JT2 materializations."""
+    from mcx_core.telemetry import metrics as M
+
     out = {}
     for phase, key in _PHASE_ASSETS.items():
         records = context.instance.fetch_materializations(
@@ -58,7 +63,7 @@ def _earlier_phases(context: dg.AssetExecutionContext, cycle: int) -> dict[str, 
         if records:
             meta = records[0].asset_materialization.metadata
             values = {k: float(v.value) for k, v in meta.items() if k.startswith("phase/")}
-            if "phase/seconds" in values:
+            if M.PHASE_SECONDS in values:
                 out[phase] = values
     return out
 
@@ -66,10 +71,7 @@ def _earlier_phases(context: dg.AssetExecutionContext, cycle: int) -> dict[str, 
 @dg.asset_check(asset="lora_checkpoint", blocking=True)
 def lora_training_finite(context: dg.AssetCheckExecutionContext, settings: MegaContextSettings) -> dg.AssetCheckResult:
     """Every logged JT3 step of the cycle has a finite loss and gradient norm."""
-    from mcx_core import pipeline
-
-    problems, meta = pipeline.check_training_finite(pipeline.jt3_checkpoint(settings.load(), cycle_of(context)))
-    return problems_result(problems, "all logged JT3 steps finite", **floats(meta))
+    return training_finite_result(context, settings, 3)
 
 
 @dg.asset(
@@ -77,7 +79,7 @@ def lora_training_finite(context: dg.AssetCheckExecutionContext, settings: MegaC
     deps=[
         "gist_eval_report",
         "runtime_eval",
-        *(dg.AssetDep(k, partition_mapping=final_cycle) for k in ("gistnet_checkpoint", "lensnet_checkpoint", "lora_checkpoint")),
+        *(dg.AssetDep(k, partition_mapping=FROM_FINAL_CYCLE) for k in ("gistnet_checkpoint", "lensnet_checkpoint", "lora_checkpoint")),
     ],
     kinds={"json"},
 )

@@ -128,7 +128,7 @@ def telemetry_alerts(
     run, and a call of the configured hook."""
     from mcx_core import alerts
     from mcx_core.pipeline import ArtifactPaths
-    from mcx_core.telemetry.mlflow_sink import default_tracking_uri
+    from mcx_core.telemetry.mlflow_sink import store
 
     cfg = settings.load()
     paths = ArtifactPaths.from_config(cfg)
@@ -144,7 +144,7 @@ def telemetry_alerts(
         a = alerts.delta_nll_alert([v for _, v in cycles], cfg.alerts, str(paths.checkpoints),
                                    [f"cycle {c}" for c, _ in cycles])
         found += [(None, a)] if a else []
-    uri = mlflow.tracking_uri or cfg.mlflow.tracking_uri or default_tracking_uri(settings.root_dir())
+    uri, _ = store(cfg, settings.root_dir(), mlflow.tracking_uri or None)
     mlflow_ms = cursor.get("mlflow_ms", 0)
     if Path(uri.removeprefix("sqlite:///")).is_file() or not uri.startswith("sqlite:///"):
         by_run, mlflow_ms = alerts.mlflow_alerts(uri, cfg.mlflow.experiment or cfg.name, cfg.alerts, mlflow_ms)

@@ -3,13 +3,13 @@
 import dagster as dg
 
 from mcx_dagster.defs._meta import (
+    FROM_FINAL_CYCLE,
     cycle_of,
-    final_cycle,
     floats,
     gates_result,
     jt_cycles,
     markdown_file,
-    problems_result,
+    training_finite_result,
 )
 from mcx_dagster.defs.resources import MegaContextSettings, MLflowTracker
 
@@ -51,7 +51,7 @@ def gistnet_checkpoint(
 
 @dg.asset(
     group_name="compression",
-    deps=[dg.AssetDep("gistnet_checkpoint", partition_mapping=final_cycle), "baseline_eval"],
+    deps=[dg.AssetDep("gistnet_checkpoint", partition_mapping=FROM_FINAL_CYCLE), "baseline_eval"],
     kinds={"parquet"},
 )
 def gist_eval_report(
@@ -83,10 +83,7 @@ def gist_eval_report(
 @dg.asset_check(asset="gistnet_checkpoint", blocking=True)
 def gistnet_training_finite(context: dg.AssetCheckExecutionContext, settings: MegaContextSettings) -> dg.AssetCheckResult:
     """Every logged JT1 step of the cycle has a finite loss, ΔNLL and gradient norm, and no phase stopped on NaN/inf."""
-    from mcx_core import pipeline
-
-    problems, meta = pipeline.check_jt1_finite(settings.load(), cycle_of(context))
-    return problems_result(problems, "all logged JT1 steps finite", **floats(meta))
+    return training_finite_result(context, settings, 1)
 
 
 @dg.asset_check(asset="gist_eval_report", blocking=True)

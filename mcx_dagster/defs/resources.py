@@ -54,35 +54,20 @@ class MLflowTracker(dg.ConfigurableResource):
     tracking_uri: str = ""
     artifact_location: str = ""
 
-    def _store(self, cfg, root: Path) -> tuple[str, str]:
-        from mcx_core.telemetry.mlflow_sink import default_artifact_location, default_tracking_uri
-
-        uri = self.tracking_uri or cfg.mlflow.tracking_uri or default_tracking_uri(root)
-        return uri, self.artifact_location or cfg.mlflow.artifact_location or default_artifact_location(root)
-
     def loop_parent(self, cfg, root: Path):
-        """The MLflow parent run of this config's training loop (found by its key, else created with the
-        config as params); the cycles' phase runs are its children."""
-        from mcx_core import pipeline
-        from mcx_core.telemetry.mlflow_sink import MLflowSink, git_commit
+        """The MLflow parent run of this config's training loop (`cycles.training_loop_parent`); created
+        here it is ended at once — a container the cycles' phase runs attach to."""
+        from mcx_core.cycles import training_loop_parent
 
-        uri, artifacts = self._store(cfg, root)
-        parent, created = MLflowSink.parent(
-            uri, cfg.mlflow.experiment or cfg.name, pipeline.training_loop_key(cfg), f"training-loop-{cfg.name}",
-            tags={"mcx.config_name": cfg.name, "mcx.git_commit": git_commit(root),
-                  "mcx.n_cycles": str(cfg.training_loop.n_cycles)},
-            artifact_location=artifacts,
-        )
+        parent, created = training_loop_parent(cfg, root, self.tracking_uri or None, self.artifact_location or None)
         if created:
-            parent.log_params(cfg.flat())
-            parent.log_text(cfg.to_yaml(), "config/config.yaml")
-            parent.end("FINISHED")  # a container: children attach to it, per-cycle metrics land on it later
+            parent.end("FINISHED")
         return parent
 
     @contextlib.contextmanager
     def cycle_run(self, context: dg.AssetExecutionContext, cfg, root: Path, phase: str) -> Iterator:
-        """`run` for one phase of one cycle: a child of the training loop's parent run, named
-        `cycle{c}-{phase}` and tagged `mcx.cycle` / `mcx.phase`."""
+        """`run` for one phase of one cycle: a child of the training loop's parent run (its id is the
+        sink's `parent_run_id`), named `cycle{c}-{phase}` and tagged `mcx.cycle` / `mcx.phase`."""
         cycle = context.partition_key
         parent = self.loop_parent(cfg, root)
         with self.run(context, cfg, root, name=f"cycle{cycle}-{phase}", parent_run_id=parent.run_id,
@@ -92,9 +77,9 @@ class MLflowTracker(dg.ConfigurableResource):
     @contextlib.contextmanager
     def run(self, context: dg.AssetExecutionContext, cfg, root: Path, name: str | None = None,
             parent_run_id: str | None = None, tags: dict[str, str] | None = None) -> Iterator:
-        from mcx_core.telemetry.mlflow_sink import MLflowSink, git_commit
+        from mcx_core.telemetry.mlflow_sink import MLflowSink, git_commit, store
 
-        uri, artifacts = self._store(cfg, root)
+        uri, artifacts = store(cfg, root, self.tracking_uri or None, self.artifact_location or None)
         asset = context.asset_key.to_user_string()
         tags = {
             "dagster.run_id": context.run_id,
@@ -106,7 +91,8 @@ class MLflowTracker(dg.ConfigurableResource):
         }
         if context.has_partition_key:
             tags["dagster.partition_key"] = context.partition_key
-        sink = MLflowSink.start(
+        t0 = time.perf_counter()
+        with MLflowSink.start(
             uri,
             cfg.mlflow.experiment or cfg.name,
             run_name=name or f"{asset}-{context.run_id[:8]}",
@@ -114,19 +100,13 @@ class MLflowTracker(dg.ConfigurableResource):
             artifact_location=artifacts,
             parent_run_id=parent_run_id,
             system_metrics=cfg.mlflow.system_metrics,
-        )
-        sink.log_params(cfg.flat())
-        sink.log_text(cfg.to_yaml(), "config/config.yaml")
-        context.instance.add_run_tags(context.run_id, {f"mlflow.run_id.{asset.replace('/', '.')}": sink.run_id})
-        context.add_output_metadata({"mlflow_run_id": sink.run_id, "mlflow_tracking_uri": uri})
-        context.log.info(f"{asset}: started (MLflow run {sink.run_id}, experiment {cfg.mlflow.experiment or cfg.name})")
-        t0 = time.perf_counter()
-        try:
+        ) as sink:
+            sink.log_params(cfg.flat())
+            sink.log_text(cfg.to_yaml(), "config/config.yaml")
+            context.instance.add_run_tags(context.run_id, {f"mlflow.run_id.{asset.replace('/', '.')}": sink.run_id})
+            context.add_output_metadata({"mlflow_run_id": sink.run_id, "mlflow_tracking_uri": uri})
+            context.log.info(f"{asset}: started (MLflow run {sink.run_id}, experiment {cfg.mlflow.experiment or cfg.name})")
             yield sink
-        except BaseException:
-            sink.end("FAILED")
-            raise
-        sink.end("FINISHED")
         context.log.info(f"{asset}: done in {time.perf_counter() - t0:.1f} s")
 
 

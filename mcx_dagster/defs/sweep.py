@@ -7,7 +7,7 @@ from pathlib import Path
 
 import dagster as dg
 
-from mcx_dagster.defs._meta import final_cycle, floats
+from mcx_dagster.defs._meta import FROM_FINAL_CYCLE, floats
 from mcx_dagster.defs.resources import DEFAULT_CONFIG, MegaContextSettings, MLflowTracker, project_root
 
 
@@ -37,7 +37,7 @@ eval_sweep_partitions = dg.StaticPartitionsDefinition(_grid())
 
 @dg.asset(
     group_name="evaluation",
-    deps=[dg.AssetDep("gistnet_checkpoint", partition_mapping=final_cycle)],
+    deps=[dg.AssetDep("gistnet_checkpoint", partition_mapping=FROM_FINAL_CYCLE)],
     partitions_def=eval_sweep_partitions,
     kinds={"parquet"},
 )

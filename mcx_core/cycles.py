@@ -110,16 +110,17 @@ def phase_jt3(cfg: MegaContextConfig, lm: BaseLM, cycle: int, sink: TelemetrySin
     return _measured(sink, lm, lambda: pipeline.train_lora(cfg, lm, sink, cycle=cycle, init_from=init, progress=progress))
 
 
-def write_cycle_record(cfg: MegaContextConfig, cycle: int, metrics: dict[str, dict] | None = None,
-                       seconds: dict[str, float] | None = None, memory: dict[str, dict] | None = None) -> dict:
+def write_cycle_record(cfg: MegaContextConfig, cycle: int, memory: dict[str, dict],
+                       metrics: dict[str, dict] | None = None) -> dict:
     """`cycles/cycle{c}.json`: the cycle's checkpoints (with ids, so a later change is noticed), the delta
-    table and where each phase started from; written when its last phase (JT3) has finished."""
+    table, where each phase started from, and each phase's `phase/*` wall time and peak memory; written
+    when its last phase (JT3) has finished."""
     from mcx_core.training import common
 
     checkpoints = {p: pipeline.jt_checkpoint(cfg, n, cycle) for p, n in PHASE_NUMBER.items()}
     init = {p: init_checkpoint(cfg, p, cycle) for p in PHASE_NUMBER}
     states = {p: common.read_json(ck / common.TRAINER_STATE_FILE) for p, ck in checkpoints.items()}
-    seconds = seconds or {}
+    seconds = {phase: float(m[M.PHASE_SECONDS]) for phase, m in memory.items()}
     summary = {
         "cycle": cycle,
         "checkpoints": {k: str(v) for k, v in checkpoints.items()},
@@ -127,8 +128,9 @@ def write_cycle_record(cfg: MegaContextConfig, cycle: int, metrics: dict[str, di
         "init_from": {k: (str(v) if v is not None else None) for k, v in init.items()},
         "delta_table": str(pipeline.delta_table(cfg, cycle)),
         "delta_gistnet_checkpoint": str(checkpoints["jt1"]),
-        "metrics": metrics or {},
-        "memory": memory or {},
+        # default: each trainer's last logged step, from its checkpoint
+        "metrics": metrics if metrics is not None else {p: _floats(st.get("metrics", {})) for p, st in states.items()},
+        "memory": memory,
         "nan_free": all(bool(st.get("nan_free", True)) for st in states.values()),
         "seconds": seconds,
         "seconds_total": sum(seconds.values()),
@@ -168,10 +170,9 @@ def run_cycle(cfg: MegaContextConfig, lm: BaseLM, cycle: int, sink_factory: Sink
         "jt2": _floats(results["jt2"].metrics),
         "jt3": _floats(results["jt3"].metrics),
     }
-    seconds = {phase: m[M.PHASE_SECONDS] for phase, m in memory.items()}
     from mcx_core.training import distributed
 
-    summary = write_cycle_record(cfg, cycle, metrics, seconds, memory) if distributed.is_main_process() else None
+    summary = write_cycle_record(cfg, cycle, memory, metrics) if distributed.is_main_process() else None
     distributed.wait_for_everyone()  # data-parallel: every rank sees the record rank 0 wrote
     return summary or completed_cycle(cfg, cycle) or {}
 

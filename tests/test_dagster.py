@@ -221,6 +221,8 @@ def test_two_cycles_then_gate_blocks_on_strict_and_passes_on_lenient_thresholds(
     assert "cycle1" in records[1]["delta_table"] and records[1]["delta_gistnet_checkpoint"] == records[1]["checkpoints"]["jt1"]
     assert set(records[1]["memory"]) == {"jt1", "deltas", "jt2", "jt3"}
     assert all(m["phase/peak_rss_mb"] > 0 for m in records[1]["memory"].values())
+    assert records[1]["seconds"]["jt1"] == records[1]["memory"]["jt1"]["phase/seconds"] > 0
+    assert "train/lora_loss" in records[1]["metrics"]["jt3"]  # each trainer's last logged step
 
     # The gate: the swap-rate check fails, names value and threshold, and poc_acceptance is skipped.
     ev = {e.check_name: e for e in result.get_asset_check_evaluations()}["runtime_swap_rate"]

@@ -17,7 +17,6 @@ def lora_checkpoint(
     over); the base weights' checksum is verified unchanged. Closes the cycle: writes
     `cycles/cycle{c}.json` and logs the cycle's wall time and peak memory per phase to the loop's parent run."""
     from mcx_core import cycles, pipeline
-    from mcx_core.telemetry import metrics as M
     from mcx_core.telemetry.mlflow_sink import MLflowSink
 
     cfg = settings.load()
@@ -28,9 +27,7 @@ def lora_checkpoint(
         sink.log_artifact(result.checkpoint / "trainer_state.json", "checkpoint")
         held_out = pipeline.evaluate_lora(cfg, lm, result.checkpoint, sink, cycle=cycle)
         memory = {**_earlier_phases(context, cycle), "jt3": phase}
-        record = cycles.write_cycle_record(
-            cfg, cycle, seconds={p: m[M.PHASE_SECONDS] for p, m in memory.items()}, memory=memory
-        )
+        record = cycles.write_cycle_record(cfg, cycle, memory)
         per_cycle = cycles.cycle_metrics(memory)
         MLflowSink(sink.tracking_uri, sink.parent_run_id).log_metrics(per_cycle, step=cycle)
     return dg.MaterializeResult(

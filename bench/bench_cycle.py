@@ -1,7 +1,7 @@
 """The alternating training loop: seconds and peak memory for one JT1 → deltas → JT2 → JT3 cycle, per phase
 and in total.
 
-Runs `mcx_core.cycles.run_cycles(n_cycles=1)` on the config as given (the smoke config stays smoke-sized)
+Runs `mcx_core.training.cycles.run_cycles(n_cycles=1)` on the config as given (the smoke config stays smoke-sized)
 with its artifacts and datasets in a temporary directory, so the project's artifacts are never touched.
 On the real model this trains for real and takes as long as the config's step counts say.
 """
@@ -14,7 +14,8 @@ from pathlib import Path
 
 
 def rows(cfg) -> list[dict]:
-    from mcx_core import cycles, pipeline
+    from mcx_core import pipeline
+    from mcx_core.training import cycles
 
     with tempfile.TemporaryDirectory(prefix="mcx-bench-cycle-") as tmp:
         tmp = Path(tmp)

@@ -15,13 +15,13 @@ DEFAULT_DOCUMENTS = 100
 
 def rows(cfg) -> list[dict]:
     from mcx_core.data import TOKENIZE_BATCH, iter_documents, tokenize_texts
-    from mcx_core.model import load_tokenizer
+    from mcx_core.model.base import load_tokenizer
 
-    tokenizer = load_tokenizer(cfg.base_model, cfg.dataset)
+    tokenizer = load_tokenizer(cfg.base_model, cfg.dataset, root=cfg.root)
     out = []
     for name, corpus in sorted(cfg.dataset.corpora.items()):
         cap = min(corpus.max_documents or sys.maxsize, DOCUMENTS.get(corpus.source, DEFAULT_DOCUMENTS))
-        docs = list(iter_documents(name, corpus.model_copy(update={"max_documents": cap})))
+        docs = list(iter_documents(name, corpus.model_copy(update={"max_documents": cap}), root=cfg.root))
         texts = [d.text for d in docs]
         t0 = time.perf_counter()
         tokens = 0

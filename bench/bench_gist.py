@@ -9,14 +9,14 @@ import torch
 
 
 def rows(cfg, pool_size: int = 2, steps: int = 3) -> list[dict]:
-    from mcx_core import evaluation as E
-    from mcx_core import gist_eval
-    from mcx_core.gistnet import Gister, profile
-    from mcx_core.model import load_base_model
+    from mcx_core.compression.gistnet import Gister, profile
+    from mcx_core.eval import gists as gist_eval
+    from mcx_core.eval import nll as E
+    from mcx_core.model.base import load_base_model
     from mcx_core.telemetry import metrics as M
-    from mcx_core.training import jt1
+    from mcx_core.training import gistnet as jt1
 
-    lm = load_base_model(cfg.base_model, cfg.dataset, seed=cfg.seed)
+    lm = load_base_model(cfg.base_model, cfg.dataset, seed=cfg.seed, root=cfg.root)
     C, H, K = cfg.dataset.context_tokens, cfg.dataset.horizon, cfg.dataset.block_size
     torch.manual_seed(cfg.seed)
     gister = Gister(lm.d_model, cfg.gistnet.model).to(lm.device)

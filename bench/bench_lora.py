@@ -10,13 +10,14 @@ import torch
 
 
 def rows(cfg, n_samples: int = 2, steps: int = 3) -> list[dict]:
-    from mcx_core.gistnet import Gister
-    from mcx_core.lensnet import LensNet
-    from mcx_core.model import load_base_model
-    from mcx_core.runtime import peak_rss_mb
-    from mcx_core.training import common, jt3
+    from mcx_core.compression.gistnet import Gister
+    from mcx_core.focus.engine import peak_rss_mb
+    from mcx_core.focus.lensnet import LensNet
+    from mcx_core.model.base import load_base_model
+    from mcx_core.training import common
+    from mcx_core.training import lora as jt3
 
-    lm = load_base_model(cfg.base_model, cfg.dataset, seed=cfg.seed)
+    lm = load_base_model(cfg.base_model, cfg.dataset, seed=cfg.seed, root=cfg.root)
     C, H, W = cfg.dataset.context_tokens, cfg.dataset.horizon, cfg.working_context.w_max
     torch.manual_seed(cfg.seed)
     gister = Gister(lm.d_model, cfg.gistnet.model).to(lm.device).eval()

@@ -8,10 +8,10 @@ import torch
 
 
 def rows(cfg, positions=(128, 256, 1024), repeats: int = 3) -> list[dict]:
-    from mcx_core.model import load_base_model
+    from mcx_core.model.base import load_base_model
 
     t0 = time.perf_counter()
-    lm = load_base_model(cfg.base_model, cfg.dataset, seed=cfg.seed)
+    lm = load_base_model(cfg.base_model, cfg.dataset, seed=cfg.seed, root=cfg.root)
     out = [{"bench": "base model load", "value": time.perf_counter() - t0, "unit": "s", "note": lm.model_id}]
     gen = torch.Generator().manual_seed(0)
     for n in positions:

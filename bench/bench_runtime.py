@@ -18,7 +18,7 @@ SYNTHETIC_D = 8  # d_model of the allocator's synthetic trees: the allocator nev
 
 
 def _synthetic_tree(n_tokens: int):
-    from mcx_core.tree import MegaContextTree
+    from mcx_core.model.tree import MegaContextTree
 
     table = torch.randn(1000, SYNTHETIC_D, generator=torch.Generator().manual_seed(0))
     tree = MegaContextTree(SYNTHETIC_D, lambda ids: table[ids], lambda level, x: x.mean(dim=1))
@@ -29,9 +29,9 @@ def _synthetic_tree(n_tokens: int):
 def allocator_rows(cfg, steps: int = 16) -> list[dict]:
     """fit + step per refocus, random scores in [-1, 1], on contexts of N entries (N - 2 LOD1 gists and
     the two newest blocks raw, full to the budget)."""
-    from mcx_core.allocator import FocusAllocator
+    from mcx_core.focus.allocator import FocusAllocator
+    from mcx_core.model.working_context import WorkingContext
     from mcx_core.telemetry import metrics as M
-    from mcx_core.working_context import WorkingContext
 
     K, out = 32, []
     for n in ENTRY_COUNTS:
@@ -68,14 +68,14 @@ def _random_ids(vocab: int, n: int, seed: int = 0) -> torch.Tensor:
 
 
 def runtime_rows(cfg, steps: int = 24, long_steps: int = 12) -> list[dict]:
-    from mcx_core.evaluation import MeanPoolGister
-    from mcx_core.gistnet import Gister
-    from mcx_core.lensnet import LensNet, LensNetPolicy
-    from mcx_core.model import load_base_model
-    from mcx_core.runtime import RecencyPolicy, run_engine
+    from mcx_core.compression.gistnet import Gister
+    from mcx_core.eval.nll import MeanPoolGister
+    from mcx_core.focus.engine import RecencyPolicy, run_engine
+    from mcx_core.focus.lensnet import LensNet, LensNetPolicy
+    from mcx_core.model.base import load_base_model
     from mcx_core.telemetry import metrics as M
 
-    lm = load_base_model(cfg.base_model, cfg.dataset, seed=cfg.seed)
+    lm = load_base_model(cfg.base_model, cfg.dataset, seed=cfg.seed, root=cfg.root)
     vocab = lm.model.config.vocab_size
     gister = Gister(lm.d_model, cfg.gistnet.model).to(lm.device).eval()
     lensnet = LensNet(lm.d_model, cfg.lensnet.model).to(lm.device).eval()

@@ -17,10 +17,11 @@ def _fail(message: str, code: int = 2):
 
 
 def _load(config_path: str, check: bool = True):
-    from mcx_core.config import ConfigError, check_files, load_config
+    from mcx_core.config import ConfigError, check_files
+    from mcx_dagster.project import load_project_config
 
     try:
-        cfg = load_config(config_path)
+        cfg = load_project_config(config_path)
     except ConfigError as err:
         for p in err.problems:
             click.echo(f"error: {err.source}: {p}", err=True)
@@ -37,7 +38,6 @@ def _load(config_path: str, check: bool = True):
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 def main():
     """MegaContext: learned context compression and dynamic focus for frozen LLMs."""
-    os.environ.setdefault("MCX_HOME", os.getcwd())
 
 
 @main.command("validate-config")
@@ -63,10 +63,9 @@ def materialize(config_path: str, selection: str | None, log_level: str, force: 
 
     Exit 0: everything materialized and every check passed; 3: everything ran but an asset check
     (an acceptance criterion) failed; 1: a step failed."""
-    _load(config_path)
-    if force:
-        os.environ["MCX_FORCE"] = "1"
-    root = Path(os.environ["MCX_HOME"]).resolve()
+    cfg = _load(config_path)
+    root = cfg.root
+    # The code location's config, for the Dagster process this command starts (the sweep's partitions).
     os.environ["MCX_CONFIG"] = str(Path(config_path).resolve())
     home = Path(os.environ.setdefault("DAGSTER_HOME", str(root / ".dagster_home")))
     home.mkdir(parents=True, exist_ok=True)
@@ -79,13 +78,16 @@ def materialize(config_path: str, selection: str | None, log_level: str, force: 
 
     definitions = defs()
     instance = dg.DagsterInstance.get()
-    result = run_materialize(definitions, selection, instance, log_level=log_level)
+    from mcx_dagster.defs.resources import MegaContextSettings
+
+    settings = {"settings": MegaContextSettings(config_path=str(Path(config_path).resolve()), root=str(root), force=force)}
+    result = run_materialize(definitions, selection, instance, resources=settings, log_level=log_level)
     _print_outcome(result)
     failed = _failed_checks(result)
     if step_failures(result):
         sys.exit(1)
     if selection is None:  # second pass: the post-hoc analyses, which must run even when a gate failed
-        analysis = run_materialize(definitions, POST_HOC, instance, log_level=log_level)
+        analysis = run_materialize(definitions, POST_HOC, instance, resources=settings, log_level=log_level)
         _print_outcome(analysis)
         if step_failures(analysis):
             sys.exit(1)
@@ -263,7 +265,7 @@ def _print_outcome(outcome: Materialized) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object (default: a table).")
 def eval_text(config_path, checkpoint, text_path, w_max, horizon, samples, as_json):
     """ΔNLL@H of a checkpoint's gists vs full history, recency and mean-pool on any text file."""
-    from mcx_core import gist_eval
+    from mcx_core.eval import gists as gist_eval
 
     cfg = _load(config_path)
     text = _read_text(text_path)
@@ -275,10 +277,10 @@ def eval_text(config_path, checkpoint, text_path, w_max, horizon, samples, as_js
     if w < cfg.working_context.recent_tokens + cfg.dataset.block_size:
         _fail(f"--w-max {w} leaves no room for gists beside the {cfg.working_context.recent_tokens} recent tokens")
 
-    from mcx_core.model import load_base_model
-    from mcx_core.training.jt1 import load_gister
+    from mcx_core.compression.gistnet import load_gister
+    from mcx_core.model.base import load_base_model
 
-    lm = load_base_model(cfg.base_model, cfg.dataset, seed=cfg.seed)
+    lm = load_base_model(cfg.base_model, cfg.dataset, seed=cfg.seed, root=cfg.root)
     try:
         out = gist_eval.evaluate_text(cfg, lm, load_gister(ck, lm), text, w, H, samples, progress=not as_json)
     except gist_eval.TextError as err:
@@ -312,18 +314,17 @@ def run_text(config_path, checkpoint, text_path, steps, w_max, policy, prefill, 
 
     import torch
 
-    from mcx_core import runtime
-    from mcx_core.model import load_base_model
-    from mcx_core.training.jt1 import load_gister
+    from mcx_core.compression.gistnet import load_gister
+    from mcx_core.focus import engine as runtime
+    from mcx_core.model.base import load_base_model
 
-    lm = load_base_model(cfg.base_model, cfg.dataset, seed=cfg.seed)
+    lm = load_base_model(cfg.base_model, cfg.dataset, seed=cfg.seed, root=cfg.root)
     ids = torch.as_tensor(lm.tokenizer(text, add_special_tokens=False)["input_ids"], dtype=torch.long)
     need = prefill + cfg.runtime.refocus_every + cfg.dataset.horizon
     if len(ids) < need:
         _fail(f"{text_path} has {len(ids)} tokens; one step needs {need} (prefill + refocus_every + horizon)")
     if policy == "lensnet":
-        from mcx_core.lensnet import LensNetPolicy
-        from mcx_core.training.jt2 import load_lensnet
+        from mcx_core.focus.lensnet import LensNetPolicy, load_lensnet
 
         pol = LensNetPolicy(load_lensnet(ck, lm.device), lm.embed)
     else:
@@ -357,7 +358,7 @@ def _print_summary(values: dict, as_json: bool, title: str, float_format: str) -
 
 def _read_text(text_path: str) -> str:
     """The text file's contents, or one `error:` line and exit 2."""
-    from mcx_core import gist_eval
+    from mcx_core.eval import gists as gist_eval
 
     try:
         return gist_eval.read_text_file(Path(text_path))
@@ -374,7 +375,7 @@ def query(sql: str, params: tuple[str, ...], as_json: bool, artifacts: str):
     """Query the artifacts with DuckDB (views: deltas, traces, eval tables, samples_*)."""
     import duckdb
 
-    from mcx_core.query import connect, run_query
+    from mcx_core.tools.query import connect, run_query
 
     con = connect(Path(artifacts))
     try:

@@ -14,6 +14,8 @@ from pathlib import Path
 
 import click
 
+from mcx_core import artifacts, checkpoints
+
 EXIT_FOUND_PROBLEMS = 3
 
 DESCRIPTIONS = {
@@ -39,11 +41,11 @@ def _config(path: str):
 
 
 def _tracking_uri(cfg=None, explicit: str | None = None) -> str:
-    from mcx_core.config import project_root
     from mcx_core.telemetry.mlflow_sink import default_tracking_uri
+    from mcx_dagster.project import project_home
 
     return explicit or (cfg.mlflow.tracking_uri if cfg is not None else None) or os.environ.get(
-        "MLFLOW_TRACKING_URI") or default_tracking_uri(project_root())
+        "MLFLOW_TRACKING_URI") or default_tracking_uri(cfg.root if cfg is not None else project_home())
 
 
 @contextlib.contextmanager
@@ -54,10 +56,9 @@ def _sink(cfg, enabled: bool, run_name: str):
     if not enabled:
         yield NullSink()
         return
-    from mcx_core.config import project_root
     from mcx_core.telemetry.mlflow_sink import MLflowSink, store
 
-    _, artifacts = store(cfg, project_root())
+    _, artifacts = store(cfg, cfg.root)
     with MLflowSink.start(_tracking_uri(cfg), cfg.mlflow.experiment or cfg.name, run_name,
                           tags={"mcx.config_name": cfg.name}, artifact_location=artifacts) as sink:
         yield sink
@@ -89,7 +90,7 @@ def _analysis_command(name: str):
     @click.option("--mlflow", "to_mlflow", is_flag=True, help="Log metrics and files to an MLflow run.")
     @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
     def command(config_path: str, to_mlflow: bool, as_json: bool, synthetic: bool = False):
-        from mcx_core import analysis
+        from mcx_core.tools import analysis
 
         cfg = _config(config_path)
         try:
@@ -115,7 +116,7 @@ for _name in DESCRIPTIONS:
 @click.option("--synthetic/--no-synthetic", default=True, show_default=True, help="Run the synthetic boundary test.")
 def analyze_all(config_path: str, to_mlflow: bool, synthetic: bool):
     """Every analysis whose inputs exist, plus an index report."""
-    from mcx_core import analysis
+    from mcx_core.tools import analysis
 
     cfg = _config(config_path)
     with _sink(cfg, to_mlflow, "analyze-all") as sink:
@@ -136,16 +137,16 @@ def analyze_all(config_path: str, to_mlflow: bool, synthetic: bool):
 def analyze_alerts(config_path: str, notify: bool, to_mlflow: bool, as_json: bool):
     """Evaluate the critical alerts (swap rate, ΔNLL divergence, latency) over every trace, including
     runs still in progress, and the JT1 cycles. Exit 3 when any fires."""
-    from mcx_core import alerts, reports
-    from mcx_core.analysis import output_dir
-    from mcx_core.pipeline import ArtifactPaths
+    from mcx_core.artifacts import ArtifactPaths
+    from mcx_core.tools import alerts
+    from mcx_core.tools.analysis import output_dir
 
     cfg = _config(config_path)
     paths = ArtifactPaths.from_config(cfg)
     fired = alerts.evaluate_artifacts(cfg.alerts, paths.traces, paths.checkpoints)
     out = output_dir(cfg)
-    reports.atomic_write_text(out / "alerts.md", f"# Alerts — config `{cfg.name}`\n\n{alerts.markdown(fired)}\n")
-    reports.write_json(out / "alerts.json", alerts.payload(fired, {"config": cfg.name}))
+    artifacts.write_text(out / "alerts.md", f"# Alerts — config `{cfg.name}`\n\n{alerts.markdown(fired)}\n")
+    artifacts.write_json(out / "alerts.json", alerts.payload(fired, {"config": cfg.name}))
     with _sink(cfg, to_mlflow, "alerts") as sink:
         alerts.tag_run(sink, fired)
     problems = alerts.dispatch(fired, cfg.alerts, {"config": cfg.name}) if notify else []
@@ -163,7 +164,7 @@ def analyze_alerts(config_path: str, notify: bool, to_mlflow: bool, as_json: boo
 @click.option("--config", "config_path", required=True, type=click.Path(dir_okay=False), help="Experiment YAML.")
 def analyze_schema(config_path: str):
     """Validate every trace line, delta table and report JSON; print `file:line: problem`. Exit 3 on any."""
-    from mcx_core.pipeline import ArtifactPaths
+    from mcx_core.artifacts import ArtifactPaths
     from mcx_core.telemetry.schemas import validate_artifacts
 
     cfg = _config(config_path)
@@ -180,19 +181,19 @@ def analyze_schema(config_path: str):
 
 
 def _default_checkpoint(cfg) -> Path:
-    from mcx_core import pipeline
 
-    for find in (pipeline.jt2_checkpoint, pipeline.jt1_checkpoint):
+    for find in (checkpoints.jt2_checkpoint, checkpoints.jt1_checkpoint):
         with contextlib.suppress(FileNotFoundError):
             return find(cfg)
-    _fail(f"no JT2 or JT1 checkpoint under {pipeline.ArtifactPaths.from_config(cfg).checkpoints}; give --checkpoint")
+    _fail(f"no JT2 or JT1 checkpoint under {artifacts.ArtifactPaths.from_config(cfg).checkpoints}; give --checkpoint")
 
 
 def _profile_tokens(cfg, lm, text_path: str | None, need: int):
     """Token ids of `--text`, else of the first document of the config's corpora with `need` tokens."""
     import torch
 
-    from mcx_core import data, gist_eval
+    from mcx_core import data
+    from mcx_core.eval import gists as gist_eval
 
     if text_path:
         try:
@@ -200,7 +201,7 @@ def _profile_tokens(cfg, lm, text_path: str | None, need: int):
         except gist_eval.TextError as err:
             _fail(str(err))
     else:
-        texts = (d.text for name, c in cfg.dataset.corpora.items() for d in data.iter_documents(name, c))
+        texts = (d.text for name, c in cfg.dataset.corpora.items() for d in data.iter_documents(name, c, root=cfg.root))
     for text in texts:
         ids = lm.tokenizer(text, add_special_tokens=False)["input_ids"]
         if len(ids) >= need:
@@ -226,11 +227,12 @@ def profile(config_path, checkpoint, text_path, prefill, warmup, policy, out_dir
     """Profile one runtime step (MegaContextEngine.step) with torch.profiler: a Chrome trace, a memory
     snapshot (CUDA) or RSS timeline (CPU), and a report."""
     cfg = _config(config_path)
-    from mcx_core import profiling, runtime
-    from mcx_core.analysis import output_dir
-    from mcx_core.model import load_base_model
-    from mcx_core.pipeline import ArtifactPaths
-    from mcx_core.training.jt1 import load_gister
+    from mcx_core.artifacts import ArtifactPaths
+    from mcx_core.compression.gistnet import load_gister
+    from mcx_core.focus import engine as runtime
+    from mcx_core.model.base import load_base_model
+    from mcx_core.tools import profiling
+    from mcx_core.tools.analysis import output_dir
 
     ck = Path(checkpoint) if checkpoint else _default_checkpoint(cfg)
     if not (ck / "gistnet").is_dir():
@@ -239,13 +241,12 @@ def profile(config_path, checkpoint, text_path, prefill, warmup, policy, out_dir
         policy = "lensnet" if (ck / "lensnet").is_dir() else "recency"
     if policy == "lensnet" and not (ck / "lensnet").is_dir():
         _fail(f"{ck} holds no lensnet/: give a JT2 checkpoint or another --policy")
-    lm = load_base_model(cfg.base_model, cfg.dataset, seed=cfg.seed)
+    lm = load_base_model(cfg.base_model, cfg.dataset, seed=cfg.seed, root=cfg.root)
     R, H = cfg.runtime.refocus_every, cfg.dataset.horizon
     pre = cfg.runtime.prefill_tokens if prefill is None else prefill
     ids = _profile_tokens(cfg, lm, text_path, (warmup + 2) * R + H + (1 if text_path else pre))
     if policy == "lensnet":
-        from mcx_core.lensnet import LensNetPolicy
-        from mcx_core.training.jt2 import load_lensnet
+        from mcx_core.focus.lensnet import LensNetPolicy, load_lensnet
 
         pol = LensNetPolicy(load_lensnet(ck, lm.device), lm.embed)
     else:
@@ -280,13 +281,13 @@ def profile(config_path, checkpoint, text_path, prefill, warmup, policy, out_dir
 @click.option("--json", "as_json", is_flag=True, help="Print the comparison as JSON.")
 def compare(run_a, run_b, config_path, tracking_uri, out_dir, as_json):
     """Compare two MLflow runs (ids or run names): config differences, a metric table, overlaid curves."""
-    from mcx_core.compare import RunNotFound, compare_runs
-    from mcx_core.config import project_root, resolve_path
+    from mcx_core.tools.compare import RunNotFound, compare_runs
+    from mcx_dagster.project import project_home
 
     cfg = _config(config_path) if config_path else None
     uri = _tracking_uri(cfg, tracking_uri)
     safe = lambda s: re.sub(r"[^\w.-]+", "_", s)[:40]
-    artifacts = resolve_path(cfg.artifacts_dir) if cfg else project_root() / "artifacts"
+    artifacts = cfg.resolve(cfg.artifacts_dir) if cfg else project_home() / "artifacts"
     out = Path(out_dir) if out_dir else artifacts / "reports" / "compare" / f"{safe(run_a)}_vs_{safe(run_b)}"
     try:
         result = compare_runs(uri, run_a, run_b, out)
@@ -338,7 +339,7 @@ def explain(config_path, checkpoint, text_path, w_max, query_at, top_k, out_dir,
     """Which spans LensNet wants in more detail (expand) or less (collapse) at one cursor of a text: the
     text highlighted by score (explain.html), a markdown report, a focus heatmap (explain.png)."""
     cfg = _config(config_path)
-    from mcx_core import gist_eval
+    from mcx_core.eval import gists as gist_eval
 
     ck = Path(checkpoint)
     if not (ck / "gistnet").is_dir() or not (ck / "lensnet").is_dir():
@@ -350,25 +351,24 @@ def explain(config_path, checkpoint, text_path, w_max, query_at, top_k, out_dir,
 
     import torch
 
-    from mcx_core.config import resolve_path
-    from mcx_core.explain import explain_text, write_reports
-    from mcx_core.model import load_base_model
-    from mcx_core.training.jt1 import load_gister
-    from mcx_core.training.jt2 import load_lensnet
+    from mcx_core.compression.gistnet import load_gister
+    from mcx_core.focus.lensnet import load_lensnet
+    from mcx_core.model.base import load_base_model
+    from mcx_core.tools.explain import explain_text, write_reports
 
-    lm = load_base_model(cfg.base_model, cfg.dataset, seed=cfg.seed)
+    lm = load_base_model(cfg.base_model, cfg.dataset, seed=cfg.seed, root=cfg.root)
     ids = torch.as_tensor(lm.tokenizer(text, add_special_tokens=False)["input_ids"], dtype=torch.long)
     try:
         result = explain_text(cfg, lm, load_gister(ck, lm), load_lensnet(ck, lm.device), ids, w_max=w_max,
                               query_at=query_at, top_k=top_k, progress=not as_json)
     except ValueError as err:
         _fail(str(err))
-    out = Path(out_dir) if out_dir else resolve_path(cfg.artifacts_dir) / "reports" / "explain"
+    out = Path(out_dir) if out_dir else cfg.resolve(cfg.artifacts_dir) / "reports" / "explain"
     files = {k: str(v) for k, v in write_reports(result, out).items()}
     if as_json:
         click.echo(json.dumps({k: v for k, v in result.items() if k != "entries"} | {"files": files}))
         return
-    from mcx_core.explain import summary_line
+    from mcx_core.tools.explain import summary_line
 
     click.echo(summary_line(result))
     for title, items in (("expand (highest-scored gists)", result["expand"]),

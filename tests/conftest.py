@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 from mcx_core.config import BaseModelConfig
-from mcx_core.model import load_tokenizer
+from mcx_core.model.base import load_tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
 

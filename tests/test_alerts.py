@@ -11,10 +11,10 @@ import dagster as dg
 import pytest
 import yaml
 
-from mcx_core import alerts
 from mcx_core.config import AlertsConfig
 from mcx_core.telemetry import metrics as M
 from mcx_core.telemetry.sinks import MemorySink
+from mcx_core.tools import alerts
 
 ROOT = Path(__file__).resolve().parents[1]
 CFG = AlertsConfig()

@@ -9,10 +9,10 @@ import torch
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from mcx_core.allocator import Action, FocusAllocator, StepStats
 from mcx_core.config import AllocatorConfig
-from mcx_core.tree import MegaContextTree
-from mcx_core.working_context import BudgetError, Entry, WorkingContext, entry_for
+from mcx_core.focus.allocator import Action, FocusAllocator, StepStats
+from mcx_core.model.tree import MegaContextTree
+from mcx_core.model.working_context import BudgetError, Entry, WorkingContext, entry_for
 
 D = 8
 K = 32

@@ -11,12 +11,12 @@ import pytest
 import torch
 import yaml
 
-from mcx_core import analysis as A
+from mcx_core.compression.gistnet import Gister
 from mcx_core.config import GistNetModelConfig, load_config
-from mcx_core.evaluation import EvalRow
-from mcx_core.gistnet import Gister
+from mcx_core.eval.nll import EvalRow
 from mcx_core.telemetry import metrics as M
 from mcx_core.telemetry.sinks import MemorySink
+from mcx_core.tools import analysis as A
 
 ROOT = Path(__file__).resolve().parents[1]
 K = 32
@@ -119,7 +119,7 @@ def _rows(spike: float, H: int = 64, n: int = 4, w: int = 96):
 
 
 def test_planted_boundary_spike_shows_in_the_heatmap(tmp_path):
-    from mcx_core.gist_eval import delta_by_position
+    from mcx_core.eval.gists import delta_by_position
 
     grid = A.position_grid(delta_by_position(_rows(0.5), "gist", 96)["code"], K)
     assert grid.shape == (2, K)

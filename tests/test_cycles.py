@@ -8,10 +8,12 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from mcx_core import cycles, pipeline
+from mcx_core import checkpoints, data, pipeline
+from mcx_core.compression.gistnet import load_gister
 from mcx_core.config import load_config
 from mcx_core.telemetry.sinks import MemorySink, NullSink
-from mcx_core.training import jt1 as JT1
+from mcx_core.training import cycles
+from mcx_core.training import gistnet as JT1
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -66,10 +68,10 @@ def test_interrupted_then_two_cycles(smoke):
     assert both[0]["checkpoint_ids"] == c0_ids
     assert opened == [(p, 1) for p in cycles.PHASES]
     for phase, n in (("jt1", 1), ("jt2", 2), ("jt3", 3)):
-        latest = {1: pipeline.jt1_checkpoint, 2: pipeline.jt2_checkpoint, 3: pipeline.jt3_checkpoint}[n]
+        latest = {1: checkpoints.jt1_checkpoint, 2: checkpoints.jt2_checkpoint, 3: checkpoints.jt3_checkpoint}[n]
         ck0, ck1 = latest(cfg, 0), latest(cfg, 1)
         assert ck0.name.startswith(f"JT{n}_cycle0_") and ck1.name.startswith(f"JT{n}_cycle1_")
-        assert pipeline.checkpoint_id(ck0) == c0_ids[phase]  # untouched by the second call
+        assert checkpoints.checkpoint_id(ck0) == c0_ids[phase]  # untouched by the second call
         assert both[1]["init_from"][phase] == str(ck0)
         assert both[1]["checkpoints"][phase] == str(ck1)
     assert both[0]["init_from"] == {"jt1": None, "jt2": None, "jt3": None}
@@ -100,12 +102,12 @@ def test_cycle1_gistnet_starts_from_cycle0(smoke, tmp_path):
     checkpoint matches the first (training is deterministic) and differs from the second."""
     cfg, lm, _ = smoke
     cycles.run_cycles(cfg, lm, n_cycles=2, progress=False)
-    ck0, ck1 = pipeline.jt1_checkpoint(cfg, 0), pipeline.jt1_checkpoint(cfg, 1)
-    ids = pipeline.train_ids(cfg)
+    ck0, ck1 = checkpoints.jt1_checkpoint(cfg, 0), checkpoints.jt1_checkpoint(cfg, 1)
+    ids = data.train_ids(cfg)
     warm = JT1.train_jt1(cfg, lm, ids, tmp_path / "warm", NullSink(), cycle=1, resume=False, progress=False,
                          init_from=ck0)
     fresh = JT1.train_jt1(cfg, lm, ids, tmp_path / "fresh", NullSink(), cycle=1, resume=False, progress=False)
-    loop, warm_w, fresh_w = (_state(JT1.load_gister(c, lm)) for c in (ck1, warm.checkpoint, fresh.checkpoint))
+    loop, warm_w, fresh_w = (_state(load_gister(c, lm)) for c in (ck1, warm.checkpoint, fresh.checkpoint))
     assert all(torch.allclose(loop[k], warm_w[k], atol=1e-5) for k in loop)
     assert any(not torch.allclose(loop[k], fresh_w[k], atol=1e-5) for k in loop)
 
@@ -124,7 +126,7 @@ def test_lost_checkpoint_reruns_its_cycle(smoke):
 
 
 def test_mlflow_parent_run_with_a_child_per_phase(smoke, tmp_path):
-    """`python -m mcx_core.cycles` logs under the training loop's parent run (the same one Dagster's phase
+    """`python -m mcx_core.training.cycles` logs under the training loop's parent run (the same one Dagster's phase
     assets find by its key): one child per phase, each with its wall time and peak memory."""
     from mlflow import MlflowClient
 
@@ -140,7 +142,7 @@ def test_mlflow_parent_run_with_a_child_per_phase(smoke, tmp_path):
 
     client = MlflowClient(tracking_uri=uri)
     run = client.get_run(parent.run_id)
-    assert run.data.tags["mcx.training_loop"] == pipeline.training_loop_key(cfg)
+    assert run.data.tags["mcx.training_loop"] == cycles.training_loop_key(cfg)
     children = client.search_runs([run.info.experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{parent.run_id}'")
     assert sorted(c.info.run_name for c in children) == sorted(f"cycle0-{p}" for p in cycles.PHASES)
     for c in children:

@@ -8,6 +8,7 @@ import dagster as dg
 import pytest
 import yaml
 
+from mcx_core.eval import baseline
 from mcx_dagster.cli import run_materialize, step_failures
 from mcx_dagster.definitions import defs
 from mcx_dagster.defs.resources import MegaContextSettings, MLflowTracker
@@ -153,7 +154,7 @@ def test_materialize_smoke_logs_to_mlflow_and_passes_checks(smoke_project):
         assert ev.passed == ok(ev.metadata[key].value, limit), (name, ev.metadata[key].value)
     assert evaluations["runtime_budget_utilization"].metadata["utilization_max"].value <= 1.0
     # ... and the traces and delta tables are there for DuckDB.
-    from mcx_core.query import connect
+    from mcx_core.tools.query import connect
 
     con = connect(root / "artifacts" / "smoke")
     assert con.execute("SELECT count(*) FROM traces WHERE filename LIKE '%runtime_eval%'").fetchone()[0] == 2 * 5
@@ -172,13 +173,13 @@ def test_materialize_smoke_logs_to_mlflow_and_passes_checks(smoke_project):
     from mcx_core import pipeline
     from mcx_core.config import load_config
 
-    cfg = load_config(cfg_path)
+    cfg = load_config(cfg_path, root=root)
     lm, _ = pipeline.prepare_base_model(cfg)
-    again = pipeline.run_baseline_eval(cfg, lm, progress=False)
+    again = baseline.run_baseline_eval(cfg, lm, progress=False)
     assert again.get("cached")
     assert again["summary"] == json.loads((reports / "baseline_eval.json").read_text())
     changed = cfg.model_copy(update={"evaluation": cfg.evaluation.model_copy(update={"samples_per_dataset": 1})})
-    assert not pipeline.run_baseline_eval(changed, lm, progress=False).get("cached")
+    assert not baseline.run_baseline_eval(changed, lm, progress=False).get("cached")
 
 
 def test_two_cycles_then_gate_blocks_on_strict_and_passes_on_lenient_thresholds(smoke_project):

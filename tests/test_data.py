@@ -110,7 +110,7 @@ def test_manifest_records_what_was_built(built):
 
 
 def test_config_hash_matches_the_config_and_tokenizer(built, tokenizer):
-    from mcx_core.model import tokenizer_id
+    from mcx_core.model.base import tokenizer_id
 
     cfg, out = built
     m = data.load_manifest(out)

@@ -12,14 +12,14 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from mcx_core import deltas as D
 from mcx_core.config import BaseModelConfig, parse_config
-from mcx_core.evaluation import ConditionInput, MeanPoolGister, horizon_nll
-from mcx_core.model import BaseLM, freeze, tiny_llama
+from mcx_core.eval.nll import ConditionInput, MeanPoolGister, horizon_nll
+from mcx_core.focus import deltas as D
+from mcx_core.model.base import BaseLM, freeze, tiny_llama
+from mcx_core.model.tree import MegaContextTree
+from mcx_core.model.working_context import WorkingContext
 from mcx_core.telemetry import metrics as M
 from mcx_core.telemetry.sinks import MemorySink
-from mcx_core.tree import MegaContextTree
-from mcx_core.working_context import WorkingContext
 
 VOCAB = 512
 C, H, W = 256, 8, 96

@@ -161,9 +161,9 @@ def test_accelerate_config_loads_with_accelerates_loader():
     assert cfg.distributed_type == DistributedType.MULTI_GPU
     assert cfg.num_machines == 1 and cfg.num_processes > 1
     assert load_config_from_file(str(DEPLOY / "accelerate-multi-gpu.yaml")).num_processes == cfg.num_processes
-    import mcx_core.cycles
+    import mcx_core.training.cycles
 
-    assert callable(getattr(mcx_core.cycles, cfg.main_training_function))
+    assert callable(getattr(mcx_core.training.cycles, cfg.main_training_function))
 
 
 def test_mlflow_compose_uses_postgres_and_an_artifact_store_without_literal_secrets():
@@ -210,13 +210,13 @@ def test_readme_commands_name_files_and_modules_that_exist():
 def test_readme_launch_commands_parse_with_the_real_parsers():
     from accelerate.commands.launch import launch_command_parser
 
-    from mcx_core.cycles import build_parser
+    from mcx_core.training.cycles import build_parser
 
     for cmd in _readme_commands():
         if cmd[:2] == [".venv/bin/accelerate", "launch"]:
             args = launch_command_parser().parse_args(cmd[2:])
-            assert args.module and args.training_script == "mcx_core.cycles"
+            assert args.module and args.training_script == "mcx_core.training.cycles"
             assert (ROOT / args.config_file).is_file()
             build_parser().parse_args(args.training_script_args)
-        elif "mcx_core.cycles" in cmd:
-            build_parser().parse_args(cmd[cmd.index("mcx_core.cycles") + 1:])
+        elif "mcx_core.training.cycles" in cmd:
+            build_parser().parse_args(cmd[cmd.index("mcx_core.training.cycles") + 1:])

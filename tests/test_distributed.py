@@ -20,9 +20,10 @@ import pytest
 import torch
 import yaml
 
+from mcx_core import checkpoints
 from mcx_core.training import common, distributed
-from mcx_core.training import jt1 as JT1
-from mcx_core.training import jt3 as JT3
+from mcx_core.training import gistnet as JT1
+from mcx_core.training import lora as JT3
 
 ROOT = Path(__file__).resolve().parents[1]
 ACCELERATE = Path(sys.executable).parent / "accelerate"
@@ -88,8 +89,8 @@ def test_checkpoint_records_world_size_one(tmp_path):
             return "name: t\n"
 
     state = {"step": 1, **distributed.state_fields(2, module.parameters())}
-    ck = common.save_jt_checkpoint(tmp_path, 2, 0, 1, {}, opt, sched, Cfg(), state)
-    saved = common.read_json(ck / common.TRAINER_STATE_FILE)
+    ck = checkpoints.save_jt_checkpoint(tmp_path, 2, 0, 1, {}, opt, sched, Cfg(), state)
+    saved = checkpoints.read_state(ck)
     assert saved["world_size"] == 1 and saved["effective_batch_size"] == 2 and saved["replicas_in_sync"]
 
 
@@ -101,7 +102,7 @@ def _cycle(cfg: Path, processes: int) -> tuple[subprocess.CompletedProcess, floa
     (`accelerate launch --cpu` starts one process unless mpirun is set up; `--multi_gpu` with no GPU
     visible runs torchrun with gloo, i.e. MULTI_CPU.)"""
     root = cfg.parent
-    cli = ["-m", "mcx_core.cycles", "--config", str(cfg), "--cycles", "1", "--no-mlflow", "--no-progress"]
+    cli = ["-m", "mcx_core.training.cycles", "--config", str(cfg), "--cycles", "1", "--no-mlflow", "--no-progress"]
     if processes > 1:
         cmd = [str(ACCELERATE), "launch", "--multi_gpu", "--num_processes", str(processes), "--num_machines", "1",
                "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0", *cli]
@@ -117,12 +118,12 @@ def _cycle(cfg: Path, processes: int) -> tuple[subprocess.CompletedProcess, floa
 
 def _states(root: Path) -> dict[str, dict]:
     """The final checkpoint of each trainer: name prefix -> trainer_state.json."""
-    checkpoints = root / "artifacts" / "checkpoints"
+    where = root / "artifacts" / "checkpoints"
     out = {}
     for phase in (1, 2, 3):
-        ck = common.latest_checkpoint(checkpoints, phase, 0)
-        assert ck is not None, f"no JT{phase} checkpoint in {checkpoints}"
-        out[f"JT{phase}"] = {"name": ck.name, **common.read_json(ck / common.TRAINER_STATE_FILE)}
+        ck = checkpoints.latest_checkpoint(where, phase, 0)
+        assert ck is not None, f"no JT{phase} checkpoint in {where}"
+        out[f"JT{phase}"] = {"name": ck.name, **checkpoints.read_state(ck)}
     return out
 
 
@@ -133,8 +134,8 @@ def test_two_cpu_processes_train_one_model_data_parallel(tmp_path, smoke_config)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-6000:]
     print(f"2-process smoke cycle: {seconds:.1f} s")
 
-    checkpoints = two / "artifacts" / "checkpoints"
-    assert not list(checkpoints.glob(".*tmp*")), "a checkpoint write was left half done"
+    where = two / "artifacts" / "checkpoints"
+    assert not list(where.glob(".*tmp*")), "a checkpoint write was left half done"
     assert not (two / "artifacts" / "rank1").exists()  # one shared artifacts directory, no seed replicas
     states = _states(two)
     smoke = yaml.safe_load((ROOT / "configs" / "smoke.yaml").read_text())

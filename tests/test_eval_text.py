@@ -7,9 +7,9 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
+from mcx_core.compression.gistnet import Gister
 from mcx_core.config import load_config
-from mcx_core.gistnet import Gister
-from mcx_core.model import load_base_model
+from mcx_core.model.base import load_base_model
 from mcx_dagster.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -25,7 +25,7 @@ def project(tmp_path_factory, smoke_config):
     root = tmp_path_factory.mktemp("evaltext")
     cfg_path = smoke_config(root)
     cfg = load_config(cfg_path)
-    lm = load_base_model(cfg.base_model, cfg.dataset, seed=cfg.seed)
+    lm = load_base_model(cfg.base_model, cfg.dataset, seed=cfg.seed, root=cfg.root)
     Gister(lm.d_model, cfg.gistnet.model).save_pretrained(root / "ck" / "gistnet")
     return root, cfg_path
 

@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 import torch
 
-from mcx_core import evaluation as E
 from mcx_core.config import BaseModelConfig
-from mcx_core.model import BaseLM, freeze, tiny_llama
+from mcx_core.eval import nll as E
+from mcx_core.model.base import BaseLM, freeze, tiny_llama
 from mcx_core.telemetry import metrics as M
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -1,4 +1,4 @@
-"""`mcx explain` and `mcx_core.explain`: LensNet's focus over a text at one cursor, as tables, a
+"""`mcx explain` and `mcx_core.tools.explain`: LensNet's focus over a text at one cursor, as tables, a
 highlighted HTML text and a heatmap; and MLflow system metrics for a run with `system_metrics=True`."""
 
 import html
@@ -10,12 +10,12 @@ import pytest
 import torch
 from click.testing import CliRunner
 
+from mcx_core.compression.gistnet import Gister
 from mcx_core.config import load_config
 from mcx_core.data import shakespeare_texts_dir
-from mcx_core.explain import explain_text, render_html, render_markdown
-from mcx_core.gistnet import Gister
-from mcx_core.lensnet import LensNet
-from mcx_core.model import load_base_model
+from mcx_core.focus.lensnet import LensNet
+from mcx_core.model.base import load_base_model
+from mcx_core.tools.explain import explain_text, render_html, render_markdown
 from mcx_dagster.cli_telemetry import explain
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -26,7 +26,7 @@ def project(tmp_path_factory, smoke_config):
     root = tmp_path_factory.mktemp("mcxexplain")
     cfg_path = smoke_config(root, artifacts=True)
     cfg = load_config(cfg_path)
-    lm = load_base_model(cfg.base_model, cfg.dataset, seed=cfg.seed)
+    lm = load_base_model(cfg.base_model, cfg.dataset, seed=cfg.seed, root=cfg.root)
     torch.manual_seed(0)
     gister, lensnet = Gister(lm.d_model, cfg.gistnet.model), LensNet(lm.d_model, cfg.lensnet.model)
     with torch.no_grad():  # an untrained head scores ~0.01: make the scores spread so ordering is tested

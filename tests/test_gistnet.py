@@ -6,9 +6,9 @@ import json
 import pytest
 import torch
 
+from mcx_core.compression.gistnet import CONFIG_FILE, WEIGHTS_FILE, Gister, num_parameters, profile
 from mcx_core.config import GistNetModelConfig
-from mcx_core.evaluation import MeanPoolGister
-from mcx_core.gistnet import CONFIG_FILE, WEIGHTS_FILE, Gister, num_parameters, profile
+from mcx_core.eval.nll import MeanPoolGister
 from mcx_core.telemetry import metrics as M
 
 D = 48

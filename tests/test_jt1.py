@@ -9,15 +9,18 @@ import pytest
 import torch
 import yaml
 
-from mcx_core import evaluation as E
+from mcx_core import checkpoints
+from mcx_core.compression.drift import gist_drift
+from mcx_core.compression.gistnet import Gister, load_gister, mean_pool
 from mcx_core.config import BaseModelConfig, parse_config
-from mcx_core.gistnet import Gister, mean_pool
-from mcx_core.model import BaseLM, freeze, tiny_llama
+from mcx_core.eval import nll as E
+from mcx_core.model.base import BaseLM, freeze, tiny_llama
+from mcx_core.model.tree import MegaContextTree
+from mcx_core.model.working_context import WorkingContext
 from mcx_core.telemetry import metrics as M
 from mcx_core.telemetry.sinks import MemorySink
-from mcx_core.training import common, jt1
-from mcx_core.tree import MegaContextTree
-from mcx_core.working_context import WorkingContext
+from mcx_core.training import common
+from mcx_core.training import gistnet as jt1
 
 VOCAB = 512
 C, H = 256, 8
@@ -62,7 +65,7 @@ def _ids(n=6, length=C + H, seed=0) -> np.ndarray:
 
 def _state(path: Path) -> dict[str, torch.Tensor]:
     """GistNet weights of a checkpoint (or of a save_pretrained directory)."""
-    d = path / jt1.GISTNET_DIR if (path / jt1.GISTNET_DIR).is_dir() else path
+    d = path / checkpoints.GISTNET_DIR if (path / checkpoints.GISTNET_DIR).is_dir() else path
     return Gister.from_pretrained(d).state_dict()
 
 
@@ -208,16 +211,16 @@ def test_train_jt1_logs_optimises_and_checkpoints_every_parameter(lm, tmp_path):
     assert init.keys() == trained.keys()
     unchanged = [n for n in init if n.startswith("nets.0.") and torch.equal(init[n], trained[n])]
     assert unchanged == []
-    reloaded = jt1.load_gister(result.checkpoint, lm)
+    reloaded = load_gister(result.checkpoint, lm)
     assert all(torch.equal(reloaded.state_dict()[n], trained[n]) for n in trained)
 
     # The rest of the checkpoint: plain optimizer state (weights_only), the config, the trainer state.
-    opt_state = torch.load(result.checkpoint / common.OPTIMIZER_FILE, weights_only=True)
+    opt_state = torch.load(result.checkpoint / checkpoints.OPTIMIZER_FILE, weights_only=True)
     n_opt = sum(len(g["params"]) for g in opt_state["optimizer"]["param_groups"])
     assert n_opt == len(list(reloaded.parameters()))
     assert opt_state["scheduler"]["last_epoch"] == 3
-    assert parse_config(yaml.safe_load((result.checkpoint / common.CONFIG_FILE).read_text())) == cfg
-    state = common.read_json(result.checkpoint / common.TRAINER_STATE_FILE)
+    assert parse_config(yaml.safe_load((result.checkpoint / checkpoints.CONFIG_FILE).read_text())) == cfg
+    state = checkpoints.read_state(result.checkpoint)
     assert state["global_step"] == 5 and state["phase_index"] == 1 and state["nan_free"] is True
     assert state["base_model"] == {"id": "tiny-test", "weights_checksum": checksum}
 
@@ -256,7 +259,7 @@ def test_resume_after_interruption_matches_uninterrupted_run(lm, tmp_path, monke
     torch.manual_seed(123)  # a resumed process does not share the first one's global RNG state
     with pytest.raises(_Interrupt):
         jt1.train_jt1(cfg, lm, _ids(), tmp_path / "b", _InterruptingSink(at_step=4), progress=False)
-    assert common.latest_checkpoint(tmp_path / "b", 1, 0).name == "JT1_cycle0_step2"  # mid delta_nll phase
+    assert checkpoints.latest_checkpoint(tmp_path / "b", 1, 0).name == "JT1_cycle0_step2"  # mid delta_nll phase
     torch.manual_seed(0)
     resumed = jt1.train_jt1(cfg, lm, _ids(), tmp_path / "b", MemorySink(), progress=False)
 
@@ -278,13 +281,13 @@ def test_interrupted_checkpoint_write_leaves_no_complete_dir(lm, tmp_path, monke
         Path(path).write_bytes(b"half")
         raise OSError("disk full")
 
-    monkeypatch.setattr(common, "save_optimizer", broken)
+    monkeypatch.setattr(checkpoints, "save_optimizer", broken)
     with pytest.raises(OSError):
         jt1.train_jt1(_cfg(), lm, _ids(), tmp_path, MemorySink(), progress=False)
     assert list(tmp_path.iterdir()) == []
     # A directory with the right name but no trainer_state.json is not a checkpoint either.
-    (tmp_path / "JT1_cycle0_step9" / jt1.GISTNET_DIR).mkdir(parents=True)
-    assert common.latest_checkpoint(tmp_path, 1, 0) is None
+    (tmp_path / "JT1_cycle0_step9" / checkpoints.GISTNET_DIR).mkdir(parents=True)
+    assert checkpoints.latest_checkpoint(tmp_path, 1, 0) is None
 
 
 def test_non_finite_loss_stops_the_phase_and_marks_the_checkpoint(lm, tmp_path, monkeypatch):
@@ -302,7 +305,7 @@ def test_non_finite_loss_stops_the_phase_and_marks_the_checkpoint(lm, tmp_path, 
     assert not result.nan_free
     assert result.steps == 1 + 3  # one good pooling_mse step, then the delta_nll phase in full
     assert sink.last(M.TRAIN_NAN) == 1.0
-    state = common.read_json(result.checkpoint / common.TRAINER_STATE_FILE)
+    state = checkpoints.read_state(result.checkpoint)
     assert state["nan_free"] is False and state["healthy"] is False and state["run"]["nan_phases"] == [0]
     assert all(torch.isfinite(p).all() for p in _state(result.checkpoint).values())
 
@@ -320,8 +323,8 @@ def test_gist_drift(lm):
     torch.manual_seed(0)
     g = Gister(lm.d_model, _cfg().gistnet.model)
     probe = lm.embed(torch.as_tensor(_ids(1))[0, :C]).view(-1, 32, lm.d_model)
-    assert jt1.gist_drift(g, g, probe) == pytest.approx(1.0)
+    assert gist_drift(g, g, probe) == pytest.approx(1.0)
     other = Gister(lm.d_model, _cfg().gistnet.model)
     with torch.no_grad():
         other.nets[0].proj_out.weight.normal_(std=0.5)
-    assert jt1.gist_drift(g, other, probe) < 0.99
+    assert gist_drift(g, other, probe) < 0.99

@@ -10,15 +10,16 @@ import pytest
 import torch
 import yaml
 
-from mcx_core import deltas as D
+from mcx_core import checkpoints
+from mcx_core.compression.gistnet import Gister
 from mcx_core.config import BaseModelConfig, GistNetModelConfig, LensNetModelConfig, parse_config
-from mcx_core.evaluation import MeanPoolGister
-from mcx_core.gistnet import Gister
-from mcx_core.lensnet import LensNet
-from mcx_core.model import BaseLM, freeze, tiny_llama
+from mcx_core.eval.nll import MeanPoolGister
+from mcx_core.focus import deltas as D
+from mcx_core.focus.lensnet import LensNet, load_lensnet
+from mcx_core.model.base import BaseLM, freeze, tiny_llama
 from mcx_core.telemetry import metrics as M
 from mcx_core.telemetry.sinks import MemorySink
-from mcx_core.training import common, jt2
+from mcx_core.training import lensnet as jt2
 
 VOCAB = 512
 C, H, W = 256, 8, 96
@@ -193,14 +194,14 @@ def test_jt2_learns_a_planted_signal_and_checkpoints_every_parameter(lm, planted
         "config.yaml",
         "trainer_state.json",
     }
-    state = common.read_json(ckpt / common.TRAINER_STATE_FILE)
+    state = checkpoints.read_state(ckpt)
     assert state["held_out_samples"] and state["contexts"]["held_out"] > 0
     assert state["gistnet_checkpoint"] == ["meanpool"]
     assert yaml.safe_load((ckpt / "config.yaml").read_text())["lensnet"]["model"]["hidden_size"] == 32
-    optimizer = torch.load(ckpt / common.OPTIMIZER_FILE, weights_only=True)
+    optimizer = torch.load(ckpt / checkpoints.OPTIMIZER_FILE, weights_only=True)
     n_params = len(list(init.parameters()))
     assert len(optimizer["optimizer"]["state"]) == n_params  # every parameter has Adam state
-    trained = jt2.load_lensnet(ckpt)
+    trained = load_lensnet(ckpt)
     for (name, before), (_, after) in zip(init.state_dict().items(), trained.state_dict().items()):
         assert not torch.equal(before, after), f"{name} never changed"
 
@@ -226,14 +227,14 @@ def test_resume_after_interruption_matches_uninterrupted_run(lm, planted_table, 
         jt2.train_jt2(
             cfg, lm, MeanPoolGister(), [planted_table], tmp_path / "b", MemorySink(), progress=False
         )
-    assert common.latest_checkpoint(tmp_path / "b", 2, 0).name == "JT2_cycle0_step4"
+    assert checkpoints.latest_checkpoint(tmp_path / "b", 2, 0).name == "JT2_cycle0_step4"
     monkeypatch.setattr(jt2, "jt2_loss", real_loss)
     torch.manual_seed(123)  # the resumed run must not depend on the fresh init
     resumed = jt2.train_jt2(
         cfg, lm, MeanPoolGister(), [planted_table], tmp_path / "b", MemorySink(), progress=False
     )
     assert resumed.steps == 8 and resumed.checkpoint.name == "JT2_cycle0_step8"
-    a, b = jt2.load_lensnet(full.checkpoint).state_dict(), jt2.load_lensnet(resumed.checkpoint).state_dict()
+    a, b = load_lensnet(full.checkpoint).state_dict(), load_lensnet(resumed.checkpoint).state_dict()
     for name in a:
         torch.testing.assert_close(a[name], b[name], rtol=0, atol=0, msg=name)
     # a finished run returns at once
@@ -290,10 +291,10 @@ def test_gradients_reach_lensnet_only(lm, gister, gist_table, tmp_path):
     for k, v in gister.state_dict().items():
         assert torch.equal(v, gist_before[k]), k
     assert lm.weights_checksum() == base_checksum
-    saved = Gister.from_pretrained(result.checkpoint / jt2.GISTNET_DIR)
+    saved = Gister.from_pretrained(result.checkpoint / checkpoints.GISTNET_DIR)
     for k, v in gister.state_dict().items():
         assert torch.equal(saved.state_dict()[k], v), k
-    assert (result.checkpoint / jt2.LENSNET_DIR).is_dir()
+    assert (result.checkpoint / checkpoints.LENSNET_DIR).is_dir()
 
 
 def test_labels_of_another_gistnet_are_refused(lm, gister, gist_table, tmp_path):

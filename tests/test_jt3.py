@@ -9,15 +9,15 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from mcx_core import checkpoints
+from mcx_core.compression.gistnet import Gister, load_gister
 from mcx_core.config import BaseModelConfig, GistNetModelConfig, LensNetModelConfig, parse_config
-from mcx_core.gistnet import Gister
-from mcx_core.lensnet import LensNet
-from mcx_core.model import BaseLM, freeze, tiny_llama
+from mcx_core.focus.lensnet import LensNet, load_lensnet
+from mcx_core.model.base import BaseLM, freeze, tiny_llama
 from mcx_core.telemetry import metrics as M
 from mcx_core.telemetry.sinks import MemorySink
-from mcx_core.training import common, jt3
-from mcx_core.training.jt1 import load_gister
-from mcx_core.training.jt2 import load_lensnet
+from mcx_core.training import common
+from mcx_core.training import lora as jt3
 
 VOCAB = 512
 C, H = 256, 8
@@ -243,10 +243,10 @@ def test_train_jt3_logs_checkpoints_and_leaves_the_base_model_as_it_was(lm, gist
     ck = result.checkpoint
     for f in ("lora/adapter_model.safetensors", "lora/adapter_config.json", "optimizer.pt", "config.yaml"):
         assert (ck / f).is_file(), f
-    state = common.read_json(ck / common.TRAINER_STATE_FILE)
+    state = checkpoints.read_state(ck)
     assert state["trainer"] == "JT3" and state["base_model"]["weights_checksum"] == checksum
     adapter_keys = load_file(str(ck / "lora" / jt3.ADAPTER_WEIGHTS))
-    optimizer = torch.load(ck / common.OPTIMIZER_FILE, weights_only=True)
+    optimizer = torch.load(ck / checkpoints.OPTIMIZER_FILE, weights_only=True)
     assert len(optimizer["optimizer"]["state"]) == len(adapter_keys)  # Adam state for every LoRA matrix
     assert all(v.abs().sum() > 0 for k, v in adapter_keys.items() if ".lora_B." in k)  # it trained
     for k, v in gister.state_dict().items():  # the frozen nets travel with the checkpoint, unchanged
@@ -299,7 +299,7 @@ def test_resume_after_interruption_matches_uninterrupted_run(lm, gister, lensnet
     monkeypatch.setattr(jt3, "jt3_loss", interrupted)
     with pytest.raises(_Interrupted):
         jt3.train_jt3(cfg, lm, gister, lensnet, _ids(), tmp_path / "b", MemorySink(), progress=False)
-    assert common.latest_checkpoint(tmp_path / "b", 3, 0).name == "JT3_cycle0_step2"
+    assert checkpoints.latest_checkpoint(tmp_path / "b", 3, 0).name == "JT3_cycle0_step2"
     assert not jt3.has_adapter(lm) and torch.equal(_logits(lm), before)  # detached on the way out
     monkeypatch.setattr(jt3, "jt3_loss", real_loss)
     torch.manual_seed(123)  # a resumed process does not share the first one's global RNG state

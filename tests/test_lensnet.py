@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from mcx_core.config import BaseModelConfig, LensNetModelConfig
-from mcx_core.evaluation import MeanPoolGister
-from mcx_core.lensnet import (
+from mcx_core.eval.nll import MeanPoolGister
+from mcx_core.focus.lensnet import (
     CONFIG_FILE,
     WEIGHTS_FILE,
     LensNet,
@@ -16,10 +16,10 @@ from mcx_core.lensnet import (
     mask_scores,
     spans_read,
 )
-from mcx_core.model import BaseLM, freeze, tiny_llama
+from mcx_core.model.base import BaseLM, freeze, tiny_llama
+from mcx_core.model.tree import MegaContextTree
+from mcx_core.model.working_context import WorkingContext, entry_for
 from mcx_core.telemetry import metrics as M
-from mcx_core.tree import MegaContextTree
-from mcx_core.working_context import WorkingContext, entry_for
 
 VOCAB = 512
 K = 32

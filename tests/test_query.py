@@ -7,7 +7,7 @@ import sys
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from mcx_core.query import connect, run_query, views
+from mcx_core.tools.query import connect, run_query, views
 
 
 def _artifacts(root):

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from mcx_core.config import BaseModelConfig
-from mcx_core.model import load_base_model
+from mcx_core.model.base import load_base_model
 from mcx_core.pipeline import PROBE_PASSAGE
 
 pytestmark = pytest.mark.slow

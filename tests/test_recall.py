@@ -1,4 +1,4 @@
-"""Synthetic recall samples (mcx_core.recall): exact lengths, needles where the meta says, answers at the
+"""Synthetic recall samples (mcx_core.data.recall): exact lengths, needles where the meta says, answers at the
 start of the horizon, deterministic per seed, and out of reach of the recency baseline."""
 
 import itertools
@@ -8,10 +8,11 @@ import numpy as np
 import pytest
 import torch
 
-from mcx_core import data, recall
-from mcx_core import evaluation as E
+from mcx_core import data
 from mcx_core.config import BaseModelConfig, CorpusConfig, DatasetConfig, MegaContextConfig
-from mcx_core.model import BaseLM, freeze, tiny_llama
+from mcx_core.data import recall
+from mcx_core.eval import nll as E
+from mcx_core.model.base import BaseLM, freeze, tiny_llama
 
 C, H = 256, 16
 

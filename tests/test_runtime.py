@@ -9,10 +9,8 @@ import pytest
 import torch
 
 from mcx_core.config import BaseModelConfig, LensNetModelConfig, parse_config
-from mcx_core.evaluation import MeanPoolGister
-from mcx_core.lensnet import LensNet, LensNetPolicy
-from mcx_core.model import BaseLM, freeze, tiny_llama
-from mcx_core.runtime import (
+from mcx_core.eval.nll import MeanPoolGister
+from mcx_core.focus.engine import (
     ExpandNearestPolicy,
     RandomPolicy,
     RecencyPolicy,
@@ -21,10 +19,12 @@ from mcx_core.runtime import (
     run_engine,
     standard_policies,
 )
+from mcx_core.focus.lensnet import LensNet, LensNetPolicy
+from mcx_core.model.base import BaseLM, freeze, tiny_llama
+from mcx_core.model.tree import MegaContextTree
+from mcx_core.model.working_context import WorkingContext
 from mcx_core.telemetry import metrics as M
 from mcx_core.telemetry.sinks import MemorySink
-from mcx_core.tree import MegaContextTree
-from mcx_core.working_context import WorkingContext
 
 VOCAB = 512
 K = 32
@@ -215,7 +215,7 @@ def test_causality_violations_are_counted(lm):
 def test_loss_at_h_is_the_next_h_tokens_given_the_working_context(lm):
     """The engine's Loss@H equals horizon_nll over the same context built by hand (recency policy: the
     context is the most detailed one that fits, as WorkingContext.initial builds it)."""
-    from mcx_core.evaluation import ConditionInput, horizon_nll
+    from mcx_core.eval.nll import ConditionInput, horizon_nll
 
     ids = _ids(6 * K + H, seed=4)
     res = run_engine(_cfg(), lm, MeanPoolGister(), RecencyPolicy(), ids, w_max=W)

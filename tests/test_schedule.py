@@ -6,14 +6,14 @@ import datetime
 import dagster as dg
 
 from mcx_core.config import load_config
-from mcx_core.sweep import sweep_partitions
+from mcx_core.eval.sweep import sweep_partitions
 from mcx_dagster.definitions import defs
-from mcx_dagster.defs.resources import project_root
 from mcx_dagster.defs.sweep import eval_sweep_partitions, nightly_eval_sweep
+from mcx_dagster.project import project_home
 
 
 def test_partitions_are_the_config_grid():
-    cfg = load_config(project_root() / "configs" / "default.yaml")
+    cfg = load_config(project_home() / "configs" / "default.yaml")
     expected = {f"w{w}|{ds}" for w in cfg.sweep.w_max for ds in cfg.sweep.datasets}
     assert set(eval_sweep_partitions.get_partition_keys()) == expected == set(sweep_partitions(cfg))
     assert "recall" in {k.split("|")[1] for k in expected}

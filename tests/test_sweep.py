@@ -1,4 +1,4 @@
-"""The evaluation sweep (mcx_core.sweep): the grid, per-sample rows, and the upserted Parquet table
+"""The evaluation sweep (mcx_core.eval.sweep): the grid, per-sample rows, and the upserted Parquet table
 whose partitions can be rewritten independently without losing or duplicating rows."""
 
 import json
@@ -9,10 +9,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from mcx_core import data, sweep
+from mcx_core import data
+from mcx_core.compression.gistnet import Gister
 from mcx_core.config import BaseModelConfig, CorpusConfig, DatasetConfig, MegaContextConfig
-from mcx_core.gistnet import Gister
-from mcx_core.model import BaseLM, freeze, tiny_llama
+from mcx_core.eval import sweep
+from mcx_core.model.base import BaseLM, freeze, tiny_llama
 from mcx_core.telemetry.sinks import MemorySink
 
 C, H = 256, 16

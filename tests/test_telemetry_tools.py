@@ -13,15 +13,15 @@ import torch
 import yaml
 from click.testing import CliRunner
 
-from mcx_core import alerts, analysis
+from mcx_core.compression.gistnet import Gister
 from mcx_core.config import load_config
-from mcx_core.gistnet import Gister
-from mcx_core.lensnet import LensNet
-from mcx_core.model import load_base_model
-from mcx_core.runtime import RandomPolicy, run_engine
+from mcx_core.focus.engine import RandomPolicy, run_engine
+from mcx_core.focus.lensnet import LensNet
+from mcx_core.model.base import load_base_model
 from mcx_core.telemetry import metrics as M
 from mcx_core.telemetry.mlflow_sink import MLflowSink
 from mcx_core.telemetry.schemas import validate_artifacts, validate_report_json, validate_trace_file
+from mcx_core.tools import alerts, analysis
 from mcx_dagster.cli_telemetry import analyze, compare, profile
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -42,7 +42,7 @@ def project(tmp_path_factory):
     root = tmp_path_factory.mktemp("telemetry")
     cfg_path = _config(root, root / "artifacts")
     cfg = load_config(cfg_path)
-    lm = load_base_model(cfg.base_model, cfg.dataset, seed=cfg.seed)
+    lm = load_base_model(cfg.base_model, cfg.dataset, seed=cfg.seed, root=cfg.root)
     torch.manual_seed(0)
     gister = Gister(lm.d_model, cfg.gistnet.model)
     gister.save_pretrained(root / "ck" / "gistnet")

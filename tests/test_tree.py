@@ -1,4 +1,4 @@
-"""MegaContextTree (mcx_core.tree): gisting rules, chunking, batching, storage round trip, rebuilds."""
+"""MegaContextTree (mcx_core.model.tree): gisting rules, chunking, batching, storage round trip, rebuilds."""
 
 import json
 import os
@@ -8,8 +8,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from mcx_core import tree as tree_module
-from mcx_core.tree import MegaContextTree, Node
+from mcx_core.model import tree as tree_module
+from mcx_core.model.tree import MegaContextTree, Node
 
 D = 8
 VOCAB = 1000

@@ -1,4 +1,4 @@
-"""WorkingContext (mcx_core.working_context): SPEC §2 invariants and §5 legality under every action."""
+"""WorkingContext (mcx_core.model.working_context): SPEC §2 invariants and §5 legality under every action."""
 
 import json
 
@@ -8,8 +8,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
-from mcx_core.tree import MegaContextTree
-from mcx_core.working_context import (
+from mcx_core.model.tree import MegaContextTree
+from mcx_core.model.working_context import (
     BudgetError,
     Entry,
     IllegalAction,

@@ -178,7 +178,7 @@ def is_finite(values) -> bool:
     return bool(np.isfinite(np.asarray(values, dtype=np.float64)).all())
 
 
-# Runtime engine (mcx_core.runtime): per step, then a run summary. Stage latencies are
+# Runtime engine (mcx_core.focus.engine): per step, then a run summary. Stage latencies are
 # f"{LATENCY_STAGE_PREFIX}{stage}" for stage in ingest, fit, lensnet, allocator, checks, assemble, forward.
 NUM_FORCED_COLLAPSES = "runtime/num_forced_collapses"  # collapses the budget forced (part of NUM_COLLAPSES)
 LATENCY_STAGE_PREFIX = "runtime/latency_ms/"
@@ -211,7 +211,7 @@ EVAL_LORA_LOSS_AT_H_WITHOUT_ADAPTER = "eval/lora_loss_at_h_without_adapter"  # s
 EVAL_LORA_DELTA_LOSS = "eval/lora_delta_loss"  # prefix (_mean/_p95): with − without per sample (< 0: helps)
 EVAL_LORA_SAMPLES = "eval/lora_samples"
 
-# Post-hoc analysis (mcx_core.analysis), alerts (mcx_core.alerts) and profiling (mcx_core.profiling).
+# Post-hoc analysis (mcx_core.tools.analysis), alerts (mcx_core.tools.alerts) and profiling (mcx_core.tools.profiling).
 ANALYSIS_RESIDENCY_MEAN = "analysis/residency_mean"  # policy-chosen swaps only (forced collapses apart)
 ANALYSIS_RESIDENCY_BELOW_MIN = "analysis/residency_below_min_fraction"  # share < acceptance.mean_residency_min
 ANALYSIS_FORCED_RESIDENCY_MEAN = "analysis/forced_residency_mean"

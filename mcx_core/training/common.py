@@ -1,27 +1,13 @@
-"""Pieces every trainer (JT1, JT2, JT3) shares: optimizer, learning-rate schedule, seeded sampling and
-checkpoint directories that are written atomically and found again on resume.
-
-A checkpoint is a directory `JT{phase}_cycle{c}_step{s}/`. It is written under a temporary name and
-renamed last, so a directory with the final name is always complete; an interrupted write leaves only a
-`.tmp-*` directory, which `latest_checkpoint` ignores.
-"""
+"""Pieces every trainer (JT1, JT2, JT3) shares: optimizer, learning-rate schedule and seeded sampling.
+Checkpoints (writing, finding, resuming) live in `mcx_core.checkpoints`."""
 
 from __future__ import annotations
 
-import json
 import math
-import os
-import re
-import shutil
 from collections.abc import Callable
-from pathlib import Path
 
 import torch
 from torch import nn
-
-TRAINER_STATE_FILE = "trainer_state.json"
-OPTIMIZER_FILE = "optimizer.pt"
-CONFIG_FILE = "config.yaml"
 
 
 def make_optimizer(module: nn.Module, lr: float, weight_decay: float) -> torch.optim.AdamW:
@@ -63,85 +49,3 @@ def step_generator(seed: int, step: int) -> torch.Generator:
     """A generator that depends only on (seed, step): sampling at step s is the same whether the run
     was interrupted and resumed or not."""
     return torch.Generator().manual_seed(seed * 1_000_003 + step)
-
-
-# ---------------------------------------------------------------------------------------------- checkpoints
-
-
-def checkpoint_name(phase: int, cycle: int, step: int) -> str:
-    return f"JT{phase}_cycle{cycle}_step{step}"
-
-
-def latest_checkpoint(checkpoints_dir: Path, phase: int, cycle: int) -> Path | None:
-    """The complete checkpoint of (phase, cycle) with the highest step, or None."""
-    pattern = re.compile(rf"JT{phase}_cycle{cycle}_step(\d+)")
-    found = []
-    for d in Path(checkpoints_dir).glob(f"JT{phase}_cycle{cycle}_step*"):
-        m = pattern.fullmatch(d.name)
-        if m and (d / TRAINER_STATE_FILE).is_file():
-            found.append((int(m.group(1)), d))
-    return max(found)[1] if found else None
-
-
-def write_checkpoint(final_dir: Path, write: Callable[[Path], None]) -> Path:
-    """Call `write(tmp_dir)` to fill a temporary directory, then rename it to `final_dir` atomically.
-    `write` must write `trainer_state.json` last."""
-    final_dir = Path(final_dir)
-    tmp = final_dir.with_name(f".{final_dir.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
-        write(tmp)
-        if not (tmp / TRAINER_STATE_FILE).is_file():
-            raise RuntimeError(f"checkpoint writer left no {TRAINER_STATE_FILE}")
-        shutil.rmtree(final_dir, ignore_errors=True)
-        tmp.rename(final_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return final_dir
-
-
-def save_optimizer(path: Path, optimizer: torch.optim.Optimizer, scheduler) -> None:
-    """Plain state dicts only (tensors, numbers, lists; LambdaLR stores no function), so `load_optimizer`
-    can use weights_only=True."""
-    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, path)
-
-
-def load_optimizer(path: Path, optimizer: torch.optim.Optimizer, scheduler) -> None:
-    state = torch.load(path, weights_only=True, map_location="cpu")
-    optimizer.load_state_dict(state["optimizer"])
-    scheduler.load_state_dict(state["scheduler"])
-
-
-def write_json(path: Path, payload: dict) -> None:
-    path.write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-
-
-def read_json(path: Path) -> dict:
-    return json.loads(Path(path).read_text(encoding="utf-8"))
-
-
-def save_jt_checkpoint(
-    checkpoints_dir: Path, phase: int, cycle: int, step: int, parts: dict[str, Callable[[Path], None]],
-    optimizer: torch.optim.Optimizer, scheduler, cfg, state: dict,
-) -> Path:
-    """`JT{phase}_cycle{cycle}_step{step}/`: each `parts[subdir](path)` (a module's save_pretrained),
-    the optimizer, `config.yaml`, and `trainer_state.json` last — its presence marks it complete.
-    With several processes only the main one writes; every rank returns once it is written (collective:
-    every rank must call it)."""
-    from mcx_core.training import distributed
-
-    def write(tmp: Path) -> None:
-        for subdir, save in parts.items():
-            save(tmp / subdir)
-        save_optimizer(tmp / OPTIMIZER_FILE, optimizer, scheduler)
-        (tmp / CONFIG_FILE).write_text(cfg.to_yaml(), encoding="utf-8")
-        write_json(tmp / TRAINER_STATE_FILE, state)
-
-    final_dir = Path(checkpoints_dir) / checkpoint_name(phase, cycle, step)
-    if distributed.is_main_process():
-        write_checkpoint(final_dir, write)
-    distributed.wait_for_everyone()
-    return final_dir
-

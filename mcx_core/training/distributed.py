@@ -1,5 +1,5 @@
 """Data-parallel training through accelerate: the same trainer code on CPU, one GPU or several
-(`accelerate launch --num_processes N -m mcx_core.cycles ...`).
+(`accelerate launch --num_processes N -m mcx_core.training.cycles ...`).
 
 One process-wide `accelerate.Accelerator` (`get_accelerator`, created on first use: `cpu=True` when CUDA
 is absent, `mixed_precision="no"`: precision is the config's `base_model.torch_dtype`). The trainers do
@@ -19,7 +19,7 @@ processes, every step:
   NaN guard  a step is skipped on every rank when the loss is non-finite on any rank (`all_finite`);
   metrics    averaged over ranks before they are logged (`reduce_metrics`; throughput is summed);
   files      only the main process logs to the telemetry sink (`main_sink`) and writes checkpoints
-             (`common.save_jt_checkpoint`), then `wait_for_everyone()`; on resume every rank reads the
+             (`checkpoints.save_jt_checkpoint`), then `wait_for_everyone()`; on resume every rank reads the
              same checkpoint;
   replicas   initial weights are broadcast from rank 0 (`broadcast_parameters`); each checkpoint records
              every rank's checksum of the trained parameters (`state_fields`): equal when in sync.

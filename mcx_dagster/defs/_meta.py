@@ -33,9 +33,9 @@ def problems_result(problems: list[str], passed_text: str, **metadata) -> dg.Ass
 
 
 def gates_result(gates, **metadata) -> dg.AssetCheckResult:
-    """A check result from `mcx_core.acceptance` gates: value, threshold and margin of each as float
+    """A check result from `mcx_core.eval.acceptance` gates: value, threshold and margin of each as float
     metadata; the description names every miss and by how much."""
-    from mcx_core.acceptance import summarize
+    from mcx_core.eval.acceptance import summarize
 
     meta = {}
     for g in gates:
@@ -82,9 +82,9 @@ def cycle_of(context) -> int:
 
 def training_finite_result(context, settings, phase: int) -> dg.AssetCheckResult:
     """The finiteness check of a JT{phase} checkpoint of the cycle being materialized."""
-    from mcx_core import pipeline
+    from mcx_core import checkpoints
 
-    checkpoint = pipeline.jt_checkpoint(settings.load(), phase, cycle_of(context))
-    problems, meta = pipeline.check_training_finite(checkpoint)
+    checkpoint = checkpoints.jt_checkpoint(settings.load(), phase, cycle_of(context))
+    problems, meta = checkpoints.check_training_finite(checkpoint)
     return problems_result(problems, f"all logged JT{phase} steps finite", **floats(meta),
                            checkpoint=dg.MetadataValue.path(str(checkpoint)))

@@ -16,8 +16,9 @@ def lora_checkpoint(
     with working contexts chosen by the cycle's LensNet + allocator (cycle c > 0 carries c − 1's adapter
     over); the base weights' checksum is verified unchanged. Closes the cycle: writes
     `cycles/cycle{c}.json` and logs the cycle's wall time and peak memory per phase to the loop's parent run."""
-    from mcx_core import cycles, pipeline
+    from mcx_core import pipeline
     from mcx_core.telemetry.mlflow_sink import MLflowSink
+    from mcx_core.training import cycles
 
     cfg = settings.load()
     cycle = cycle_of(context)
@@ -86,14 +87,14 @@ def poc_acceptance(
     """The POC gate (SPEC §8). Dagster runs it only when the blocking checks upstream passed; it
     re-evaluates every criterion from the stored evidence, fails naming each miss, and otherwise
     writes `artifacts/champion.json` and tags the MLflow run `mcx.champion = true`."""
-    from mcx_core import pipeline
+    from mcx_core.eval import champion
 
     cfg = settings.load()
-    evidence = pipeline.acceptance_evidence(cfg)
+    evidence = champion.acceptance_evidence(cfg)
     if not evidence["passed"]:
         raise dg.Failure(f"acceptance gate not met: {evidence['summary']}", metadata={"evidence": evidence["gates"]})
     with mlflow.run(context, cfg, settings.root_dir()) as sink:
-        marker = pipeline.promote_champion(cfg, evidence)
+        marker = champion.promote_champion(cfg, evidence)
         sink.set_tags({"mcx.champion": "true", **{f"mcx.champion.{k}": v for k, v in evidence["checkpoints"].items()}})
         sink.log_artifact(marker, "acceptance")
     return dg.MaterializeResult(

@@ -24,8 +24,8 @@ def _runtime_eval_mlflow_run(instance) -> tuple[str, str] | None:
 
 
 def _tag_mlflow_run(where: tuple[str, str] | None, alerts_: list) -> None:
-    from mcx_core import alerts
     from mcx_core.telemetry.mlflow_sink import MLflowSink
+    from mcx_core.tools import alerts
 
     if where and alerts_:
         MLflowSink(*where).set_tags(alerts.tags(alerts_))
@@ -43,14 +43,14 @@ def telemetry_analysis(
     ping-pong spans (DuckDB over the traces), latency spikes vs actions, gist drift across JT1
     checkpoints. Then the critical alerts: `alert.<name>` tags on this MLflow run and on runtime_eval's,
     and `alerts.command` / `alerts.webhook_url` when configured."""
-    from mcx_core import alerts, analysis
-    from mcx_core.model import load_base_model
-    from mcx_core.pipeline import ArtifactPaths
+    from mcx_core.artifacts import ArtifactPaths
+    from mcx_core.model.base import load_base_model
+    from mcx_core.tools import alerts, analysis
 
     cfg = settings.load()
     paths = ArtifactPaths.from_config(cfg)
     with mlflow.run(context, cfg, settings.root_dir()) as sink:
-        lm = load_base_model(cfg.base_model, cfg.dataset, seed=cfg.seed)
+        lm = load_base_model(cfg.base_model, cfg.dataset, seed=cfg.seed, root=cfg.root)
         done, skipped, index = analysis.run_all(cfg, sink, lm, synthetic=True)
         fired = alerts.evaluate_artifacts(cfg.alerts, paths.traces, paths.checkpoints)
         alerts.tag_run(sink, fired)
@@ -78,7 +78,7 @@ def telemetry_analysis(
 def telemetry_schema_valid(settings: MegaContextSettings) -> dg.AssetCheckResult:
     """Every trace line has the SPEC §6 keys with their types (steps increasing), every delta table
     passes its schema, every report JSON parses with its keys; a failure names `file:line`."""
-    from mcx_core.pipeline import ArtifactPaths
+    from mcx_core.artifacts import ArtifactPaths
     from mcx_core.telemetry.schemas import validate_artifacts
 
     problems, counts = validate_artifacts(ArtifactPaths.from_config(settings.load()).root)
@@ -102,7 +102,7 @@ def _alert_key(a) -> str:
 
 
 def _file_state(paths) -> dict[str, int]:
-    from mcx_core.alerts import trace_files
+    from mcx_core.tools.alerts import trace_files
 
     files = trace_files(paths.traces) + sorted(paths.checkpoints.glob("JT1_cycle*_step*/trainer_state.json"))
     out = {}
@@ -126,9 +126,9 @@ def telemetry_alerts(
     ΔNLL and the latest MLflow metrics of the config's experiment; each new alert becomes an
     observation of runtime_eval (visible in the asset's history), an `alert.<name>` tag on its MLflow
     run, and a call of the configured hook."""
-    from mcx_core import alerts
-    from mcx_core.pipeline import ArtifactPaths
+    from mcx_core.artifacts import ArtifactPaths
     from mcx_core.telemetry.mlflow_sink import store
+    from mcx_core.tools import alerts
 
     cfg = settings.load()
     paths = ArtifactPaths.from_config(cfg)

@@ -35,7 +35,7 @@ def baseline_eval_finite(settings: MegaContextSettings) -> dg.AssetCheckResult:
     """Every NLL in the baseline table is finite."""
     import json
 
-    from mcx_core.pipeline import ArtifactPaths
+    from mcx_core.artifacts import ArtifactPaths
     from mcx_core.telemetry.metrics import is_finite
 
     cfg = settings.load()

@@ -24,13 +24,15 @@ def gistnet_checkpoint(
     """JT1 of one cycle (partition = cycle): GistNet trained through the config's phases (pooling_mse
     warm start, then ΔNLL substitution through the frozen base model); cycle c > 0 starts from cycle
     c − 1's GistNet. Resumes from the newest complete checkpoint of the cycle."""
-    from mcx_core import cycles, pipeline
+    from mcx_core import pipeline
+    from mcx_core.compression.drift import drift_from_previous
+    from mcx_core.training import cycles
 
     cfg = settings.load()
     with mlflow.cycle_run(context, cfg, settings.root_dir(), "jt1") as sink:
         lm, _ = pipeline.prepare_base_model(cfg)
         result, phase = cycles.phase_jt1(cfg, lm, cycle_of(context), sink)
-        drift, previous = pipeline.gist_drift(cfg, lm, result.checkpoint)
+        drift, previous = drift_from_previous(cfg, lm, result.checkpoint)
         if drift is not None:
             sink.log_metrics({"jt1/gist_drift_cosine": drift}, step=result.steps)
         sink.log_artifact(result.checkpoint / "trainer_state.json", "checkpoint")
@@ -60,13 +62,14 @@ def gist_eval_report(
     """ΔNLL@H of learned gists at 32× (every W_max) and 1024×, against full history, recency and
     mean-pool gists on held-out narrative and code; by horizon position and by gisted-block distance.
     Reads the final cycle's GistNet."""
-    from mcx_core import pipeline
+    from mcx_core import checkpoints, pipeline
+    from mcx_core.eval import gists as gist_eval
 
     cfg = settings.load()
-    checkpoint = pipeline.jt1_checkpoint(cfg)
+    checkpoint = checkpoints.jt1_checkpoint(cfg)
     with mlflow.run(context, cfg, settings.root_dir()) as sink:
         lm, _ = pipeline.prepare_base_model(cfg)
-        result = pipeline.run_gist_eval(cfg, lm, checkpoint, sink)
+        result = gist_eval.run_gist_eval(cfg, lm, checkpoint, sink, force=settings.force)
     return dg.MaterializeResult(
         metadata={
             **floats({k.removeprefix("eval/"): v for k, v in result["metrics"].items()}),
@@ -89,20 +92,22 @@ def gistnet_training_finite(context: dg.AssetCheckExecutionContext, settings: Me
 @dg.asset_check(asset="gist_eval_report", blocking=True)
 def gist_delta_nll_within_threshold(settings: MegaContextSettings) -> dg.AssetCheckResult:
     """Learned 32× gists: ΔNLL@H ≤ `acceptance.delta_nll_max` on every dataset at `working_context.w_max`."""
-    from mcx_core import acceptance, pipeline
+    from mcx_core.eval import acceptance
+    from mcx_core.eval import gists as gist_eval
 
     cfg = settings.load()
-    result = pipeline.read_gist_eval(cfg)
+    result = gist_eval.read_gist_eval(cfg)
     return gates_result(acceptance.gist_delta_nll_gates(cfg, result["summary"]))
 
 
 @dg.asset_check(asset="gist_eval_report", blocking=True)
 def gist_stress_1024x_within_threshold(settings: MegaContextSettings) -> dg.AssetCheckResult:
     """Maximum compression (one LOD2 gist per 1024 tokens): ΔNLL@H ≤ `acceptance.delta_nll_1024x_max`."""
-    from mcx_core import acceptance, pipeline
+    from mcx_core.eval import acceptance
+    from mcx_core.eval import gists as gist_eval
 
     cfg = settings.load()
-    result = pipeline.read_gist_eval(cfg)
+    result = gist_eval.read_gist_eval(cfg)
     if not result["stress"]:
         return dg.AssetCheckResult(
             passed=True,

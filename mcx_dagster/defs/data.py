@@ -12,7 +12,7 @@ def block_dataset(
 ) -> dg.MaterializeResult:
     """Narrative (Gutenberg plays and poems) and code (stdlib) histories cut into block-aligned
     samples of `context_tokens + horizon` tokens, split by work into train/val/test Arrow files."""
-    from mcx_core import data, pipeline
+    from mcx_core import artifacts, data, pipeline
 
     cfg = settings.load()
     with mlflow.run(context, cfg, settings.root_dir()) as sink:
@@ -20,13 +20,13 @@ def block_dataset(
         sizes = data.split_summary(manifest)
         counts = {f"{c}/{s}_samples": n for c, splits in sizes.items() for s, n in splits.items()}
         sink.log_metrics({f"data/{k}": v for k, v in counts.items()}, step=0)
-        sink.log_artifact(pipeline.datasets_dir(cfg) / "manifest.json", "datasets")
+        sink.log_artifact(artifacts.datasets_dir(cfg) / "manifest.json", "datasets")
     return dg.MaterializeResult(
         metadata={
             **floats(counts),
             "config_hash": manifest["config_hash"],
             "tokenizer": manifest["tokenizer"],
-            "path": dg.MetadataValue.path(str(pipeline.datasets_dir(cfg))),
+            "path": dg.MetadataValue.path(str(artifacts.datasets_dir(cfg))),
         },
         data_version=dg.DataVersion(manifest["data_version"]),
     )

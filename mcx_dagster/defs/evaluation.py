@@ -13,11 +13,12 @@ def baseline_eval(
     """ΔNLL@H of the recency and untrained mean-pool baselines against the full history, on held-out
     samples of each dataset, for every W_max in `working_context.eval_w_max`."""
     from mcx_core import pipeline
+    from mcx_core.eval import baseline
 
     cfg = settings.load()
     with mlflow.run(context, cfg, settings.root_dir()) as sink:
         lm, _ = pipeline.prepare_base_model(cfg)
-        result = pipeline.run_baseline_eval(cfg, lm, sink)
+        result = baseline.run_baseline_eval(cfg, lm, sink, force=settings.force)
     meta = {}
     for s in result["summary"]:
         meta.update(floats(s, prefix=f"{s['dataset']}/w{s['w_max']}/"))

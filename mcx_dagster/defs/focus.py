@@ -24,12 +24,13 @@ def delta_table(
     recency one), the ΔNLL@H of every candidate expand/collapse, computed with the current GistNet
     (on-policy; the checkpoint id is a column), regenerated every cycle from that cycle's GistNet.
     `artifacts/deltas/deltas_cycle{c}_{checkpoint}.parquet`."""
-    from mcx_core import cycles, pipeline
+    from mcx_core import pipeline
+    from mcx_core.training import cycles
 
     cfg = settings.load()
     with mlflow.cycle_run(context, cfg, settings.root_dir(), "deltas") as sink:
         lm, _ = pipeline.prepare_base_model(cfg)
-        (path, stats, ck), phase = cycles.phase_deltas(cfg, lm, cycle_of(context), sink)
+        (path, stats, ck), phase = cycles.phase_deltas(cfg, lm, cycle_of(context), sink, force=settings.force)
         sink.log_artifact(path, "deltas")
     return dg.MaterializeResult(
         metadata={
@@ -45,7 +46,8 @@ def delta_table(
 def delta_table_schema(context: dg.AssetCheckExecutionContext, settings: MegaContextSettings) -> dg.AssetCheckResult:
     """The SPEC §6 columns with their types, one GistNet checkpoint, a recency context per sample,
     finite ΔNLL, a readable contexts file."""
-    from mcx_core import deltas, pipeline
+    from mcx_core import pipeline
+    from mcx_core.focus import deltas
 
     path = pipeline.delta_table(settings.load(), cycle_of(context))
     return problems_result(deltas.validate_delta_table(path), "schema and contents valid", table=dg.MetadataValue.path(str(path)))
@@ -58,7 +60,8 @@ def lensnet_checkpoint(
     """JT2: LensNet trained on the delta table (regression + ranking + budget + legality), GistNet
     frozen; held-out ranking accuracy and score–utility rank correlation, before and after. Cycle c > 0
     starts from cycle c − 1's LensNet."""
-    from mcx_core import cycles, pipeline
+    from mcx_core import pipeline
+    from mcx_core.training import cycles
 
     cfg = settings.load()
     with mlflow.cycle_run(context, cfg, settings.root_dir(), "jt2") as sink:
@@ -98,13 +101,14 @@ def runtime_eval(
     Loss@H; then recency / random / expand-nearest / oracle / LensNet compared at the same W_max.
     Uses the final cycle's GistNet and LensNet."""
     from mcx_core import pipeline
+    from mcx_core.eval.runtime import run_runtime_eval
 
     cfg = settings.load()
     if cfg.runtime.steps < 1000:
         context.log.info("runtime.steps = %d: the acceptance run is 1000 steps (configs/gpu.yaml)", cfg.runtime.steps)
     with mlflow.run(context, cfg, settings.root_dir()) as sink:
         lm, _ = pipeline.prepare_base_model(cfg)
-        result = pipeline.run_runtime_eval(cfg, lm, sink)
+        result = run_runtime_eval(cfg, lm, sink, force=settings.force)
     meta = floats(result["summary"])
     for row in result["comparison"]:
         meta.update(floats({k: v for k, v in row.items() if k != "policy"}, prefix=f"policy/{row['policy']}/"))
@@ -119,10 +123,11 @@ def runtime_eval(
 
 
 def _runtime_check(settings: MegaContextSettings, criterion: str) -> dg.AssetCheckResult:
-    from mcx_core import acceptance, pipeline
+    from mcx_core.eval import acceptance
+    from mcx_core.eval.runtime import read_runtime_eval
 
     cfg = settings.load()
-    summary = pipeline.read_runtime_eval(cfg)["summary"]
+    summary = read_runtime_eval(cfg)["summary"]
     return gates_result(acceptance.runtime_gates(cfg, summary)[criterion], steps=dg.MetadataValue.int(summary["steps"]))
 
 

@@ -10,12 +10,7 @@ from pathlib import Path
 
 import dagster as dg
 
-DEFAULT_CONFIG = "configs/default.yaml"
-
-
-def project_root() -> Path:
-    """`$MCX_HOME`, else the repository this package lives in (the directory `make dev` runs from)."""
-    return Path(os.environ.get("MCX_HOME") or Path(__file__).resolve().parents[2]).resolve()
+from mcx_dagster.project import DEFAULT_CONFIG, load_project_config, project_home
 
 
 class MegaContextSettings(dg.ConfigurableResource):
@@ -23,23 +18,20 @@ class MegaContextSettings(dg.ConfigurableResource):
 
     config_path: str = DEFAULT_CONFIG
     root: str = ""
+    force: bool = False  # recompute evaluations even when their inputs have not changed (`--force`)
 
     def root_dir(self) -> Path:
-        return Path(self.root).resolve() if self.root else project_root()
+        return Path(self.root).resolve() if self.root else project_home()
 
     def load(self):
-        from mcx_core.config import load_config
-
-        os.environ["MCX_HOME"] = str(self.root_dir())
-        path = Path(self.config_path)
-        return load_config(path if path.is_absolute() else self.root_dir() / path)
+        return load_project_config(self.config_path, self.root_dir())
 
 
 class ArtifactPathsResource(dg.ConfigurableResource):
     """Absolute paths of the artifact folders for a config (datasets, reports, deltas, traces...)."""
 
     def for_config(self, cfg):
-        from mcx_core.pipeline import ArtifactPaths
+        from mcx_core.artifacts import ArtifactPaths
 
         return ArtifactPaths.from_config(cfg)
 
@@ -57,7 +49,7 @@ class MLflowTracker(dg.ConfigurableResource):
     def loop_parent(self, cfg, root: Path):
         """The MLflow parent run of this config's training loop (`cycles.training_loop_parent`); created
         here it is ended at once — a container the cycles' phase runs attach to."""
-        from mcx_core.cycles import training_loop_parent
+        from mcx_core.training.cycles import training_loop_parent
 
         parent, created = training_loop_parent(cfg, root, self.tracking_uri or None, self.artifact_location or None)
         if created:
@@ -114,7 +106,7 @@ class DuckDBResource(dg.ConfigurableResource):
     """An in-memory DuckDB with views over the Parquet/Arrow/JSONL artifacts (absolute paths)."""
 
     def connect(self, artifacts_root: Path):
-        from mcx_core.query import connect
+        from mcx_core.tools.query import connect
 
         return connect(artifacts_root)
 

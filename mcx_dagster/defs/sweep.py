@@ -8,26 +8,24 @@ from pathlib import Path
 import dagster as dg
 
 from mcx_dagster.defs._meta import FROM_FINAL_CYCLE, floats
-from mcx_dagster.defs.resources import DEFAULT_CONFIG, MegaContextSettings, MLflowTracker, project_root
+from mcx_dagster.defs.resources import MegaContextSettings, MLflowTracker
+from mcx_dagster.project import DEFAULT_CONFIG, load_project_config, project_home
 
 
 def _sweep_config():
     """The grid comes from the config the code location serves (`MCX_CONFIG`, default configs/default.yaml)."""
-    from mcx_core.config import load_config
-
     path = Path(os.environ.get("MCX_CONFIG", DEFAULT_CONFIG))
-    os.environ.setdefault("MCX_HOME", str(project_root()))
     if not path.is_absolute():  # under the project root, else the repository's own (a project without configs/)
-        here = project_root() / path
+        here = project_home() / path
         path = here if here.is_file() else Path(__file__).resolve().parents[2] / path
-    return load_config(path)
+    return load_project_config(path)
 
 
 _CFG = _sweep_config()
 
 
 def _grid() -> list[str]:
-    from mcx_core.sweep import sweep_partitions
+    from mcx_core.eval.sweep import sweep_partitions
 
     return sweep_partitions(_CFG)
 
@@ -44,12 +42,13 @@ eval_sweep_partitions = dg.StaticPartitionsDefinition(_grid())
 def eval_sweep(context: dg.AssetExecutionContext, settings: MegaContextSettings, mlflow: MLflowTracker) -> dg.MaterializeResult:
     """One cell of the W_max × dataset grid: full / recency / mean-pool / learned-gist NLLs per sample
     (answer NLL and accuracy on the planted needle for `recall`), upserted into eval_sweep.parquet."""
-    from mcx_core import pipeline, sweep
+    from mcx_core import checkpoints, pipeline
+    from mcx_core.eval import sweep
 
     cfg = settings.load()
     with mlflow.run(context, cfg, settings.root_dir(), name=f"eval_sweep[{context.partition_key}]") as sink:
         lm, _ = pipeline.prepare_base_model(cfg)
-        out = sweep.run_partition(cfg, lm, pipeline.jt1_checkpoint(cfg), context.partition_key, sink, progress=False)
+        out = sweep.run_partition(cfg, lm, checkpoints.jt1_checkpoint(cfg), context.partition_key, sink, progress=False)
         rows = out["summary"]
         sink.log_table({k: [r.get(k) for r in rows] for k in rows[0]}, f"sweep/{context.partition_key}.json")
     return dg.MaterializeResult(

@@ -54,20 +54,20 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from mcx_core import checkpoints
+from mcx_core.compression.gistnet import Gister, load_gister, mean_pool, profile
 from mcx_core.config import MegaContextConfig, PhaseConfig
-from mcx_core.evaluation import ConditionInput, horizon_nll, horizon_nll_grad
-from mcx_core.gistnet import Gister, mean_pool, profile
-from mcx_core.model import BaseLM
+from mcx_core.eval.nll import ConditionInput, horizon_nll, horizon_nll_grad
+from mcx_core.model.base import BaseLM
+from mcx_core.model.tree import MegaContextTree
+from mcx_core.model.working_context import WorkingContext, entry_for
 from mcx_core.telemetry import metrics as M
 from mcx_core.telemetry.sinks import TelemetrySink
 from mcx_core.training import common, distributed
-from mcx_core.tree import MegaContextTree
-from mcx_core.working_context import WorkingContext, entry_for
 
 log = logging.getLogger(__name__)
 
 JT = 1  # this trainer's phase number in checkpoint names: JT1_cycle{c}_step{s}
-GISTNET_DIR = "gistnet"
 
 
 @dataclass
@@ -327,22 +327,9 @@ def _new_gister(cfg: MegaContextConfig, lm: BaseLM) -> Gister:
     return Gister(lm.d_model, cfg.gistnet.model).to(lm.device)
 
 
-def load_gister(checkpoint_dir: str | Path, lm: BaseLM) -> Gister:
-    """The trained GistNet of a JT checkpoint (or a `save_pretrained` directory), in eval mode."""
-    d = Path(checkpoint_dir)
-    return Gister.from_pretrained(d / GISTNET_DIR if (d / GISTNET_DIR).is_dir() else d, device=lm.device)
-
-
-@torch.no_grad()
-def gist_drift(old: Gister, new: Gister, probe_blocks: torch.Tensor, level: int = 1) -> float:
-    """Mean cosine similarity of the two GistNets' gists on fixed probe blocks [n, 32, d] (1 = no drift)."""
-    a, b = old(level, probe_blocks).float(), new(level, probe_blocks.to(probe_blocks.dtype)).float()
-    return float(torch.nn.functional.cosine_similarity(a, b, dim=-1).mean())
-
-
 def _save(checkpoints_dir: Path, cycle: int, gister: Gister, opt, sched, cfg: MegaContextConfig, state: dict) -> Path:
-    return common.save_jt_checkpoint(
-        checkpoints_dir, JT, cycle, state["global_step"], {GISTNET_DIR: gister.save_pretrained}, opt, sched, cfg, state
+    return checkpoints.save_jt_checkpoint(
+        checkpoints_dir, JT, cycle, state["global_step"], {checkpoints.GISTNET_DIR: gister.save_pretrained}, opt, sched, cfg, state
     )
 
 
@@ -387,9 +374,9 @@ def train_jt1(
 
     gister = _new_gister(cfg, lm)
     distributed.wait_for_everyone()  # every rank sees the same checkpoints (resume reads the same one)
-    run, resume_dir = _Run(), common.latest_checkpoint(checkpoints_dir, JT, cycle) if resume else None
+    run, resume_dir = _Run(), checkpoints.latest_checkpoint(checkpoints_dir, JT, cycle) if resume else None
     if resume_dir is not None:
-        state = common.read_json(resume_dir / common.TRAINER_STATE_FILE)
+        state = checkpoints.read_state(resume_dir)
         if state["base_model"]["weights_checksum"] != base_checksum:
             raise ValueError(f"{resume_dir} was trained against other base-model weights ({state['base_model']})")
         gister.load_state_dict(load_gister(resume_dir, lm).state_dict())
@@ -441,7 +428,7 @@ def train_jt1(
         opt = common.make_optimizer(gister, _phase_lr(cfg, phase), tcfg.weight_decay)
         sched = common.make_scheduler(opt, tcfg.warmup_steps, phase.max_steps)
         if index == run.phase_index and run.phase_step > 0:
-            common.load_optimizer(resume_dir / common.OPTIMIZER_FILE, opt, sched)
+            checkpoints.load_optimizer(resume_dir / checkpoints.OPTIMIZER_FILE, opt, sched)
         else:
             run.phase_index, run.phase_step, run.phase_complete = index, 0, False
         t_phase, steps_timed = 0.0, 0

@@ -17,10 +17,10 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from mcx_core.model import BaseLM
+from mcx_core.model.base import BaseLM
+from mcx_core.model.tree import MegaContextTree
+from mcx_core.model.working_context import WorkingContext, entry_for
 from mcx_core.telemetry import metrics as M
-from mcx_core.tree import MegaContextTree
-from mcx_core.working_context import WorkingContext, entry_for
 
 
 @dataclass

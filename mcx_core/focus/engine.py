@@ -49,16 +49,16 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from mcx_core.allocator import FocusAllocator, StepStats
 from mcx_core.config import MegaContextConfig
-from mcx_core.deltas import OraclePolicy
-from mcx_core.evaluation import ConditionInput, horizon_nll
-from mcx_core.lensnet import LensNet, LensNetPolicy
-from mcx_core.model import BaseLM
+from mcx_core.eval.nll import ConditionInput, horizon_nll
+from mcx_core.focus.allocator import FocusAllocator, StepStats
+from mcx_core.focus.deltas import OraclePolicy
+from mcx_core.focus.lensnet import LensNet, LensNetPolicy
+from mcx_core.model.base import BaseLM
+from mcx_core.model.tree import GistFn, MegaContextTree
+from mcx_core.model.working_context import WorkingContext
 from mcx_core.telemetry import metrics as M
 from mcx_core.telemetry.sinks import NullSink, TelemetrySink
-from mcx_core.tree import GistFn, MegaContextTree
-from mcx_core.working_context import WorkingContext
 
 log = logging.getLogger(__name__)
 

@@ -25,12 +25,12 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from mcx_core import reports
+from mcx_core import artifacts, reports
 from mcx_core.config import MegaContextConfig
-from mcx_core.lensnet import LensNet, LensNetPolicy
-from mcx_core.model import BaseLM
-from mcx_core.runtime import MegaContextEngine
-from mcx_core.tree import GistFn
+from mcx_core.focus.engine import MegaContextEngine
+from mcx_core.focus.lensnet import LensNet, LensNetPolicy
+from mcx_core.model.base import BaseLM
+from mcx_core.model.tree import GistFn
 
 SNIPPET_CHARS = 60
 ENTRY_KEYS = ("i", "span_id", "level", "start", "end", "cost", "score", "snippet")
@@ -235,8 +235,8 @@ def write_reports(result: dict[str, Any], out_dir: Path) -> dict[str, Path]:
     """explain.md, explain.html, explain.png and explain.json under `out_dir`."""
     out = Path(out_dir)
     return {
-        "markdown": reports.atomic_write_text(out / "explain.md", render_markdown(result)),
-        "html": reports.atomic_write_text(out / "explain.html", render_html(result)),
+        "markdown": artifacts.write_text(out / "explain.md", render_markdown(result)),
+        "html": artifacts.write_text(out / "explain.html", render_html(result)),
         "png": write_heatmap(result, out / "explain.png"),
-        "json": reports.write_json(out / "explain.json", result),
+        "json": artifacts.write_json(out / "explain.json", result),
     }

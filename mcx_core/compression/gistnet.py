@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from mcx_core import checkpoints
 from mcx_core.config import GistNetModelConfig
 from mcx_core.telemetry import metrics as M
 
@@ -160,11 +161,17 @@ class Gister(nn.Module):
 
     @classmethod
     def from_pretrained(cls, directory: str | Path, device: str | torch.device = "cpu") -> "Gister":
-        d = Path(directory)
+        """A `save_pretrained` directory, or the `gistnet/` of a JT checkpoint, in eval mode."""
+        d = checkpoints.module_dir(directory, checkpoints.GISTNET_DIR)
         config = json.loads((d / CONFIG_FILE).read_text())
         gister = cls(config["d_model"], GistNetModelConfig(**config["model"]), max_level=config["max_level"])
         gister.load_state_dict(load_file(str(d / WEIGHTS_FILE)), strict=True)
         return gister.to(device).eval()
+
+
+def load_gister(checkpoint_dir: str | Path, lm) -> Gister:
+    """The trained GistNet of a JT checkpoint (or a `save_pretrained` directory) on `lm`'s device, in eval mode."""
+    return Gister.from_pretrained(checkpoint_dir, device=lm.device)
 
 
 def num_parameters(module: nn.Module) -> int:

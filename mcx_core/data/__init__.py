@@ -23,7 +23,7 @@ import logging
 import os
 import re
 import sysconfig
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, replace
 from itertools import islice
 from pathlib import Path
@@ -33,6 +33,7 @@ import pyarrow as pa
 from pyarrow import ipc
 from tqdm import tqdm
 
+from mcx_core.artifacts import write_arrow, write_atomic
 from mcx_core.config import CorpusConfig, MegaContextConfig, resolve_path
 
 log = logging.getLogger(__name__)
@@ -193,8 +194,8 @@ def _glob_root(pattern: Path) -> Path:
     return root if root.is_dir() else root.parent
 
 
-def _glob_files(pattern: str, root: Path | None = None) -> list[SourceFile]:
-    full = resolve_path(pattern)
+def _glob_files(pattern: str, project: Path | None, root: Path | None = None) -> list[SourceFile]:
+    full = resolve_path(pattern, project)
     root = root or _glob_root(full)
     paths = [Path(p) for p in glob.glob(str(full), recursive=True) if Path(p).is_file()]
     if not paths:
@@ -202,8 +203,9 @@ def _glob_files(pattern: str, root: Path | None = None) -> list[SourceFile]:
     return [SourceFile(p.relative_to(root).as_posix(), p.stem, p) for p in paths]
 
 
-def list_sources(corpus: CorpusConfig) -> list[SourceFile]:
-    """The corpus's files sorted by doc_id, capped at `max_documents` (the first N)."""
+def list_sources(corpus: CorpusConfig, root: Path | None = None) -> list[SourceFile]:
+    """The corpus's files sorted by doc_id, capped at `max_documents` (the first N); a file glob
+    resolves under the project root `root`."""
     if corpus.source == "embedded:shakespeare":
         files = _shakespeare_files()
     elif corpus.source == "embedded:stdlib":
@@ -213,7 +215,7 @@ def list_sources(corpus: CorpusConfig) -> list[SourceFile]:
             f"unknown embedded corpus {corpus.source!r} (known: embedded:shakespeare, embedded:stdlib)"
         )
     else:
-        files = _glob_files(corpus.source)
+        files = _glob_files(corpus.source, root)
     return sorted(files, key=lambda f: f.doc_id)[: corpus.max_documents]
 
 
@@ -245,11 +247,11 @@ def _strips_gutenberg(corpus: CorpusConfig) -> bool:
 
 
 def iter_documents(
-    corpus_name: str, corpus: CorpusConfig, stats: DocumentStats | None = None
+    corpus_name: str, corpus: CorpusConfig, stats: DocumentStats | None = None, root: Path | None = None
 ) -> Iterator[Document]:
     """A corpus's non-empty documents in doc_id order; pass `stats` to learn what was skipped."""
     stats = stats if stats is not None else DocumentStats()
-    for _, doc in _read_documents(corpus_name, list_sources(corpus), _strips_gutenberg(corpus), stats):
+    for _, doc in _read_documents(corpus_name, list_sources(corpus, root), _strips_gutenberg(corpus), stats):
         yield doc
 
 
@@ -274,7 +276,7 @@ def corpus_specs(cfg: MegaContextConfig) -> list[CorpusSpec]:
     ds = cfg.dataset
     splits = tuple(sorted(ds.split_fractions))
     specs = [
-        CorpusSpec(name, c.kind, c.source, tuple(list_sources(c)), splits, _strips_gutenberg(c), {})
+        CorpusSpec(name, c.kind, c.source, tuple(list_sources(c, cfg.root)), splits, _strips_gutenberg(c), {})
         for name, c in sorted(ds.corpora.items())
     ]
     if ds.splits:
@@ -292,9 +294,9 @@ def _explicit_splits_spec(cfg: MegaContextConfig) -> CorpusSpec:
     ds = cfg.dataset
     source = ", ".join(f"{k}={s.source}" for k, s in sorted(ds.splits.items()))
     defaults = CorpusConfig(source=source)  # this form has no per-corpus options: the defaults apply
-    root = Path(os.path.commonpath([_glob_root(resolve_path(s.source)) for s in ds.splits.values()]))
+    root = Path(os.path.commonpath([_glob_root(cfg.resolve(s.source)) for s in ds.splits.values()]))
     files = [
-        replace(f, split=split) for split, s in sorted(ds.splits.items()) for f in _glob_files(s.source, root)
+        replace(f, split=split) for split, s in sorted(ds.splits.items()) for f in _glob_files(s.source, cfg.root, root)
     ]
     seen: dict[str, str] = {}
     for f in files:
@@ -310,7 +312,7 @@ def _explicit_splits_spec(cfg: MegaContextConfig) -> CorpusSpec:
         files=tuple(sorted(files, key=lambda f: f.doc_id)),
         splits=tuple(sorted(ds.splits)),
         gutenberg=_strips_gutenberg(defaults),
-        output_paths={k: s.output_path for k, s in ds.splits.items() if s.output_path},
+        output_paths={k: str(cfg.resolve(s.output_path)) for k, s in ds.splits.items() if s.output_path},
     )
 
 
@@ -439,22 +441,6 @@ def _samples_table(corpus: str, split: str, windows: list[_Window], sample_token
 # ---------------------------------------------------------------------------------------------- files
 
 
-def write_atomic(path: Path, write: Callable[[Path], None]) -> None:
-    """Write to a temporary name, then rename: a reader never sees half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def write_arrow(table: pa.Table, path: Path) -> None:
-    with pa.OSFile(str(path), "wb") as sink, ipc.new_file(sink, table.schema) as writer:
-        writer.write_table(table)
-
-
 def _sha256(path: Path) -> str:
     h = hashlib.sha256()
     with path.open("rb") as f:
@@ -472,7 +458,7 @@ def _relative(path: Path, out_dir: Path) -> str:
 
 
 def load_manifest(out_dir: Path) -> dict:
-    path = resolve_path(out_dir) / MANIFEST
+    path = Path(out_dir) / MANIFEST
     if not path.is_file():
         raise FileNotFoundError(
             f"no block-dataset manifest at {path}: the datasets were never built there, or a build was "
@@ -490,7 +476,7 @@ def _split_path(out_dir: Path, manifest: dict, corpus: str, split: str) -> Path:
 
 
 def load_split(out_dir: Path, corpus: str, split: str) -> pa.Table:
-    out_dir = resolve_path(out_dir)
+    out_dir = Path(out_dir)
     path = _split_path(out_dir, load_manifest(out_dir), corpus, split)
     # Read into memory rather than memory-map: a map of a file someone then rewrites in place dies with
     # SIGBUS, and the files are small (train: 2000 samples x 1088 tokens = 9 MB).
@@ -521,7 +507,7 @@ def split_summary(manifest: dict) -> dict[str, dict[str, int]]:
 
 
 def _tokenizer_id(tokenizer) -> str:
-    from mcx_core.model import tokenizer_id  # lazy: mcx_core.model imports torch
+    from mcx_core.model.base import tokenizer_id  # lazy: mcx_core.model.base imports torch
 
     return tokenizer_id(tokenizer)
 
@@ -585,7 +571,7 @@ def _assign_documents(spec: CorpusSpec, kept: list[_Tokenized], cfg: MegaContext
 
 def _split_file(spec: CorpusSpec, split: str, out_dir: Path) -> Path:
     if split in spec.output_paths:
-        return resolve_path(spec.output_paths[split])
+        return Path(spec.output_paths[split])
     return out_dir / spec.name / f"{split}.arrow"
 
 
@@ -651,7 +637,7 @@ def build_block_datasets(
 ) -> dict:
     """Tokenize every corpus into block-aligned samples, write `<corpus>/<split>.arrow` files and then
     the manifest; return the manifest. Does nothing when an intact build of the same inputs exists."""
-    out_dir = resolve_path(out_dir if out_dir is not None else cfg.dataset.output_dir)
+    out_dir = Path(out_dir) if out_dir is not None else cfg.resolve(cfg.dataset.output_dir)
     specs = corpus_specs(cfg)
     tok_id = _tokenizer_id(tokenizer)
     identity = _identity(cfg, tok_id, specs)
@@ -692,7 +678,7 @@ def build_block_datasets(
 
 def verify_document_boundaries(out_dir: Path) -> list[str]:
     """Every row is one document's block-aligned window that ends inside the document. [] = all good."""
-    out_dir = resolve_path(out_dir)
+    out_dir = Path(out_dir)
     manifest = load_manifest(out_dir)
     block, sample_tokens = manifest["block_size"], manifest["sample_tokens"]
     problems = []
@@ -734,7 +720,7 @@ def _boundary_problems(table: pa.Table, corpus: str, split: str, block: int, sam
 
 def verify_split_isolation(out_dir: Path) -> list[str]:
     """No document (and, where splits are by work, no work) appears in two splits. [] = all good."""
-    out_dir = resolve_path(out_dir)
+    out_dir = Path(out_dir)
     manifest = load_manifest(out_dir)
     problems = []
     for corpus, entry in sorted(manifest["corpora"].items()):
@@ -761,7 +747,7 @@ def _pick_rows(out_dir: Path, entry: dict, corpus: str, n: int) -> list[dict]:
 def verify_retokenization(cfg: MegaContextConfig, tokenizer, out_dir: Path, n: int = 4) -> list[str]:
     """Re-read the source documents of `n` rows per corpus, tokenize them again and compare with the
     stored tokens. [] = the files are what this config and tokenizer produce."""
-    out_dir = resolve_path(out_dir)
+    out_dir = Path(out_dir)
     manifest = load_manifest(out_dir)
     problems = []
     config_hash = cfg.dataset_hash(_tokenizer_id(tokenizer))
@@ -804,3 +790,22 @@ def _retokenization_problems(row: dict, ids: np.ndarray | None, sample_tokens: i
             f"{at}: input_ids differ from a fresh tokenization of {row['doc_id']} at position {first}"
         )
     return problems
+
+
+def load_eval_samples(cfg: MegaContextConfig, limit: int | None = None) -> dict[str, tuple[list[str], np.ndarray]]:
+    out = cfg.resolve(cfg.dataset.output_dir)
+    manifest = load_manifest(out)
+    limit = limit or cfg.evaluation.samples_per_dataset
+    result = {}
+    for corpus in manifest["corpora"]:
+        table = load_split(out, corpus, cfg.evaluation.split)
+        ids = load_samples(out, corpus, cfg.evaluation.split, limit=limit)
+        result[corpus] = (table.column("sample_id").to_pylist()[: len(ids)], ids)
+    return result
+
+
+def train_ids(cfg: MegaContextConfig) -> np.ndarray:
+    """Every corpus's train split, stacked: [N, context_tokens + horizon]."""
+    out = cfg.resolve(cfg.dataset.output_dir)
+    manifest = load_manifest(out)
+    return np.concatenate([load_samples(out, corpus, "train") for corpus in sorted(manifest["corpora"])])

@@ -5,7 +5,7 @@ labels are regenerated after every JT1, tagged with the GistNet that produced th
 from on-policy labels. A finished cycle leaves `artifacts/cycles/cycle{c}.json`; a rerun skips those
 cycles and, inside an interrupted one, each trainer resumes from its newest complete checkpoint.
 
-    python -m mcx_core.cycles --config configs/gpu.yaml --cycles 3
+    python -m mcx_core.training.cycles --config configs/gpu.yaml --cycles 3
 """
 
 from __future__ import annotations
@@ -15,9 +15,9 @@ import logging
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from mcx_core import pipeline, reports
+from mcx_core import artifacts, checkpoints, pipeline
 from mcx_core.config import MegaContextConfig
-from mcx_core.model import BaseLM
+from mcx_core.model.base import BaseLM
 from mcx_core.telemetry import metrics as M
 from mcx_core.telemetry.sinks import NullSink, TelemetrySink
 
@@ -32,8 +32,18 @@ def null_sinks(phase: str, cycle: int) -> Iterator[TelemetrySink]:
     yield NullSink()
 
 
+TRAINING_SECTIONS = ["seed", "dataset", "base_model", "gistnet", "lensnet", "lora", "deltas", "working_context",
+                     "allocator", "training_loop"]
+
+
+def training_loop_key(cfg: MegaContextConfig) -> str:
+    """Identity of one alternating training loop (its MLflow parent run): the config name plus the
+    fingerprint of every section the four phases read."""
+    return f"{cfg.name}-{artifacts.stage_fingerprint(cfg, TRAINING_SECTIONS)}"
+
+
 def cycles_dir(cfg: MegaContextConfig) -> Path:
-    return pipeline.ArtifactPaths.from_config(cfg).root / "cycles"
+    return artifacts.ArtifactPaths.from_config(cfg).root / "cycles"
 
 
 def cycle_record_path(cfg: MegaContextConfig, cycle: int) -> Path:
@@ -51,7 +61,7 @@ def completed_cycle(cfg: MegaContextConfig, cycle: int) -> dict | None:
     record = json.loads(path.read_text(encoding="utf-8"))
     for phase, ck in record["checkpoints"].items():
         ck = Path(ck)
-        if not (ck / "trainer_state.json").is_file() or pipeline.checkpoint_id(ck) != record["checkpoint_ids"][phase]:
+        if not checkpoints.is_complete(ck) or checkpoints.checkpoint_id(ck) != record["checkpoint_ids"][phase]:
             return None
     return record
 
@@ -69,7 +79,7 @@ def init_checkpoint(cfg: MegaContextConfig, phase: str, cycle: int) -> Path | No
     if cycle == 0:
         return None
     try:
-        return pipeline.jt_checkpoint(cfg, PHASE_NUMBER[phase], cycle - 1)
+        return checkpoints.jt_checkpoint(cfg, PHASE_NUMBER[phase], cycle - 1)
     except FileNotFoundError as err:
         raise FileNotFoundError(f"cycle {cycle} starts from cycle {cycle - 1}'s checkpoints, which are not there "
                                 f"({err}): run cycle {cycle - 1} first") from None
@@ -77,7 +87,7 @@ def init_checkpoint(cfg: MegaContextConfig, phase: str, cycle: int) -> Path | No
 
 def _measured(sink: TelemetrySink, lm: BaseLM, fn: Callable[[], object]):
     """Run one phase; log its wall time and peak memory (`phase/*`) to its sink. (result, metrics)."""
-    from mcx_core.profiling import PhaseMemory
+    from mcx_core.tools.profiling import PhaseMemory
 
     with PhaseMemory(lm.device) as mem:
         result = fn()
@@ -92,10 +102,11 @@ def phase_jt1(cfg: MegaContextConfig, lm: BaseLM, cycle: int, sink: TelemetrySin
     return _measured(sink, lm, lambda: pipeline.train_gistnet(cfg, lm, sink, cycle=cycle, init_from=init, progress=progress))
 
 
-def phase_deltas(cfg: MegaContextConfig, lm: BaseLM, cycle: int, sink: TelemetrySink, progress: bool = True):
+def phase_deltas(cfg: MegaContextConfig, lm: BaseLM, cycle: int, sink: TelemetrySink, progress: bool = True,
+                 force: bool = False):
     """Delta labels regenerated from this cycle's GistNet (the table's name and its `gistnet_checkpoint`
     column say which); ((table, stats, gistnet checkpoint), phase metrics)."""
-    return _measured(sink, lm, lambda: pipeline.generate_deltas(cfg, lm, sink, cycle=cycle, progress=progress))
+    return _measured(sink, lm, lambda: pipeline.generate_deltas(cfg, lm, sink, cycle=cycle, progress=progress, force=force))
 
 
 def phase_jt2(cfg: MegaContextConfig, lm: BaseLM, cycle: int, sink: TelemetrySink, progress: bool = True):
@@ -115,19 +126,18 @@ def write_cycle_record(cfg: MegaContextConfig, cycle: int, memory: dict[str, dic
     """`cycles/cycle{c}.json`: the cycle's checkpoints (with ids, so a later change is noticed), the delta
     table, where each phase started from, and each phase's `phase/*` wall time and peak memory; written
     when its last phase (JT3) has finished."""
-    from mcx_core.training import common
 
-    checkpoints = {p: pipeline.jt_checkpoint(cfg, n, cycle) for p, n in PHASE_NUMBER.items()}
+    found = {p: checkpoints.jt_checkpoint(cfg, n, cycle) for p, n in PHASE_NUMBER.items()}
     init = {p: init_checkpoint(cfg, p, cycle) for p in PHASE_NUMBER}
-    states = {p: common.read_json(ck / common.TRAINER_STATE_FILE) for p, ck in checkpoints.items()}
+    states = {p: checkpoints.read_state(ck) for p, ck in found.items()}
     seconds = {phase: float(m[M.PHASE_SECONDS]) for phase, m in memory.items()}
     summary = {
         "cycle": cycle,
-        "checkpoints": {k: str(v) for k, v in checkpoints.items()},
-        "checkpoint_ids": {k: pipeline.checkpoint_id(v) for k, v in checkpoints.items()},
+        "checkpoints": {k: str(v) for k, v in found.items()},
+        "checkpoint_ids": {k: checkpoints.checkpoint_id(v) for k, v in found.items()},
         "init_from": {k: (str(v) if v is not None else None) for k, v in init.items()},
         "delta_table": str(pipeline.delta_table(cfg, cycle)),
-        "delta_gistnet_checkpoint": str(checkpoints["jt1"]),
+        "delta_gistnet_checkpoint": str(found["jt1"]),
         # default: each trainer's last logged step, from its checkpoint
         "metrics": metrics if metrics is not None else {p: _floats(st.get("metrics", {})) for p, st in states.items()},
         "memory": memory,
@@ -136,7 +146,7 @@ def write_cycle_record(cfg: MegaContextConfig, cycle: int, memory: dict[str, dic
         "seconds_total": sum(seconds.values()),
         "skipped": False,
     }
-    reports.write_json(cycle_record_path(cfg, cycle), summary)
+    artifacts.write_json(cycle_record_path(cfg, cycle), summary)
     return summary
 
 
@@ -207,13 +217,13 @@ def run_cycles(cfg: MegaContextConfig, lm: BaseLM, sink_factory: SinkFactory | N
 def training_loop_parent(cfg: MegaContextConfig, root: Path, tracking_uri: str | None = None,
                          artifact_location: str | None = None):
     """(parent, created): the MLflow parent run of this config's training loop, found by its
-    `mcx.training_loop` key (`pipeline.training_loop_key`), else created with the config as params. The
-    Dagster phase assets and `python -m mcx_core.cycles` attach their phase runs to the same one."""
+    `mcx.training_loop` key (`cycles.training_loop_key`), else created with the config as params. The
+    Dagster phase assets and `python -m mcx_core.training.cycles` attach their phase runs to the same one."""
     from mcx_core.telemetry.mlflow_sink import MLflowSink, git_commit, store
 
     uri, artifacts = store(cfg, root, tracking_uri, artifact_location)
     parent, created = MLflowSink.parent(
-        uri, cfg.mlflow.experiment or cfg.name, pipeline.training_loop_key(cfg), f"training-loop-{cfg.name}",
+        uri, cfg.mlflow.experiment or cfg.name, training_loop_key(cfg), f"training-loop-{cfg.name}",
         tags={"mcx.config_name": cfg.name, "mcx.git_commit": git_commit(root),
               "mcx.n_cycles": str(cfg.training_loop.n_cycles)},
         artifact_location=artifacts,
@@ -244,7 +254,7 @@ def mlflow_sinks(cfg: MegaContextConfig, root: Path) -> tuple[SinkFactory, Telem
 def build_parser():
     import argparse
 
-    parser = argparse.ArgumentParser(prog="python -m mcx_core.cycles", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m mcx_core.training.cycles", description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", required=True, help="experiment YAML (configs/*.yaml)")
     parser.add_argument("--cycles", type=int, default=None, help="default: training_loop.n_cycles")
     parser.add_argument("--no-mlflow", action="store_true", help="log nowhere (default: MLflow parent + child runs)")

@@ -32,7 +32,7 @@ when the tables are loaded; the base model and GistNet are never in the optimize
 Checkpoints `JT2_cycle{c}_step{s}/` next to JT1's: `lensnet/` (save_pretrained), `gistnet/` (the frozen
 GistNet the labels and inputs came from, when it is a module with `save_pretrained`, so the checkpoint
 holds the pair the runtime needs), `optimizer.pt`, `config.yaml`, `trainer_state.json` (written last,
-via `common.write_checkpoint`). Step s draws its contexts from a generator seeded by (seed, s), so a
+via `checkpoints.write_checkpoint`). Step s draws its contexts from a generator seeded by (seed, s), so a
 resumed run takes the same steps as an uninterrupted one.
 
 Data parallel (`accelerate launch`, N processes; see `training.distributed`): every rank loads all the
@@ -55,8 +55,10 @@ import pyarrow.parquet as pq
 import torch
 from tqdm.auto import tqdm
 
+from mcx_core import checkpoints
+from mcx_core.compression.gistnet import num_parameters
 from mcx_core.config import MegaContextConfig
-from mcx_core.deltas import (
+from mcx_core.focus.deltas import (
     checkpoint_id,
     normalised_utilities,
     read_contexts,
@@ -65,19 +67,16 @@ from mcx_core.deltas import (
     score_targets,
     validate_delta_table,
 )
-from mcx_core.gistnet import num_parameters
-from mcx_core.lensnet import LensNet, collate, entry_inputs, mask_scores
-from mcx_core.model import BaseLM
+from mcx_core.focus.lensnet import LensNet, collate, entry_inputs, load_lensnet, mask_scores
+from mcx_core.model.base import BaseLM
+from mcx_core.model.tree import GistFn
 from mcx_core.telemetry import metrics as M
 from mcx_core.telemetry.sinks import TelemetrySink
 from mcx_core.training import common, distributed
-from mcx_core.tree import GistFn
 
 log = logging.getLogger(__name__)
 
 JT = 2
-LENSNET_DIR = "lensnet"
-GISTNET_DIR = "gistnet"
 EVAL_BATCH = 64  # held-out contexts per LensNet forward
 
 
@@ -233,12 +232,6 @@ def evaluate_lensnet(lensnet: LensNet, examples: list[ContextExample]) -> dict[s
     }
 
 
-def load_lensnet(checkpoint_dir: str | Path, device: str | torch.device = "cpu") -> LensNet:
-    """The LensNet of a JT2 checkpoint (or of a `save_pretrained` directory), in eval mode."""
-    d = Path(checkpoint_dir)
-    return LensNet.from_pretrained(d / LENSNET_DIR if (d / LENSNET_DIR).is_dir() else d, device=device)
-
-
 @dataclass
 class _Run:
     step: int = 0
@@ -249,10 +242,10 @@ class _Run:
 
 def _save(checkpoints_dir: Path, cycle: int, lensnet: LensNet, gister: GistFn, opt, sched, cfg: MegaContextConfig,
           state: dict) -> Path:
-    parts = {LENSNET_DIR: lensnet.save_pretrained}
+    parts = {checkpoints.LENSNET_DIR: lensnet.save_pretrained}
     if isinstance(gister, torch.nn.Module) and hasattr(gister, "save_pretrained"):
-        parts[GISTNET_DIR] = gister.save_pretrained  # the frozen GistNet the labels came from
-    return common.save_jt_checkpoint(checkpoints_dir, JT, cycle, state["step"], parts, opt, sched, cfg, state)
+        parts[checkpoints.GISTNET_DIR] = gister.save_pretrained  # the frozen GistNet the labels came from
+    return checkpoints.save_jt_checkpoint(checkpoints_dir, JT, cycle, state["step"], parts, opt, sched, cfg, state)
 
 
 def train_jt2(
@@ -305,9 +298,9 @@ def train_jt2(
     lensnet = LensNet(lm.d_model, cfg.lensnet.model, max_level=max_level).to(lm.device)
     run = _Run()
     distributed.wait_for_everyone()  # every rank sees the same checkpoints (resume reads the same one)
-    resume_dir = common.latest_checkpoint(checkpoints_dir, JT, cycle) if resume else None
+    resume_dir = checkpoints.latest_checkpoint(checkpoints_dir, JT, cycle) if resume else None
     if resume_dir is not None:
-        state = common.read_json(resume_dir / common.TRAINER_STATE_FILE)
+        state = checkpoints.read_state(resume_dir)
         lensnet.load_state_dict(load_lensnet(resume_dir).state_dict())
         run = _Run(**state["run"])
         log.info("JT2: resuming from %s (step %d)", resume_dir, run.step)
@@ -318,7 +311,7 @@ def train_jt2(
     opt = common.make_optimizer(lensnet, tcfg.lr, tcfg.weight_decay)  # asserts every parameter is in it
     sched = common.make_scheduler(opt, tcfg.warmup_steps, tcfg.max_steps)
     if resume_dir is not None:
-        common.load_optimizer(resume_dir / common.OPTIMIZER_FILE, opt, sched)
+        checkpoints.load_optimizer(resume_dir / checkpoints.OPTIMIZER_FILE, opt, sched)
     sink.log_params(
         {
             "jt2.lensnet_parameters": num_parameters(lensnet),
@@ -385,7 +378,7 @@ def train_jt2(
         if tcfg.checkpoint_every and run.step % tcfg.checkpoint_every == 0 and run.step < tcfg.max_steps:
             checkpoint = _save(checkpoints_dir, cycle, lensnet, gister, opt, sched, cfg, trainer_state())
     bar.close()
-    if checkpoint is None or run.step != common.read_json(checkpoint / common.TRAINER_STATE_FILE)["step"]:
+    if checkpoint is None or run.step != checkpoints.read_state(checkpoint)["step"]:
         checkpoint = _save(checkpoints_dir, cycle, lensnet, gister, opt, sched, cfg, trainer_state())
     summary = {
         "jt2/steps": float(run.step),

@@ -1,13 +1,8 @@
-"""Experiment configuration: pydantic models that mirror the YAML files in `configs/` one to one.
-
-Every error names the YAML path of the field it is about (`gistnet.training.phases[1].max_steps: ...`),
-so a researcher can fix a config without reading this file. Relative paths in a config resolve
-against the project root (the directory `mcx` runs in, or `$MCX_HOME`).
-"""
+"""The config's sections: pydantic models that mirror the YAML files in `configs/` one to one, and
+the project root their relative paths resolve against."""
 
 from __future__ import annotations
 
-import glob
 import hashlib
 import json
 import os
@@ -15,18 +10,21 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator, model_validator
 
 EMBEDDED_SOURCES = ("embedded:shakespeare", "embedded:stdlib")
 
 
-class ConfigError(ValueError):
-    """A config that cannot be used. `problems` holds one `field.path: message` line per problem."""
+def project_root(root: str | os.PathLike | None = None) -> Path:
+    """The one resolver of the project root: `root` when given, else the working directory. Entry
+    points (the `mcx` CLI, the Dagster code location) decide it and pass it to `load_config`."""
+    return Path(root if root else os.getcwd()).resolve()
 
-    def __init__(self, source: str, problems: list[str]):
-        self.source = source
-        self.problems = problems
-        super().__init__(f"{source}: " + "; ".join(problems))
+
+def resolve_path(p: str | os.PathLike, root: str | os.PathLike | None) -> Path:
+    """`p` itself when absolute, else `p` under the project root `root`."""
+    path = Path(p).expanduser()
+    return path if path.is_absolute() else project_root(root) / path
 
 
 class Section(BaseModel):
@@ -354,7 +352,7 @@ class TrainingLoopConfig(Section):
     """The alternating schedule (SPEC §6): `n_cycles` × (JT1 → deltas → JT2 → JT3), each cycle starting
     from the previous cycle's checkpoints."""
 
-    n_cycles: int = Field(default=1, gt=0, description="JT1→JT2→JT3 cycles `mcx_core.cycles.run_cycles` runs")
+    n_cycles: int = Field(default=1, gt=0, description="JT1→JT2→JT3 cycles `mcx_core.training.cycles.run_cycles` runs")
 
 
 class MegaContextConfig(Section):
@@ -379,6 +377,21 @@ class MegaContextConfig(Section):
     training_loop: TrainingLoopConfig = Field(
         default_factory=TrainingLoopConfig, description="cycles of the alternating JT1/JT2/JT3 schedule"
     )
+    _root: Path | None = PrivateAttr(default=None)
+
+    @property
+    def root(self) -> Path:
+        """The project root this config's relative paths resolve against (`load_config(path, root)`)."""
+        return self._root if self._root is not None else project_root()
+
+    def with_root(self, root: str | os.PathLike | None) -> "MegaContextConfig":
+        """This config, its relative paths resolving against `root` (None: the working directory)."""
+        self._root = project_root(root)
+        return self
+
+    def resolve(self, path: str | os.PathLike) -> Path:
+        """A path the config names (`artifacts_dir`, `dataset.output_dir`, ...), made absolute."""
+        return resolve_path(path, self.root)
 
     @field_validator("name")
     @classmethod
@@ -433,102 +446,3 @@ def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
     else:
         out[prefix.rstrip(".")] = ",".join(map(str, tree)) if isinstance(tree, list) else tree
     return out
-
-
-# ---------------------------------------------------------------------------------------------- loading
-
-
-def project_root() -> Path:
-    return Path(os.environ.get("MCX_HOME") or os.getcwd()).resolve()
-
-
-def resolve_path(p: str | os.PathLike, root: Path | None = None) -> Path:
-    path = Path(p).expanduser()
-    return path if path.is_absolute() else (root or project_root()) / path
-
-
-def _loc(loc: tuple[Any, ...]) -> str:
-    out = ""
-    for part in loc:
-        if isinstance(part, int):
-            out += f"[{part}]"
-        else:
-            out += ("." if out else "") + str(part)
-    return out or "<root>"
-
-
-def _pydantic_problems(err: ValidationError) -> list[str]:
-    problems = []
-    for e in err.errors():
-        # Drop pydantic's internal tags (e.g. 'function-after[_check()]') from the location.
-        loc = tuple(p for p in e["loc"] if not (isinstance(p, str) and "[" in p and "]" in p))
-        msg = e["msg"]
-        if e["type"] == "extra_forbidden":
-            msg = "unknown key"
-        elif e["type"] == "missing":
-            msg = "missing required field"
-        msg = msg.removeprefix("Value error, ")
-        problems.append(f"{_loc(loc)}: {msg}")
-    return problems
-
-
-def parse_config(data: Any, source: str = "<config>") -> MegaContextConfig:
-    if not isinstance(data, dict):
-        raise ConfigError(source, ["<root>: the file must hold a YAML mapping"])
-    try:
-        return MegaContextConfig.model_validate(data)
-    except ValidationError as err:
-        raise ConfigError(source, _pydantic_problems(err)) from None
-
-
-def load_config(path: str | os.PathLike, overrides: dict[str, Any] | None = None) -> MegaContextConfig:
-    """Read, validate and return a config. `overrides` use dotted keys: {'runtime.steps': 5}."""
-    p = Path(path)
-    if not p.is_file():
-        raise ConfigError(str(p), [f"<file>: config file not found: {p.resolve()}"])
-    try:
-        data = yaml.safe_load(p.read_text(encoding="utf-8"))
-    except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None)
-        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
-        raise ConfigError(str(p), [f"<yaml>: not valid YAML{where}: {getattr(err, 'problem', err)}"]) from None
-    except UnicodeDecodeError:
-        raise ConfigError(str(p), ["<file>: not a UTF-8 text file"]) from None
-    for key, value in (overrides or {}).items():
-        _set_dotted(data, key, value)
-    return parse_config(data, str(p))
-
-
-def _set_dotted(data: dict, key: str, value: Any) -> None:
-    node = data
-    parts = key.split(".")
-    for part in parts[:-1]:
-        node = node.setdefault(part, {})
-    node[parts[-1]] = value
-
-
-def check_files(cfg: MegaContextConfig, root: Path | None = None) -> list[str]:
-    """Problems with files a config names (missing model dir, globs that match nothing)."""
-    problems: list[str] = []
-    bm = cfg.base_model
-    if bm.source == "local":
-        d = resolve_path(bm.path, root)
-        if not (d / "config.json").is_file():
-            problems.append(f"base_model.path: no Hugging Face model directory at {d} (config.json missing)")
-    for name, corpus in cfg.dataset.corpora.items():
-        if corpus.source in EMBEDDED_SOURCES:
-            continue
-        if corpus.source.startswith("embedded:"):
-            problems.append(
-                f"dataset.corpora.{name}.source: unknown embedded corpus {corpus.source!r} "
-                f"(known: {', '.join(EMBEDDED_SOURCES)})"
-            )
-        elif not glob.glob(str(resolve_path(corpus.source, root)), recursive=True):
-            problems.append(f"dataset.corpora.{name}.source: no file matches {resolve_path(corpus.source, root)}")
-    for split, src in cfg.dataset.splits.items():
-        if not glob.glob(str(resolve_path(src.source, root)), recursive=True):
-            problems.append(f"dataset.splits.{split}.source: no file matches {resolve_path(src.source, root)}")
-    tok = cfg.dataset.tokenizer
-    if tok != "auto" and not resolve_path(tok, root).is_dir():
-        problems.append(f"dataset.tokenizer: no local tokenizer directory at {resolve_path(tok, root)}")
-    return problems

@@ -41,7 +41,7 @@ from typing import Any
 import torch
 
 from mcx_core.config import AllocatorConfig
-from mcx_core.working_context import BudgetError, Entry, WorkingContext
+from mcx_core.model.working_context import BudgetError, Entry, WorkingContext
 
 Key = tuple[int, int]  # (level, index) of an entry
 

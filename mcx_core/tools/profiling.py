@@ -25,7 +25,7 @@ from typing import Any, Self
 
 import torch
 
-from mcx_core import reports
+from mcx_core import artifacts, reports
 from mcx_core.config import MegaContextConfig
 from mcx_core.telemetry import metrics as M
 from mcx_core.telemetry.sinks import NullSink, TelemetrySink
@@ -165,7 +165,7 @@ def profile_runtime_step(
     """Profile `MegaContextEngine.step` on `token_ids` after `prefill` tokens (default
     `runtime.prefill_tokens`, fewer when the text is short). Traces go to `out_dir`, the report (and the
     CPU memory plot) to `report_dir`."""
-    from mcx_core.runtime import MegaContextEngine
+    from mcx_core.focus.engine import MegaContextEngine
 
     R, H = cfg.runtime.refocus_every, cfg.dataset.horizon
     ids = torch.as_tensor(token_ids, dtype=torch.long).flatten()
@@ -226,7 +226,7 @@ def profile_runtime_step(
         metrics[M.PROFILE_PEAK_RSS_MB] = max(rss_mb)
         metrics[M.PROFILE_RSS_GROWTH_MB] = max(rss_mb) - rss_mb[0]
         metrics[M.PROFILE_TRACED_PEAK_MB] = traced_peak / 2**20
-        memory = reports.write_json(out_dir / "memory_timeline.json", {
+        memory = artifacts.write_json(out_dir / "memory_timeline.json", {
             "unit": {"t": "ms since the step began", "rss": "MB"},
             "samples": [{"t": t, "rss": mb} for t, mb in samples],
             "stage_ends_ms": _cumulative(mem_step.laps),
@@ -268,8 +268,8 @@ def profile_runtime_step(
         *memory_section,
     ]
     report_dir.mkdir(parents=True, exist_ok=True)
-    report = reports.atomic_write_text(report_dir / "profile.md", "\n\n".join(s for s in sections if s) + "\n")
-    summary = reports.write_json(report_dir / "profile.json", {
+    report = artifacts.write_text(report_dir / "profile.md", "\n\n".join(s for s in sections if s) + "\n")
+    summary = artifacts.write_json(report_dir / "profile.json", {
         "metrics": metrics, "laps": profiled.laps, "top_ops": top, "stage_ranges": ranges,
         "chrome_trace": str(chrome), "memory": str(memory), "device": str(lm.device),
     })

@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from mcx_core.tree import EmbedFn, MegaContextTree, span_id
+from mcx_core.model.tree import EmbedFn, MegaContextTree, span_id
 
 POSITION_SCHEMES = ("center", "compact")
 

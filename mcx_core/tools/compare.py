@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from mcx_core import reports
+from mcx_core import artifacts, reports
 from mcx_core.telemetry.mlflow_sink import _client
 
 RUN_ID = re.compile(r"[0-9a-f]{32}")
@@ -134,8 +134,8 @@ def compare_runs(tracking_uri: str, ref_a: str, ref_b: str, out_dir: Path, max_c
     if shown:
         more = f" ({len(curves) - len(shown)} more not drawn)" if len(curves) > len(shown) else ""
         sections += [f"## Curves of the metrics both runs logged over steps{more}", f"![curves]({files['plot'].name})"]
-    files["markdown"] = reports.atomic_write_text(out_dir / "compare.md", "\n\n".join(sections) + "\n")
+    files["markdown"] = artifacts.write_text(out_dir / "compare.md", "\n\n".join(sections) + "\n")
     result = {"a": a.__dict__, "b": b.__dict__, "params": params, "metrics": metrics, "curves": sorted(curves),
               "notes": [n for n in (note_a, note_b) if n]}
-    files["json"] = reports.write_json(out_dir / "compare.json", result)
+    files["json"] = artifacts.write_json(out_dir / "compare.json", result)
     return {**result, "files": files}

@@ -9,12 +9,20 @@ from pathlib import Path
 
 import numpy as np
 
-from mcx_core import evaluation as E
-from mcx_core import reports
+from mcx_core import artifacts, checkpoints, data, reports
+from mcx_core.artifacts import (
+    ArtifactPaths,
+    datasets_dir,
+    load_stage,
+    save_stage,
+    stage_fingerprint,
+    write_atomic,
+)
 from mcx_core.config import MegaContextConfig
-from mcx_core.data import write_atomic
-from mcx_core.model import BaseLM
+from mcx_core.eval import nll as E
+from mcx_core.model.base import BaseLM
 from mcx_core.telemetry.sinks import NullSink, TelemetrySink
+from mcx_core.telemetry.tables import log_eval_distribution
 
 STRESS = "stress1024"
 
@@ -207,8 +215,8 @@ def write_report(cfg: MegaContextConfig, result: dict, out: Path, checkpoint: st
             f"![by distance]({distance.name})",
         ]
     sections.append(f"Evaluation time: {result['seconds']:.1f} s ({result['seconds_per_sample']:.2f} s per sample).")
-    md = reports.atomic_write_text(out / f"{name}.md", "\n\n".join(sections) + "\n")
-    js = reports.write_json(out / f"{name}.json", {k: result[k] for k in ("summary", "stress", "distance", "by_position", "seconds")})
+    md = artifacts.write_text(out / f"{name}.md", "\n\n".join(sections) + "\n")
+    js = artifacts.write_json(out / f"{name}.json", {k: result[k] for k in ("summary", "stress", "distance", "by_position", "seconds")})
     return {"markdown": md, "json": js, **plots}
 
 
@@ -305,3 +313,46 @@ def run(cfg: MegaContextConfig, lm: BaseLM, gister, samples, out_dir: Path, chec
     sink.log_artifact(table_path, "eval")
     return result
 
+
+def run_gist_eval(cfg: MegaContextConfig, lm: BaseLM, checkpoint: Path, sink: TelemetrySink | None = None,
+                  progress: bool = True, force: bool = False) -> dict:
+    """ΔNLL@H of the checkpoint's gists vs full / recency / mean-pool, 1024× stress, boundary probes
+    (the stored result when its inputs are unchanged, unless `force`)."""
+    import pyarrow.parquet as pq
+
+    from mcx_core.compression.gistnet import load_gister
+    from mcx_core.eval import gists as gist_eval
+
+    paths = ArtifactPaths.from_config(cfg)
+    fp = stage_fingerprint(
+        cfg, ["dataset", "base_model", "working_context", "evaluation", "seed", "gistnet"],
+        data.load_manifest(datasets_dir(cfg))["config_hash"], lm.model_id, checkpoints.checkpoint_id(checkpoint),
+    )
+    cached = load_stage(cfg, "gist_eval", fp, force)
+    if cached is not None:
+        (sink or NullSink()).log_metrics(cached["metrics"], step=0)
+        for p in [*cached["report"].values(), cached["table"]]:
+            (sink or NullSink()).log_artifact(p, "reports")
+        return cached
+    baseline = paths.eval / "baseline_eval.parquet"
+    table = pq.read_table(baseline) if baseline.is_file() else None
+    # Reuse the baseline scores only when the table has every column (older tables are rescored).
+    baseline_rows = E.rows_from_table(table) if table is not None and "context_len" in table.column_names else None
+    result = gist_eval.run(
+        cfg, lm, load_gister(checkpoint, lm), data.load_eval_samples(cfg), paths.root, Path(checkpoint).name,
+        sink, progress, baseline_rows,
+    )
+    log_eval_distribution(sink or NullSink(), result["table"], "gist_eval")
+    keep = {k: result[k] for k in ("summary", "stress", "distance", "metrics", "report", "table", "seconds")}
+    save_stage(cfg, "gist_eval", fp, keep, [result["table"], *result["report"].values()])
+    return keep
+
+
+def read_gist_eval(cfg: MegaContextConfig) -> dict:
+    """The last gist evaluation's summary (`reports/gist_eval.json`)."""
+    import json
+
+    path = ArtifactPaths.from_config(cfg).reports / "gist_eval.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing; materialize gist_eval_report first")
+    return json.loads(path.read_text(encoding="utf-8"))

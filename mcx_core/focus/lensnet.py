@@ -35,10 +35,11 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from mcx_core import checkpoints
 from mcx_core.config import LensNetModelConfig
+from mcx_core.model.tree import EmbedFn, MegaContextTree, Node
+from mcx_core.model.working_context import Entry, WorkingContext
 from mcx_core.telemetry import metrics as M
-from mcx_core.tree import EmbedFn, MegaContextTree, Node
-from mcx_core.working_context import Entry, WorkingContext
 
 WEIGHTS_FILE = "lensnet.safetensors"
 CONFIG_FILE = "config.json"
@@ -272,11 +273,17 @@ class LensNet(nn.Module):
 
     @classmethod
     def from_pretrained(cls, directory: str | Path, device: str | torch.device = "cpu") -> LensNet:
-        d = Path(directory)
+        """A `save_pretrained` directory, or the `lensnet/` of a JT2/JT3 checkpoint, in eval mode."""
+        d = checkpoints.module_dir(directory, checkpoints.LENSNET_DIR)
         config = json.loads((d / CONFIG_FILE).read_text())
         net = cls(config["d_model"], LensNetModelConfig(**config["model"]), max_level=config["max_level"])
         net.load_state_dict(load_file(str(d / WEIGHTS_FILE)), strict=True)
         return net.to(device).eval()
+
+
+def load_lensnet(checkpoint_dir: str | Path, device: str | torch.device = "cpu") -> LensNet:
+    """The LensNet of a JT2/JT3 checkpoint (or of a `save_pretrained` directory), in eval mode."""
+    return LensNet.from_pretrained(checkpoint_dir, device=device)
 
 
 class LensNetPolicy:

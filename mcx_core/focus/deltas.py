@@ -56,15 +56,15 @@ import torch
 from pyarrow import ipc
 from tqdm.auto import tqdm
 
+from mcx_core.artifacts import write_arrow, write_atomic
 from mcx_core.config import MegaContextConfig
-from mcx_core.data import write_arrow, write_atomic
-from mcx_core.evaluation import ConditionInput, horizon_nll
-from mcx_core.lensnet import AGE_SCALE
-from mcx_core.model import BaseLM
+from mcx_core.eval.nll import ConditionInput, horizon_nll
+from mcx_core.focus.lensnet import AGE_SCALE
+from mcx_core.model.base import BaseLM
+from mcx_core.model.tree import EmbedFn, GistFn, MegaContextTree
+from mcx_core.model.working_context import Entry, WorkingContext
 from mcx_core.telemetry import metrics as M
 from mcx_core.telemetry.sinks import NullSink, TelemetrySink
-from mcx_core.tree import EmbedFn, GistFn, MegaContextTree
-from mcx_core.working_context import Entry, WorkingContext
 
 ACTIONS = ("expand", "collapse")
 

@@ -26,8 +26,8 @@ is also scored with the adapter disabled (`train/lora_loss_without_adapter`, `tr
 
 Checkpoints `JT3_cycle{c}_step{s}/`: `lora/` (peft `save_pretrained`: adapter_model.safetensors +
 adapter_config.json, adapter weights only), `gistnet/` and `lensnet/` (the frozen nets, so a checkpoint
-is self-contained: `jt1.load_gister` / `jt2.load_lensnet` read them), `optimizer.pt`, `config.yaml`,
-`trainer_state.json` (last, via `common.write_checkpoint`). Step s samples with a generator seeded by
+is self-contained: `load_gister` / `load_lensnet` read them), `optimizer.pt`, `config.yaml`,
+`trainer_state.json` (last, via `checkpoints.write_checkpoint`). Step s samples with a generator seeded by
 (seed, s) and seeds torch (LoRA dropout) with seed + s; the fresh adapter is initialised from `seed`
 alone. So a run resumed from its newest checkpoint takes exactly the steps of an uninterrupted one.
 
@@ -55,23 +55,21 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from mcx_core.allocator import FocusAllocator
+from mcx_core import checkpoints
 from mcx_core.config import LoRAConfig, MegaContextConfig
-from mcx_core.evaluation import ConditionInput, horizon_nll_grad
-from mcx_core.lensnet import LensNet, LensNetPolicy
-from mcx_core.model import BaseLM
+from mcx_core.eval.nll import ConditionInput, horizon_nll_grad
+from mcx_core.focus.allocator import FocusAllocator
+from mcx_core.focus.lensnet import LensNet, LensNetPolicy
+from mcx_core.model.base import BaseLM
+from mcx_core.model.tree import GistFn, MegaContextTree
+from mcx_core.model.working_context import WorkingContext
 from mcx_core.telemetry import metrics as M
 from mcx_core.telemetry.sinks import TelemetrySink
 from mcx_core.training import common, distributed
-from mcx_core.tree import GistFn, MegaContextTree
-from mcx_core.working_context import WorkingContext
 
 log = logging.getLogger(__name__)
 
 JT = 3
-LORA_DIR = "lora"
-GISTNET_DIR = "gistnet"
-LENSNET_DIR = "lensnet"
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 
@@ -163,7 +161,7 @@ def lora_adapter(lm: BaseLM, lora: LoRAConfig, seed: int = 0) -> Iterator:
 def adapter_dir(checkpoint_dir: str | Path) -> Path:
     """The adapter directory of a JT3 checkpoint (or the directory itself if it holds an adapter)."""
     d = Path(checkpoint_dir)
-    return d / LORA_DIR if (d / LORA_DIR / ADAPTER_CONFIG).is_file() else d
+    return d / checkpoints.LORA_DIR if (d / checkpoints.LORA_DIR / ADAPTER_CONFIG).is_file() else d
 
 
 @contextmanager
@@ -367,10 +365,10 @@ class _Run:
 
 
 def _save(checkpoints_dir, cycle, adapter, gister, lensnet, opt, sched, cfg, state) -> Path:
-    parts = {LORA_DIR: lambda d: save_adapter(adapter, d), LENSNET_DIR: lensnet.save_pretrained}
+    parts = {checkpoints.LORA_DIR: lambda d: save_adapter(adapter, d), checkpoints.LENSNET_DIR: lensnet.save_pretrained}
     if isinstance(gister, torch.nn.Module) and hasattr(gister, "save_pretrained"):
-        parts[GISTNET_DIR] = gister.save_pretrained
-    return common.save_jt_checkpoint(checkpoints_dir, JT, cycle, state["step"], parts, opt, sched, cfg, state)
+        parts[checkpoints.GISTNET_DIR] = gister.save_pretrained
+    return checkpoints.save_jt_checkpoint(checkpoints_dir, JT, cycle, state["step"], parts, opt, sched, cfg, state)
 
 
 @contextmanager
@@ -422,8 +420,8 @@ def train_jt3(
     progress = progress and distributed.is_main_process()
 
     distributed.wait_for_everyone()  # every rank sees the same checkpoints (resume reads the same one)
-    run, resume_dir = _Run(), common.latest_checkpoint(checkpoints_dir, JT, cycle) if resume else None
-    state = common.read_json(resume_dir / common.TRAINER_STATE_FILE) if resume_dir is not None else None
+    run, resume_dir = _Run(), checkpoints.latest_checkpoint(checkpoints_dir, JT, cycle) if resume else None
+    state = checkpoints.read_state(resume_dir) if resume_dir is not None else None
     if state is not None:
         if state["base_model"]["weights_checksum"] != base_checksum:
             raise ValueError(
@@ -445,7 +443,7 @@ def train_jt3(
         opt = common.make_optimizer(adapter, tcfg.lr, tcfg.weight_decay)  # asserts every parameter is in it
         sched = common.make_scheduler(opt, tcfg.warmup_steps, tcfg.max_steps)
         if resume_dir is not None:
-            common.load_optimizer(resume_dir / common.OPTIMIZER_FILE, opt, sched)
+            checkpoints.load_optimizer(resume_dir / checkpoints.OPTIMIZER_FILE, opt, sched)
         sink.log_params(
             {
                 "jt3.lora_parameters": n_params,
@@ -526,7 +524,7 @@ def train_jt3(
                     checkpoints_dir, cycle, adapter, gister, lensnet, opt, sched, cfg, trainer_state()
                 )
         bar.close()
-        if checkpoint is None or run.step != common.read_json(checkpoint / common.TRAINER_STATE_FILE)["step"]:
+        if checkpoint is None or run.step != checkpoints.read_state(checkpoint)["step"]:
             checkpoint = _save(
                 checkpoints_dir, cycle, adapter, gister, lensnet, opt, sched, cfg, trainer_state()
             )
@@ -573,9 +571,8 @@ def evaluate_lora(
     ids = torch.as_tensor(np.asarray(samples), dtype=torch.long)
     if ids.ndim != 2 or ids.shape[1] < C + H or len(ids) == 0:
         raise ValueError(f"samples must be [n >= 1, >= {C + H}], got {tuple(ids.shape)}")
-    state_file = Path(checkpoint) / common.TRAINER_STATE_FILE
-    if state_file.is_file():
-        trained_with = common.read_json(state_file).get("frozen")
+    if checkpoints.is_complete(checkpoint):
+        trained_with = checkpoints.read_state(checkpoint).get("frozen")
         now = {"gistnet": module_checksum(gister), "lensnet": module_checksum(lensnet)}
         if trained_with is not None and trained_with != now:
             log.warning(

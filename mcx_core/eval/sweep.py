@@ -22,11 +22,12 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from mcx_core import data, recall
-from mcx_core import evaluation as E
-from mcx_core.config import MegaContextConfig, resolve_path
-from mcx_core.gist_eval import conditions
-from mcx_core.model import BaseLM
+from mcx_core import data
+from mcx_core.config import MegaContextConfig
+from mcx_core.data import recall
+from mcx_core.eval import nll as E
+from mcx_core.eval.gists import conditions
+from mcx_core.model.base import BaseLM
 from mcx_core.telemetry import metrics as M
 from mcx_core.telemetry.sinks import NullSink, TelemetrySink
 
@@ -82,7 +83,7 @@ def sweep_partitions(cfg: MegaContextConfig) -> list[str]:
 
 
 def sweep_table_path(cfg: MegaContextConfig) -> Path:
-    return resolve_path(cfg.artifacts_dir) / "deltas" / SWEEP_FILE
+    return cfg.resolve(cfg.artifacts_dir) / "deltas" / SWEEP_FILE
 
 
 # ---------------------------------------------------------------------------------------------- samples
@@ -99,7 +100,7 @@ def sweep_samples(
     if dataset == RECALL:
         seed = cfg.sweep.recall_seed if cfg.sweep.recall_seed is not None else cfg.seed
         return recall.build_recall_samples(cfg, tokenizer, n, seed)
-    out = resolve_path(cfg.dataset.output_dir)
+    out = cfg.resolve(cfg.dataset.output_dir)
     corpora = data.load_manifest(out)["corpora"]
     by_kind = [c for c, entry in sorted(corpora.items()) if entry["kind"] == dataset]
     name = dataset if dataset in corpora else (by_kind[0] if by_kind else None)
@@ -291,8 +292,8 @@ def run_partition(
     progress: bool = True,
 ) -> dict:
     """Score one partition with a JT checkpoint's GistNet, upsert its rows, log its summary."""
-    from mcx_core.pipeline import checkpoint_id
-    from mcx_core.training.jt1 import load_gister
+    from mcx_core.checkpoints import checkpoint_id
+    from mcx_core.compression.gistnet import load_gister
 
     sink = sink or NullSink()
     w_max, dataset = parse_partition(key)

@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from mcx_core import data
-from mcx_core.config import CorpusConfig, MegaContextConfig, resolve_path
+from mcx_core.config import CorpusConfig, MegaContextConfig
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +54,7 @@ def narrative_filler(cfg: MegaContextConfig, tokenizer) -> tuple[list[str], list
         return built
     corpora = [(n, c) for n, c in sorted(cfg.dataset.corpora.items()) if c.kind == "narrative"]
     name, corpus = corpora[0] if corpora else ("narrative", CorpusConfig(source="embedded:shakespeare"))
-    docs = list(data.iter_documents(name, corpus))
+    docs = list(data.iter_documents(name, corpus, root=cfg.root))
     min_tokens = cfg.dataset.min_document_tokens or cfg.dataset.sample_tokens
     kept = [
         (d, ids)
@@ -72,9 +72,9 @@ def narrative_filler(cfg: MegaContextConfig, tokenizer) -> tuple[list[str], list
 
 
 def _block_dataset_filler(cfg: MegaContextConfig, tokenizer, split: str):
-    from mcx_core.model import tokenizer_id  # lazy: mcx_core.model imports torch
+    from mcx_core.model.base import tokenizer_id  # lazy: mcx_core.model.base imports torch
 
-    out = resolve_path(cfg.dataset.output_dir)
+    out = cfg.resolve(cfg.dataset.output_dir)
     if not (Path(out) / data.MANIFEST).is_file():
         return None
     manifest = data.load_manifest(out)

@@ -90,10 +90,10 @@ def embedded_gguf_path() -> Path:
     return files[0]
 
 
-def embedded_model_dir(cfg: BaseModelConfig) -> Path:
+def embedded_model_dir(cfg: BaseModelConfig, root: Path | None = None) -> Path:
     """Convert the embedded GGUF once into a safetensors model dir; return that dir."""
     gguf = embedded_gguf_path()
-    out = resolve_path(cfg.cache_dir) / "smollm2-135m-instruct"
+    out = resolve_path(cfg.cache_dir, root) / "smollm2-135m-instruct"
     marker = out / "converted_from.json"
     if marker.is_file() and json.loads(marker.read_text()).get("gguf") == str(gguf):
         return out
@@ -117,9 +117,9 @@ def embedded_model_dir(cfg: BaseModelConfig) -> Path:
     return out
 
 
-def model_dir(cfg: BaseModelConfig) -> Path:
+def model_dir(cfg: BaseModelConfig, root: Path | None = None) -> Path:
     if cfg.source == "local":
-        d = resolve_path(cfg.path)
+        d = resolve_path(cfg.path, root)
         if not (d / "config.json").is_file():
             raise ModelNotFoundError(
                 f"base_model.path: no Hugging Face model directory at {d} (config.json missing). "
@@ -127,15 +127,15 @@ def model_dir(cfg: BaseModelConfig) -> Path:
                 f"({INSTALL_HINT})"
             )
         return d
-    return embedded_model_dir(cfg)
+    return embedded_model_dir(cfg, root)
 
 
-def embedded_tokenizer_dir(cfg: BaseModelConfig) -> Path:
+def embedded_tokenizer_dir(cfg: BaseModelConfig, root: Path | None = None) -> Path:
     """The embedded tokenizer alone (8 s from the GGUF instead of a 35 s model conversion)."""
-    full = resolve_path(cfg.cache_dir) / "smollm2-135m-instruct"
+    full = resolve_path(cfg.cache_dir, root) / "smollm2-135m-instruct"
     if (full / "converted_from.json").is_file():
         return full
-    out = resolve_path(cfg.cache_dir) / "smollm2-135m-instruct-tokenizer"
+    out = resolve_path(cfg.cache_dir, root) / "smollm2-135m-instruct-tokenizer"
     if (out / "tokenizer.json").is_file():
         return out
     from transformers import AutoTokenizer
@@ -149,18 +149,19 @@ def embedded_tokenizer_dir(cfg: BaseModelConfig) -> Path:
     return out
 
 
-def load_tokenizer(model_cfg: BaseModelConfig, dataset_cfg: DatasetConfig | None = None):
+def load_tokenizer(model_cfg: BaseModelConfig, dataset_cfg: DatasetConfig | None = None, root: Path | None = None):
+    """The tokenizer of `model_cfg` (or `dataset_cfg.tokenizer`); relative paths under the project root `root`."""
     from transformers import AutoTokenizer
 
     if dataset_cfg is not None and dataset_cfg.tokenizer != "auto":
-        d = resolve_path(dataset_cfg.tokenizer)
+        d = resolve_path(dataset_cfg.tokenizer, root)
         if not d.is_dir():
             raise ModelNotFoundError(f"dataset.tokenizer: no local tokenizer directory at {d}")
         return AutoTokenizer.from_pretrained(d)
     if model_cfg.source == "local":
-        return AutoTokenizer.from_pretrained(model_dir(model_cfg))
+        return AutoTokenizer.from_pretrained(model_dir(model_cfg, root))
     # The tiny random model borrows the embedded tokenizer, so its datasets are the same real text.
-    return AutoTokenizer.from_pretrained(embedded_tokenizer_dir(model_cfg))
+    return AutoTokenizer.from_pretrained(embedded_tokenizer_dir(model_cfg, root))
 
 
 def tokenizer_id(tokenizer) -> str:
@@ -195,18 +196,20 @@ def freeze(model: torch.nn.Module) -> torch.nn.Module:
     return model
 
 
-def load_base_model(cfg: BaseModelConfig, dataset_cfg: DatasetConfig | None = None, seed: int = 0) -> BaseLM:
+def load_base_model(cfg: BaseModelConfig, dataset_cfg: DatasetConfig | None = None, seed: int = 0,
+                    root: Path | None = None) -> BaseLM:
+    """The frozen base model and its tokenizer; relative paths resolve under the project root `root`."""
     from transformers import AutoModelForCausalLM
 
     device = resolve_device(cfg.device)
     dtype = resolve_dtype(cfg.dtype, device)
-    tokenizer = load_tokenizer(cfg, dataset_cfg)
+    tokenizer = load_tokenizer(cfg, dataset_cfg, root)
     if cfg.source == "tiny_random":
         model = tiny_llama(cfg, vocab_size=len(tokenizer), seed=seed)
         t = cfg.tiny
         model_id = f"tiny_random:h{t.hidden_size}-l{t.num_layers}-seed{seed}"
     else:
-        d = model_dir(cfg)
+        d = model_dir(cfg, root)
         model = AutoModelForCausalLM.from_pretrained(d, dtype=dtype)
         model_id = f"{cfg.source}:{cfg.name}"
     model = freeze(model.to(device=device, dtype=dtype))

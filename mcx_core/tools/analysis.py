@@ -33,7 +33,7 @@ from typing import Any
 
 import numpy as np
 
-from mcx_core import reports
+from mcx_core import artifacts, reports
 from mcx_core.config import MegaContextConfig
 from mcx_core.telemetry import metrics as M
 from mcx_core.telemetry.sinks import NullSink, TelemetrySink
@@ -79,7 +79,7 @@ class AnalysisResult:
 
 
 def output_dir(cfg: MegaContextConfig) -> Path:
-    from mcx_core.pipeline import ArtifactPaths
+    from mcx_core.artifacts import ArtifactPaths
 
     return ArtifactPaths.from_config(cfg).reports / "analysis"
 
@@ -87,8 +87,8 @@ def output_dir(cfg: MegaContextConfig) -> Path:
 def _finish(name: str, out: Path, summary: str, metrics: dict[str, float], plots: dict[str, Path],
             sections: list[str], data: dict[str, Any], sink: TelemetrySink | None) -> AnalysisResult:
     """Write `<name>.md` and `<name>.json` next to the plots; log finite metrics and the files."""
-    md = reports.atomic_write_text(out / f"{name}.md", "\n\n".join(sections) + "\n")
-    js = reports.write_json(out / f"{name}.json", {"summary": summary, "metrics": metrics, **data})
+    md = artifacts.write_text(out / f"{name}.md", "\n\n".join(sections) + "\n")
+    js = artifacts.write_json(out / f"{name}.json", {"summary": summary, "metrics": metrics, **data})
     files = {"markdown": md, "json": js, **plots}
     sink = sink or NullSink()
     finite = {k: v for k, v in metrics.items() if math.isfinite(v)}
@@ -333,7 +333,7 @@ def residency_analysis(rows: list[dict], out: Path, min_residency: float,
 def compression_analysis(rows, out: Path, threshold: float, horizon: int,
                          sink: TelemetrySink | None = None) -> AnalysisResult:
     """ΔNLL vs compression ratio for every scored (sample, condition), with the acceptance line."""
-    from mcx_core.gist_eval import compression_points
+    from mcx_core.eval.gists import compression_points
 
     points = compression_points(rows)
     if not points:
@@ -441,8 +441,8 @@ def synthetic_boundary_test(cfg: MegaContextConfig, lm, gister, n_samples: int |
     """ΔNLL@H of gists vs the full history on code whose definitions start on block boundaries
     ("aligned") or half a block later ("shifted"), per horizon position. Returns the rows, a grid per
     layout and the mean ΔNLL per layout."""
-    from mcx_core import evaluation as E
-    from mcx_core.gist_eval import delta_by_position
+    from mcx_core.eval import nll as E
+    from mcx_core.eval.gists import delta_by_position
 
     K, C, H = cfg.dataset.block_size, cfg.dataset.context_tokens, cfg.dataset.horizon
     wc = cfg.working_context
@@ -566,7 +566,7 @@ def oscillation_analysis(events: list[dict], timeline: list[dict], out: Path, wi
         "# Allocator oscillation: ping-pong spans",
         (f"A ping-pong is expand → collapse → expand of the same token span with the third action at most {window} "
         "steps after the first (`alerts.oscillation_window`), found with DuckDB SQL over the traces "
-        "(`mcx_core.analysis.PING_PONG_SQL`). Fix: raise cooldown/min residency, widen the hysteresis band, "
+        "(`mcx_core.tools.analysis.PING_PONG_SQL`). Fix: raise cooldown/min residency, widen the hysteresis band, "
         "or smooth LensNet scores."),
         reports.markdown_table(table, ["trace", "span", "level", "steps"]) if table else "No ping-pong span found.",
         f"![oscillation]({plot.name})",
@@ -630,7 +630,8 @@ def jt1_checkpoints(checkpoints_dir: Path) -> list[Path]:
 
 def drift_rows(checkpoints: Sequence[Path], lm, probes) -> list[dict]:
     """Per checkpoint: mean cosine of its probe gists to the first checkpoint's and the previous one's."""
-    from mcx_core.training.jt1 import gist_drift, load_gister
+    from mcx_core.compression.drift import gist_drift
+    from mcx_core.compression.gistnet import load_gister
 
     gisters = [load_gister(c, lm) for c in checkpoints]
     return [
@@ -671,8 +672,8 @@ def drift_analysis(rows: list[dict], out: Path, sink: TelemetrySink | None = Non
 def _eval_rows(cfg: MegaContextConfig):
     import pyarrow.parquet as pq
 
-    from mcx_core.evaluation import rows_from_table
-    from mcx_core.pipeline import ArtifactPaths
+    from mcx_core.artifacts import ArtifactPaths
+    from mcx_core.eval.nll import rows_from_table
 
     ev = ArtifactPaths.from_config(cfg).eval
     for name in ("gist_eval.parquet", "baseline_eval.parquet"):
@@ -682,9 +683,9 @@ def _eval_rows(cfg: MegaContextConfig):
 
 
 def _newest_gister(cfg: MegaContextConfig, lm):
-    from mcx_core.evaluation import MeanPoolGister
-    from mcx_core.pipeline import ArtifactPaths
-    from mcx_core.training.jt1 import load_gister
+    from mcx_core.artifacts import ArtifactPaths
+    from mcx_core.compression.gistnet import load_gister
+    from mcx_core.eval.nll import MeanPoolGister
 
     cks = jt1_checkpoints(ArtifactPaths.from_config(cfg).checkpoints)
     if cks:
@@ -696,7 +697,7 @@ def run_analysis(cfg: MegaContextConfig, name: str, sink: TelemetrySink | None =
                  synthetic: bool = True, progress: bool = False) -> AnalysisResult:
     """One analysis over the artifacts of `cfg`. `lm` (loaded when needed and not given) serves the
     synthetic boundary test and drift. Raises `MissingInput` when an input is not there yet."""
-    from mcx_core.pipeline import ArtifactPaths
+    from mcx_core.artifacts import ArtifactPaths
 
     if name not in ANALYSES:
         raise ValueError(f"unknown analysis {name!r} (known: {', '.join(ANALYSES)})")
@@ -707,9 +708,9 @@ def run_analysis(cfg: MegaContextConfig, name: str, sink: TelemetrySink | None =
     def model():
         nonlocal lm
         if lm is None:
-            from mcx_core.model import load_base_model
+            from mcx_core.model.base import load_base_model
 
-            lm = load_base_model(cfg.base_model, cfg.dataset, seed=cfg.seed)
+            lm = load_base_model(cfg.base_model, cfg.dataset, seed=cfg.seed, root=cfg.root)
         return lm
 
     if name in ("residency", "latency", "oscillation", "spikes"):
@@ -727,7 +728,7 @@ def run_analysis(cfg: MegaContextConfig, name: str, sink: TelemetrySink | None =
         rows, _ = _eval_rows(cfg)
         return compression_analysis(rows, out, cfg.acceptance.delta_nll_max, cfg.dataset.horizon, sink)
     if name == "boundary":
-        from mcx_core.gist_eval import delta_by_position
+        from mcx_core.eval.gists import delta_by_position
 
         try:
             rows, table = _eval_rows(cfg)
@@ -744,7 +745,7 @@ def run_analysis(cfg: MegaContextConfig, name: str, sink: TelemetrySink | None =
             found = synthetic_boundary_test(cfg, model(), gister, progress=progress)
             found["gister"] = label
         return boundary_analysis(grids, out, K, source, found, sink)
-    from mcx_core.pipeline import probe_blocks
+    from mcx_core.compression.drift import probe_blocks
 
     cks = jt1_checkpoints(paths.checkpoints)
     if not cks:
@@ -765,5 +766,5 @@ def run_all(cfg: MegaContextConfig, sink: TelemetrySink | None = None, lm=None, 
     lines = [f"# Telemetry analysis — config `{cfg.name}`"]
     lines += [f"- [{r.name}]({r.files['markdown'].name}): {r.summary}" for r in done.values()]
     lines += [f"- {name}: skipped — {why}" for name, why in skipped.items()]
-    index = reports.atomic_write_text(output_dir(cfg) / "index.md", "\n".join(lines) + "\n")
+    index = artifacts.write_text(output_dir(cfg) / "index.md", "\n".join(lines) + "\n")
     return done, skipped, index

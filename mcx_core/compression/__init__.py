@@ -1,0 +1,1 @@
+"""Compression: GistNet, a block of 32 vectors -> one gist."""

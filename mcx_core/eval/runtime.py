@@ -1,0 +1,175 @@
+"""The focus evaluation: held-out documents streamed through the runtime engine with the learned
+LensNet (one JSONL trace per document), then the policies compared at the same W_max; its report."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+
+from mcx_core import artifacts, checkpoints, data, reports
+from mcx_core.artifacts import (
+    ArtifactPaths,
+    datasets_dir,
+    load_stage,
+    save_stage,
+    stage_fingerprint,
+)
+from mcx_core.config import MegaContextConfig
+from mcx_core.model.base import BaseLM
+from mcx_core.telemetry import metrics as M
+from mcx_core.telemetry.sinks import NullSink, TelemetrySink
+from mcx_core.telemetry.tables import log_focus_tables
+
+
+def held_out_documents(cfg: MegaContextConfig, tokenizer, n: int, min_tokens: int) -> list[tuple[str, np.ndarray]]:
+    """Up to `n` whole documents of the evaluation split with at least `min_tokens` tokens, taken in
+    turn from each corpus (re-read from the sources the block dataset was built from)."""
+    out = datasets_dir(cfg)
+    manifest = data.load_manifest(out)
+    per_corpus: dict[str, list[tuple[str, np.ndarray]]] = {}
+    for corpus in sorted(manifest["corpora"]):
+        if corpus not in cfg.dataset.corpora:
+            continue
+        table = data.load_split(out, corpus, cfg.evaluation.split)
+        wanted = sorted(set(table.column("doc_id").to_pylist()))
+        docs = [d for d in data.iter_documents(corpus, cfg.dataset.corpora[corpus], root=cfg.root) if d.doc_id in wanted]
+        ids = data.tokenize_texts(tokenizer, [d.text for d in docs])
+        per_corpus[corpus] = [(f"{corpus}/{d.doc_id}", x) for d, x in zip(docs, ids) if len(x) >= min_tokens]
+    chosen: list[tuple[str, np.ndarray]] = []
+    while len(chosen) < n and any(per_corpus.values()):
+        for corpus in sorted(per_corpus):
+            if per_corpus[corpus] and len(chosen) < n:
+                chosen.append(per_corpus[corpus].pop(0))
+    if not chosen:
+        raise ValueError(
+            f"no {cfg.evaluation.split} document has {min_tokens} tokens (runtime.prefill_tokens + "
+            "runtime.steps × runtime.refocus_every + horizon); lower runtime.steps"
+        )
+    return chosen
+
+def run_runtime_eval(cfg: MegaContextConfig, lm: BaseLM, sink: TelemetrySink | None = None,
+                     progress: bool = True, force: bool = False) -> dict:
+    """The focus evaluation: stream held-out documents through the engine with the learned LensNet
+    (per-step telemetry, one JSONL trace per document), then compare policies at the same W_max."""
+    import torch
+
+    from mcx_core.compression.gistnet import load_gister
+    from mcx_core.focus import engine as runtime
+    from mcx_core.focus.lensnet import LensNetPolicy, load_lensnet
+    from mcx_core.telemetry.sinks import OffsetSink
+
+    sink = sink or NullSink()
+    rc, R, H = cfg.runtime, cfg.runtime.refocus_every, cfg.dataset.horizon
+    paths = ArtifactPaths.from_config(cfg)
+    gist_ck, lens_ck = checkpoints.jt1_checkpoint(cfg), checkpoints.jt2_checkpoint(cfg)
+    fp = stage_fingerprint(
+        cfg, ["dataset", "base_model", "working_context", "allocator", "runtime", "evaluation", "seed"],
+        data.load_manifest(datasets_dir(cfg))["config_hash"], lm.model_id, checkpoints.checkpoint_id(gist_ck), checkpoints.checkpoint_id(lens_ck),
+    )
+    cached = load_stage(cfg, "runtime_eval", fp, force)
+    if cached is not None:
+        sink.log_metrics({f"runtime_eval/{k}": v for k, v in cached["metrics"].items()}, step=cached["summary"]["steps"])
+        for p in [*cached["report"].values(), *cached["traces"]]:
+            sink.log_artifact(p, "runtime")
+        return cached
+    gister, lensnet = load_gister(gist_ck, lm), load_lensnet(lens_ck, lm.device)
+    docs = held_out_documents(cfg, lm.tokenizer, rc.documents, rc.prefill_tokens + rc.steps * R + H)
+    t0 = time.perf_counter()
+    trace_dir = paths.traces / "runtime_eval"
+    records, residencies, traces, per_doc = [], [], [], []
+    for d, (name, ids) in enumerate(docs):
+        res = runtime.run_engine(
+            cfg, lm, gister, LensNetPolicy(lensnet, lm.embed), torch.as_tensor(ids), rc.steps, None,
+            trace_dir / f"lensnet_doc{d}.jsonl", OffsetSink(sink, d * rc.steps), prefill=rc.prefill_tokens,
+            progress=progress,
+        )
+        records += res.records
+        residencies += res.residencies
+        traces.append(res.trace_path)
+        per_doc.append({"document": name, **{k: v for k, v in res.summary.items()}})
+    summary = runtime.summarize_run(records, residencies)
+    log_focus_tables(sink, records, residencies)
+    main = {
+        "policy": "lensnet", "w_max": cfg.working_context.w_max, "documents": len(docs), "steps": len(records),
+        "loss_at_h": summary[M.RUNTIME_LOSS_AT_H_MEAN], "swap_rate": summary[M.SWAP_RATE_MEAN],
+        "mean_residency": summary[M.MEAN_RESIDENCY], "utilization": summary[M.UTILIZATION_MEAN],
+        "utilization_max": summary[M.UTILIZATION_MAX], "overhead": summary[M.LATENCY_OVERHEAD],
+        "latency_p50_ms": summary[M.LATENCY_P50], "latency_p99_ms": summary[M.LATENCY_P99],
+        "causality_violations": int(summary[M.CAUSALITY_VIOLATIONS_TOTAL]),
+    }
+    sink.log_metrics({f"runtime_eval/{k}": v for k, v in summary.items()}, step=len(records))
+    comparison = []
+    if rc.compare_steps and rc.compare_policies:
+        factories = runtime.standard_policies(lm, H, seed=cfg.seed, lensnet=lensnet, oracle="oracle" in rc.compare_policies)
+        chosen = {k: factories[k] for k in rc.compare_policies if k in factories}
+        comparison = runtime.compare_policies(
+            cfg, lm, gister, chosen, [torch.as_tensor(x) for _, x in docs], rc.compare_steps, None,
+            paths.traces / "compare", sink, prefill=rc.prefill_tokens, progress=progress,
+        )
+    seconds = time.perf_counter() - t0
+    report = write_runtime_report(cfg, main, per_doc, comparison, records, paths.reports, seconds,
+                                  {"gistnet": gist_ck.name, "lensnet": lens_ck.name})
+    result = {"summary": main, "per_document": per_doc, "comparison": comparison, "report": report,
+              "traces": traces, "seconds": seconds, "metrics": summary}
+    artifacts.write_json(paths.reports / "runtime_eval.json", {k: result[k] for k in ("summary", "per_document", "comparison", "seconds")})
+    for p in [*report.values(), *traces]:
+        sink.log_artifact(p, "runtime")
+    save_stage(cfg, "runtime_eval", fp, result, [*report.values(), *traces])
+    return result
+
+def write_runtime_report(cfg, main: dict, per_doc: list[dict], comparison: list[dict], records: list[dict],
+                         out: Path, seconds: float, checkpoints: dict) -> dict:
+    from mcx_core.eval.acceptance import runtime_gates
+
+    steps = list(range(1, len(records) + 1))
+    timeline = reports.line_plot(
+        out / "runtime_eval_timeline.png", steps,
+        {"utilization": [r[M.UTILIZATION] for r in records], "swap rate": [r[M.SWAP_RATE] for r in records]},
+        xlabel="refocus step (documents back to back)", ylabel="fraction", title="Budget utilization and swap rate",
+    )
+    latency = reports.line_plot(
+        out / "runtime_eval_latency.png", steps,
+        {"MegaContext step": [r[M.LATENCY_MS] for r in records], "frozen base, same positions": [r[M.BASELINE_LATENCY_MS] for r in records]},
+        xlabel="refocus step", ylabel="ms", title="Step latency vs the frozen base model",
+    )
+    plots = {"timeline": timeline, "latency": latency}
+    gates = [g for group in runtime_gates(cfg, main).values() for g in group]
+    sections = [
+        f"# Runtime evaluation — config `{cfg.name}`",
+        f"Checkpoints: GistNet `{checkpoints['gistnet']}`, LensNet `{checkpoints['lensnet']}`. {main['documents']} held-out "
+        f"documents, {cfg.runtime.prefill_tokens} tokens prefilled, then {cfg.runtime.steps} refocus steps of "
+        f"{cfg.runtime.refocus_every} tokens each at W_max = {main['w_max']}"
+        + (" (the acceptance run is 1000 steps: `configs/gpu.yaml`)." if cfg.runtime.steps < 1000 else "."),
+        "## Acceptance (SPEC §8)",
+        "\n".join(f"- {'✅' if g.passed else '❌'} {g.message}" for g in gates),
+        reports.markdown_table([main], list(main)),
+        reports.markdown_table(per_doc, ["document", "steps", M.SWAP_RATE_MEAN, M.MEAN_RESIDENCY, M.UTILIZATION_MEAN,
+                                         M.LATENCY_OVERHEAD, M.RUNTIME_LOSS_AT_H_MEAN]),
+        f"![timeline]({timeline.name})", f"![latency]({latency.name})",
+    ]
+    if comparison:
+        bar = reports.grouped_bar_plot(
+            out / "runtime_eval_policies.png", [r["policy"] for r in comparison],
+            {"Loss@H": [r["loss_at_h"] for r in comparison], "swap rate": [r["swap_rate"] for r in comparison]},
+            ylabel="nats/token · fraction", title=f"Policies at W_max={main['w_max']}, {cfg.runtime.compare_steps} steps/document",
+        )
+        plots["policies"] = bar
+        sections += [
+            "## Policies compared (same documents, same W_max)",
+            reports.markdown_table(comparison, ["policy", "steps", "loss_at_h", "swap_rate", "mean_residency",
+                                                "utilization", "utilization_max", "overhead", "latency_p50_ms"]),
+            f"![policies]({bar.name})",
+        ]
+    sections.append(f"Wall time {seconds:.1f} s. Traces: `{cfg.artifacts_dir}/traces/` (DuckDB view `traces`).")
+    md = artifacts.write_text(out / "runtime_eval.md", "\n\n".join(sections) + "\n")
+    return {"markdown": md, **plots}
+
+def read_runtime_eval(cfg: MegaContextConfig) -> dict:
+
+    path = ArtifactPaths.from_config(cfg).reports / "runtime_eval.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing; materialize runtime_eval first")
+    return json.loads(path.read_text(encoding="utf-8"))

@@ -9,6 +9,8 @@ CONFIG ?= configs/default.yaml
 export MCX_HOME := $(CURDIR)
 export DAGSTER_HOME := $(CURDIR)/.dagster_home
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
+# MLflow reads this from the environment on every artifact transfer (no API): no tqdm bars in the logs.
+export MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR := false
 
 .PHONY: setup demo test test-slow dev mlflow bench validate lint clean-artifacts
 
@@ -55,7 +57,7 @@ validate: setup
 	$(BIN)/mcx validate-config $(CONFIG) > /dev/null
 
 lint: setup
-	$(BIN)/ruff check mcx_core mcx_dagster tests bench
+	$(BIN)/ruff check mcx_core mcx_dagster mcx_cli tests bench
 
 clean-artifacts:
 	rm -rf artifacts mlruns .dagster_home

@@ -80,17 +80,6 @@ def prepare_base_model(cfg: MegaContextConfig) -> tuple[BaseLM, dict]:
     return lm, info
 
 
-def train_gistnet(cfg: MegaContextConfig, lm: BaseLM, sink: TelemetrySink | None = None, cycle: int = 0,
-                  resume: bool = True, init_from: Path | None = None, progress: bool = True):
-    """JT1: train GistNet on the train splits; returns the trainer's `JT1Result`."""
-    from mcx_core.training.gistnet import train_jt1
-
-    return train_jt1(
-        cfg, lm, data.train_ids(cfg), ArtifactPaths.from_config(cfg).checkpoints, sink or NullSink(),
-        cycle=cycle, resume=resume, progress=progress, init_from=init_from,
-    )
-
-
 def generate_deltas(cfg: MegaContextConfig, lm: BaseLM, sink: TelemetrySink | None = None, cycle: int = 0,
                     progress: bool = True, force: bool = False) -> tuple[Path, dict[str, float], Path]:
     """On-policy counterfactual labels from the newest JT1 checkpoint: (table, stats, checkpoint)."""
@@ -128,49 +117,3 @@ def delta_table(cfg: MegaContextConfig, cycle: int | None = None) -> Path:
     if not path.is_file():
         raise FileNotFoundError(f"{path} is missing; materialize delta_table first")
     return path
-
-
-def train_lensnet(cfg: MegaContextConfig, lm: BaseLM, sink: TelemetrySink | None = None, cycle: int = 0,
-                  resume: bool = True, progress: bool = True, init_from: Path | None = None):
-    """JT2: train LensNet on the delta table of the current GistNet; returns the trainer's `JT2Result`."""
-    from mcx_core.compression.gistnet import load_gister
-    from mcx_core.training.lensnet import train_jt2
-
-    ck = checkpoints.jt1_checkpoint(cfg, cycle)
-    return train_jt2(
-        cfg, lm, load_gister(ck, lm), [delta_table(cfg, cycle)], ArtifactPaths.from_config(cfg).checkpoints,
-        sink or NullSink(), cycle=cycle, resume=resume, progress=progress, init_from=init_from, gistnet_checkpoint=ck,
-    )
-
-
-def train_lora(cfg: MegaContextConfig, lm: BaseLM, sink: TelemetrySink | None = None, cycle: int = 0,
-               resume: bool = True, progress: bool = True, init_from: Path | None = None):
-    """JT3: LoRA adapters on the base model, trained on Loss@H with working contexts chosen by the
-    current LensNet + allocator (GistNet, LensNet frozen); returns the trainer's `JT3Result`."""
-    from mcx_core.compression.gistnet import load_gister
-    from mcx_core.focus.lensnet import load_lensnet
-    from mcx_core.training.lora import train_jt3
-
-    gist_ck, lens_ck = checkpoints.jt1_checkpoint(cfg, cycle), checkpoints.jt2_checkpoint(cfg, cycle)
-    return train_jt3(
-        cfg, lm, load_gister(gist_ck, lm), load_lensnet(lens_ck, lm.device), data.train_ids(cfg),
-        ArtifactPaths.from_config(cfg).checkpoints, sink or NullSink(), cycle=cycle, resume=resume, progress=progress,
-        init_from=init_from,
-    )
-
-
-def evaluate_lora(cfg: MegaContextConfig, lm: BaseLM, checkpoint: Path, sink: TelemetrySink | None = None,
-                  per_dataset: int = 4, cycle: int | None = None) -> dict[str, float]:
-    """Held-out Loss@H with and without the JT3 adapter (same LensNet-chosen contexts), per dataset,
-    with `cycle`'s GistNet and LensNet (default: the final cycle's)."""
-    from mcx_core.compression.gistnet import load_gister
-    from mcx_core.focus.lensnet import load_lensnet
-    from mcx_core.training import lora as jt3
-
-    gister, lensnet = load_gister(checkpoints.jt1_checkpoint(cfg, cycle), lm), load_lensnet(checkpoints.jt2_checkpoint(cfg, cycle), lm.device)
-    out: dict[str, float] = {}
-    for ds, (_, ids) in data.load_eval_samples(cfg).items():
-        for k, v in jt3.evaluate_lora(cfg, lm, gister, lensnet, checkpoint, ids[:per_dataset]).items():
-            out[f"eval/{ds}/lora/{k.split('/')[-1]}"] = float(v)
-    (sink or NullSink()).log_metrics(out, step=0)
-    return out

@@ -8,6 +8,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 
 def fmt(v: Any) -> str:
     if isinstance(v, float):
@@ -107,4 +109,58 @@ def line_plot(
     ax.set_ylabel(ylabel)
     ax.set_title(title)
     ax.legend(fontsize=8)
+    return _save(fig, plt, path)
+
+
+def histogram_plot(path: Path, bins: Sequence[int], stacks: dict[str, Sequence[int]], xlabel: str, title: str,
+                   vline: float | None = None, vline_label: str | None = None) -> Path:
+    """Stacked bars of counts per integer bin; optional vertical threshold line."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(7, 4))
+    bottom = np.zeros(len(bins))
+    for name, counts in stacks.items():
+        ax.bar(bins, counts, bottom=bottom, width=0.85, label=name)
+        bottom += np.asarray(counts, dtype=np.float64)
+    if vline is not None:
+        ax.axvline(vline - 0.5, color="red", linestyle="--", label=vline_label)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("count")
+    ax.set_title(title)
+    ax.legend(fontsize=8)
+    return _save(fig, plt, path)
+
+
+def heatmap_plot(path: Path, matrix: np.ndarray, row_labels: Sequence[str], xlabel: str, title: str,
+                 colorbar: str) -> Path:
+    """One row per label, one column per position; a diverging scale centred on 0."""
+    plt = _plt()
+    m = np.asarray(matrix, dtype=np.float64)
+    fig, ax = plt.subplots(figsize=(max(7, 0.28 * m.shape[1] + 3), max(2.5, 0.45 * m.shape[0] + 1.5)))
+    lim = float(np.nanmax(np.abs(m))) if np.isfinite(m).any() else 1.0
+    im = ax.imshow(m, aspect="auto", cmap="coolwarm", vmin=-lim or -1, vmax=lim or 1, interpolation="nearest")
+    ax.set_yticks(range(len(row_labels)), row_labels, fontsize=8)
+    step = max(1, m.shape[1] // 16)
+    ax.set_xticks(range(0, m.shape[1], step))
+    ax.set_xlabel(xlabel)
+    ax.set_title(title)
+    fig.colorbar(im, ax=ax, label=colorbar)
+    return _save(fig, plt, path)
+
+
+def timeline_plot(path: Path, rows: Sequence[dict], labels: Sequence[str], title: str) -> Path:
+    """Actions over steps, one row per (trace, span): ▲ expand, ▼ collapse (hollow: forced)."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(8, max(2.5, 0.35 * len(labels) + 1.5)))
+    y_of = {lab: i for i, lab in enumerate(labels)}
+    for kind, marker, color in (("expand", "^", "tab:green"), ("collapse", "v", "tab:red")):
+        for forced in (False, True):
+            pts = [(r["step"], y_of[r["label"]]) for r in rows if r["kind"] == kind and bool(r["forced"]) == forced]
+            if pts:
+                xs, ys = zip(*pts)
+                ax.scatter(xs, ys, marker=marker, s=40, label=f"{kind}{' (forced)' if forced else ''}",
+                           facecolors="none" if forced else color, edgecolors=color)
+    ax.set_yticks(range(len(labels)), labels, fontsize=7)
+    ax.set_xlabel("allocator step")
+    ax.set_title(title)
+    ax.legend(fontsize=7)
     return _save(fig, plt, path)

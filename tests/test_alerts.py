@@ -93,6 +93,36 @@ def test_in_progress_traces_are_read_up_to_their_last_complete_line(tmp_path):
         alerts.read_trace(tmp)  # a finished trace may not end mid-line
 
 
+def test_new_alerts_raise_each_alert_once_across_scans(tmp_path):
+    """The sensor's logic without Dagster: only files written since the last scan are read, and an alert
+    already raised (an in-progress trace and the finished one are the same source) is not raised again."""
+    traces, ckpts = tmp_path / "traces" / "runtime_eval", tmp_path / "checkpoints"
+    traces.mkdir(parents=True)
+    ckpts.mkdir()
+    (traces / "good.jsonl").write_text("\n".join(json.dumps(r) for r in records([0.1] * 12, 10.0)) + "\n")
+    no_store = (f"sqlite:///{tmp_path / 'none' / 'mlflow.db'}", "smoke")  # no MLflow store yet: nothing to read
+    first = alerts.new_alerts(CFG, traces.parent, ckpts, None, mlflow=no_store)
+    assert first.alerts == [] and first.changed_files == 1
+
+    tmp = traces / ".bad.jsonl.tmp"
+    tmp.write_text("\n".join(json.dumps(r) for r in records([0.9] * 12, 40.0)) + "\n")
+    second = alerts.new_alerts(CFG, traces.parent, ckpts, json.loads(json.dumps(first.cursor)), mlflow=no_store)
+    assert sorted(a.name for _, a in second.alerts) == [alerts.LATENCY, alerts.SWAP_RATE]
+    assert all(run is None for run, _ in second.alerts) and second.changed_files == 1
+
+    tmp.rename(traces / "bad.jsonl")  # the run finished: same alerts, same source
+    third = alerts.new_alerts(CFG, traces.parent, ckpts, second.cursor)
+    assert third.alerts == [] and third.changed_files == 1
+    assert alerts.new_alerts(CFG, traces.parent, ckpts, third.cursor).changed_files == 0
+
+    for cycle, value in enumerate([0.30, 0.20, 0.28]):  # a JT1 checkpoint written: ΔNLL across cycles
+        d = ckpts / f"JT1_cycle{cycle}_step5"
+        d.mkdir()
+        (d / "trainer_state.json").write_text(json.dumps({"metrics": {M.TRAIN_DELTA_NLL_MEAN: value}}))
+    fourth = alerts.new_alerts(CFG, traces.parent, ckpts, third.cursor)
+    assert [a.name for _, a in fourth.alerts] == [alerts.DELTA_NLL_DIVERGENCE]
+
+
 def test_tags_name_each_alert_for_the_mlflow_run():
     bad = alerts.evaluate_records(records([0.9] * 12, 40.0), CFG, "/x/traces/a.jsonl")
     bad += alerts.evaluate_records(records([0.9] * 12, 10.0), CFG, "/x/traces/b.jsonl")

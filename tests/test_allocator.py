@@ -6,6 +6,7 @@ from collections import defaultdict
 
 import pytest
 import torch
+from helpers import D, embed, mean_gist, random_tokens
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
@@ -14,27 +15,12 @@ from mcx_core.focus.allocator import Action, FocusAllocator, StepStats
 from mcx_core.model.tree import MegaContextTree
 from mcx_core.model.working_context import BudgetError, Entry, WorkingContext, entry_for
 
-D = 8
 K = 32
-VOCAB = 1000
-TABLE = torch.randn(VOCAB, D, generator=torch.Generator().manual_seed(0))
-
-
-def embed(ids: torch.Tensor) -> torch.Tensor:
-    return TABLE[ids]
-
-
-def mean_gist(level: int, x: torch.Tensor) -> torch.Tensor:
-    return x.mean(dim=1) + level
-
-
-def tokens(n: int, seed: int = 0) -> torch.Tensor:
-    return torch.randint(0, VOCAB, (n,), generator=torch.Generator().manual_seed(seed))
 
 
 def make_tree(n: int, seed: int = 0) -> MegaContextTree:
     tree = MegaContextTree(D, embed, mean_gist, block_size=K, max_level=2)
-    tree.ingest(tokens(n, seed))
+    tree.ingest(random_tokens(n, seed))
     return tree
 
 
@@ -146,7 +132,7 @@ def test_random_scores_never_break_budget_or_invariants(
     alloc, ledger = FocusAllocator(cfg, w_max), Ledger(cfg)
     gen = torch.Generator().manual_seed(seed)
     for t, extra in enumerate(growth):
-        tree.ingest(tokens(extra, seed + t + 1))
+        tree.ingest(random_tokens(extra, seed + t + 1))
         wc.sync()
         ledger.see(wc, t)
         scores = torch.rand(len(wc.entries), generator=gen) * 2 - 1
@@ -171,7 +157,7 @@ def test_same_inputs_same_actions():
         gen = torch.Generator().manual_seed(9)
         out = []
         for t in range(12):
-            tree.ingest(tokens(20, t))
+            tree.ingest(random_tokens(20, t))
             wc.sync()
             out.append(alloc.step(wc, torch.rand(len(wc.entries), generator=gen) * 2 - 1).to_dict())
         return out, list(wc.entries)
@@ -270,7 +256,7 @@ def _run_fixed_scores(score_fn, n_tokens: int, w_max: int, steps: int, stream: i
     wc = WorkingContext.initial(tree, w_max, recent_tokens=64)
     alloc, ledger = FocusAllocator(cfg, w_max), Ledger(cfg)
     for t in range(steps):
-        tree.ingest(tokens(stream, t + 100))
+        tree.ingest(random_tokens(stream, t + 100))
         wc.sync()
         ledger.see(wc, t)
         fitted = alloc.fit(wc)
@@ -318,7 +304,7 @@ def test_forced_collapses_protect_what_was_expanded():
     stats = alloc.step(wc, scores)
     assert ("expand", 1, 4) in [(a.kind, a.level, a.index) for a in stats.actions]
     for t in range(6):
-        tree.ingest(tokens(K, t))
+        tree.ingest(random_tokens(K, t))
         wc.sync()
         stats = alloc.fit(wc)
         alloc.step(wc, torch.zeros(len(wc.entries)))
@@ -337,7 +323,7 @@ def test_history_outgrowing_the_budget_forces_collapses_never_truncation():
     alloc = FocusAllocator(AllocatorConfig(), w_max)
     forced = 0
     for t in range(4 * w_max // 16):  # 4 x W_max tokens, 16 at a time (partial tail blocks included)
-        tree.ingest(tokens(16, t))
+        tree.ingest(random_tokens(16, t))
         wc.sync()
         stats = alloc.step(wc, torch.zeros(len(wc.entries)))
         forced += stats.num_forced

@@ -17,6 +17,7 @@ from mcx_core.eval.nll import EvalRow
 from mcx_core.telemetry import metrics as M
 from mcx_core.telemetry.sinks import MemorySink
 from mcx_core.tools import analysis as A
+from mcx_core.tools import boundary as B
 
 ROOT = Path(__file__).resolve().parents[1]
 K = 32
@@ -121,35 +122,35 @@ def _rows(spike: float, H: int = 64, n: int = 4, w: int = 96):
 def test_planted_boundary_spike_shows_in_the_heatmap(tmp_path):
     from mcx_core.eval.gists import delta_by_position
 
-    grid = A.position_grid(delta_by_position(_rows(0.5), "gist", 96)["code"], K)
+    grid = B.position_grid(delta_by_position(_rows(0.5), "gist", 96)["code"], K)
     assert grid.shape == (2, K)
     assert np.allclose(grid[:, 0], 0.52) and np.allclose(grid[:, 1:], 0.02)
-    assert A.boundary_excess(grid) == pytest.approx(0.25)  # edges (0 and 31) average 0.27 vs interior 0.02
+    assert B.boundary_excess(grid) == pytest.approx(0.25)  # edges (0 and 31) average 0.27 vs interior 0.02
     res = A.boundary_analysis({"code": grid}, tmp_path / "out", K, "planted")
     assert res.metrics[M.ANALYSIS_BOUNDARY_EXCESS] == pytest.approx(0.25)
     assert "| code | +0.250 | 0 |" in res.files["markdown"].read_text()  # worst position: 0
     assert res.files["plot"].stat().st_size > 1000
 
-    calm = A.position_grid(delta_by_position(_rows(0.0), "gist", 96)["code"], K)
-    assert abs(A.boundary_excess(calm)) < 1e-9
+    calm = B.position_grid(delta_by_position(_rows(0.0), "gist", 96)["code"], K)
+    assert abs(B.boundary_excess(calm)) < 1e-9
 
 
 def test_position_grid_pads_a_horizon_that_is_not_a_whole_number_of_blocks():
-    g = A.position_grid(list(range(40)), K)
+    g = B.position_grid(list(range(40)), K)
     assert g.shape == (2, K) and g[1, 7] == 39 and np.isnan(g[1, 8:]).all()
 
 
 def test_boundary_samples_put_every_definition_on_the_requested_offset(tokenizer):
-    funcs = A.stdlib_functions(limit=40)
+    funcs = B.stdlib_functions(limit=40)
     assert len(funcs) >= 20 and all(f.lstrip().startswith(("def ", "async def ")) for f in funcs)
     for shift in (0, 16):
-        ids, starts = A.boundary_samples(tokenizer, funcs, 3, 320, K, shift)
+        ids, starts = B.boundary_samples(tokenizer, funcs, 3, 320, K, shift)
         assert ids.shape == (3, 320)
         for row, at in zip(ids, starts):
             assert len(at) >= 2 and all(s % K == shift for s in at)
             for s in at:
                 assert tokenizer.decode(row[s : s + 2]).lstrip().startswith(("def", "async"))
-    a, _ = A.boundary_samples(tokenizer, funcs, 2, 320, K, 0)
+    a, _ = B.boundary_samples(tokenizer, funcs, 2, 320, K, 0)
     assert not np.array_equal(a[0], a[1])  # samples start from different functions
 
 

@@ -5,14 +5,10 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
+from helpers import shakespeare_play, untrained_checkpoint
 
-from mcx_core.compression.gistnet import Gister
-from mcx_core.config import load_config
-from mcx_core.data import shakespeare_texts_dir
-from mcx_core.focus.lensnet import LensNet
-from mcx_core.model.base import load_base_model
+from mcx_cli.main import main
 from mcx_core.telemetry import metrics as M
-from mcx_dagster.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -21,12 +17,8 @@ ROOT = Path(__file__).resolve().parents[1]
 def project(tmp_path_factory, smoke_config):
     root = tmp_path_factory.mktemp("mcxrun")
     cfg_path = smoke_config(root)
-    cfg = load_config(cfg_path)
-    lm = load_base_model(cfg.base_model, cfg.dataset, seed=cfg.seed, root=cfg.root)
-    Gister(lm.d_model, cfg.gistnet.model).save_pretrained(root / "ck" / "gistnet")
-    LensNet(lm.d_model, cfg.lensnet.model).save_pretrained(root / "ck" / "lensnet")
-    src = sorted(p for p in shakespeare_texts_dir().glob("*.txt") if p.name != "metadata.txt")[0]
-    (root / "play.txt").write_text(src.read_text(encoding="utf-8", errors="replace")[:20000], encoding="utf-8")
+    untrained_checkpoint(root, cfg_path, lensnet=True)
+    (root / "play.txt").write_text(shakespeare_play(20000), encoding="utf-8")
     return root, cfg_path
 
 

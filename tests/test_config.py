@@ -114,12 +114,12 @@ def test_cli_validate_config_one_line_per_problem(tmp_path):
     p = tmp_path / "bad.yaml"
     p.write_text(yaml.safe_dump(data))
     out = subprocess.run(
-        [sys.executable, "-m", "mcx_dagster.cli", "validate-config", str(p)], capture_output=True, text=True
+        [sys.executable, "-m", "mcx_cli", "validate-config", str(p)], capture_output=True, text=True
     )
     assert out.returncode == 2
     assert out.stderr.strip() == f"error: {p}: allocator.n_diff: Input should be greater than 0"
     good = subprocess.run(
-        [sys.executable, "-m", "mcx_dagster.cli", "validate-config", str(ROOT / "configs" / "smoke.yaml")],
+        [sys.executable, "-m", "mcx_cli", "validate-config", str(ROOT / "configs" / "smoke.yaml")],
         capture_output=True,
         text=True,
         cwd=ROOT,

@@ -104,9 +104,9 @@ def test_cycle1_gistnet_starts_from_cycle0(smoke, tmp_path):
     cycles.run_cycles(cfg, lm, n_cycles=2, progress=False)
     ck0, ck1 = checkpoints.jt1_checkpoint(cfg, 0), checkpoints.jt1_checkpoint(cfg, 1)
     ids = data.train_ids(cfg)
-    warm = JT1.train_jt1(cfg, lm, ids, tmp_path / "warm", NullSink(), cycle=1, resume=False, progress=False,
+    warm = JT1.train_gistnet(cfg, lm, ids, tmp_path / "warm", NullSink(), cycle=1, resume=False, progress=False,
                          init_from=ck0)
-    fresh = JT1.train_jt1(cfg, lm, ids, tmp_path / "fresh", NullSink(), cycle=1, resume=False, progress=False)
+    fresh = JT1.train_gistnet(cfg, lm, ids, tmp_path / "fresh", NullSink(), cycle=1, resume=False, progress=False)
     loop, warm_w, fresh_w = (_state(load_gister(c, lm)) for c in (ck1, warm.checkpoint, fresh.checkpoint))
     assert all(torch.allclose(loop[k], warm_w[k], atol=1e-5) for k in loop)
     assert any(not torch.allclose(loop[k], fresh_w[k], atol=1e-5) for k in loop)
@@ -126,7 +126,7 @@ def test_lost_checkpoint_reruns_its_cycle(smoke):
 
 
 def test_mlflow_parent_run_with_a_child_per_phase(smoke, tmp_path):
-    """`python -m mcx_core.training.cycles` logs under the training loop's parent run (the same one Dagster's phase
+    """`mcx train-cycles` logs under the training loop's parent run (the same one Dagster's phase
     assets find by its key): one child per phase, each with its wall time and peak memory."""
     from mlflow import MlflowClient
 

@@ -9,9 +9,9 @@ import pytest
 import yaml
 
 from mcx_core.eval import baseline
-from mcx_dagster.cli import run_materialize, step_failures
 from mcx_dagster.definitions import defs
 from mcx_dagster.defs.resources import MegaContextSettings, MLflowTracker
+from mcx_dagster.orchestration import run_materialize, step_failures
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -30,7 +30,7 @@ def test_definitions_load_with_blocking_dataset_checks():
     ):
         assert checks[name].blocking, name
     assert {"gistnet_checkpoint", "gist_eval_report"} <= keys
-    assert set(d.resources) >= {"settings", "paths", "mlflow", "duckdb"}
+    assert set(d.resources) >= {"settings", "mlflow"}
 
 
 @pytest.fixture
@@ -265,7 +265,7 @@ def test_cycle_plan_orders_runs_by_cycle(smoke_project):
     """Selection → runs: the training assets once per cycle; what they read in the first run, what
     reads them in the last; a selection without training assets is one run."""
     from mcx_core.config import load_config
-    from mcx_dagster.cli import cycle_plan
+    from mcx_dagster.orchestration import cycle_plan
 
     _, cfg_path = smoke_project
     cfg = load_config(cfg_path)

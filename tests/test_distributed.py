@@ -22,8 +22,6 @@ import yaml
 
 from mcx_core import checkpoints
 from mcx_core.training import common, distributed
-from mcx_core.training import gistnet as JT1
-from mcx_core.training import lora as JT3
 
 ROOT = Path(__file__).resolve().parents[1]
 ACCELERATE = Path(sys.executable).parent / "accelerate"
@@ -70,7 +68,7 @@ def test_rank_rows_slice_one_permutation():
     assert torch.equal(distributed.rank_rows(perm[:3], 8, 1), perm[:3])  # b = min(batch, n)
 
 
-@pytest.mark.parametrize("sample_step", [JT1._sample_step, JT3._sample_step])
+@pytest.mark.parametrize("sample_step", [common.sample_step])
 def test_rank_zero_draws_the_single_process_batch(sample_step):
     one = sample_step(7, 5, 20, 3, [64, 96, 128])
     r0 = sample_step(7, 5, 20, 3, [64, 96, 128], rank=0, world=2)
@@ -102,7 +100,7 @@ def _cycle(cfg: Path, processes: int) -> tuple[subprocess.CompletedProcess, floa
     (`accelerate launch --cpu` starts one process unless mpirun is set up; `--multi_gpu` with no GPU
     visible runs torchrun with gloo, i.e. MULTI_CPU.)"""
     root = cfg.parent
-    cli = ["-m", "mcx_core.training.cycles", "--config", str(cfg), "--cycles", "1", "--no-mlflow", "--no-progress"]
+    cli = ["-m", "mcx_cli", "train-cycles", "--config", str(cfg), "--cycles", "1", "--no-mlflow", "--no-progress"]
     if processes > 1:
         cmd = [str(ACCELERATE), "launch", "--multi_gpu", "--num_processes", str(processes), "--num_machines", "1",
                "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0", *cli]

@@ -6,11 +6,9 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
+from helpers import shakespeare_play, untrained_checkpoint
 
-from mcx_core.compression.gistnet import Gister
-from mcx_core.config import load_config
-from mcx_core.model.base import load_base_model
-from mcx_dagster.cli import main
+from mcx_cli.main import main
 
 ROOT = Path(__file__).resolve().parents[1]
 KEYS = {
@@ -24,9 +22,7 @@ def project(tmp_path_factory, smoke_config):
     """The smoke config (tiny random Llama, 256-token histories) and an untrained GistNet checkpoint."""
     root = tmp_path_factory.mktemp("evaltext")
     cfg_path = smoke_config(root)
-    cfg = load_config(cfg_path)
-    lm = load_base_model(cfg.base_model, cfg.dataset, seed=cfg.seed, root=cfg.root)
-    Gister(lm.d_model, cfg.gistnet.model).save_pretrained(root / "ck" / "gistnet")
+    untrained_checkpoint(root, cfg_path)
     return root, cfg_path
 
 
@@ -37,12 +33,7 @@ def _run(args, root):
 def test_eval_text_prints_one_json_object(project):
     root, cfg = project
     text = root / "hamlet.txt"
-    from mcx_core.data import (
-        shakespeare_texts_dir,  # the embedded corpus: plenty of text for 272-token samples
-    )
-
-    src = sorted(p for p in shakespeare_texts_dir().glob("*.txt") if p.name != "metadata.txt")[0]
-    text.write_text(src.read_text(encoding="utf-8", errors="replace"), encoding="utf-8")
+    text.write_text(shakespeare_play(), encoding="utf-8")  # the embedded corpus: plenty for 272-token samples
     res = _run(
         ["eval-text", "--config", str(cfg), "--checkpoint", str(root / "ck"), "--text", str(text),
          "--samples", "2", "--w-max", "96", "--horizon", "8", "--json"],

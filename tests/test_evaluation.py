@@ -6,30 +6,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers import random_ids
 
-from mcx_core.config import BaseModelConfig
 from mcx_core.eval import nll as E
-from mcx_core.model.base import BaseLM, freeze, tiny_llama
 from mcx_core.telemetry import metrics as M
 
 ROOT = Path(__file__).resolve().parents[1]
-VOCAB = 512
-
-
-@pytest.fixture(scope="module")
-def lm() -> BaseLM:
-    model = freeze(tiny_llama(BaseModelConfig(source="tiny_random"), vocab_size=VOCAB, seed=0))
-    return BaseLM(model=model, tokenizer=None, model_id="tiny-test")
-
-
-def _ids(n, seed=0):
-    return torch.randint(0, VOCAB, (n,), generator=torch.Generator().manual_seed(seed))
-
 
 def test_horizon_targets_are_next_tokens(lm):
     """The copy-task pitfall: horizon token j is predicted from position C-1+j, as HF's own loss does."""
     C, H = 96, 16
-    ids = _ids(C + H)
+    ids = random_ids(C + H)
     ours = E.horizon_nll(lm, [E.full_condition(lm)(ids[:C], 0)], ids[C:].unsqueeze(0))[0]
     logits = lm.model(ids.unsqueeze(0)).logits[0]
     reference = torch.nn.functional.cross_entropy(logits[C - 1 : C + H - 1], ids[C:], reduction="none")
@@ -41,7 +28,7 @@ def test_horizon_targets_are_next_tokens(lm):
 
 def test_recency_keeps_sink_and_newest_tokens(lm):
     C, w = 256, 96
-    ids = _ids(C)
+    ids = random_ids(C)
     c = E.recency_condition(lm, sink_tokens=32)(ids, w)
     assert c.embeds.shape[0] == w
     assert c.positions.tolist() == list(range(32)) + list(range(C - 64, C))
@@ -64,7 +51,7 @@ def test_meanpool_gister_is_norm_matched_mean():
 
 def test_working_context_condition_fits_budget(lm):
     C, w = 512, 64
-    ids = _ids(C)
+    ids = random_ids(C)
     cond = E.working_context_condition(lm, E.MeanPoolGister(), block_size=32, recent_tokens=32)
     c = cond(ids, w)
     assert c.embeds.shape[0] <= w
@@ -76,7 +63,7 @@ def test_working_context_condition_fits_budget(lm):
 
 def test_evaluate_and_summarize(lm):
     C, H = 256, 16
-    data = {"narr": ([f"s{i}" for i in range(3)], np.stack([_ids(C + H, seed=i).numpy() for i in range(3)]))}
+    data = {"narr": ([f"s{i}" for i in range(3)], np.stack([random_ids(C + H, seed=i).numpy() for i in range(3)]))}
     conditions = {
         "full": E.full_condition(lm),
         "recency": E.recency_condition(lm, 32),

@@ -9,14 +9,14 @@ from pathlib import Path
 import pytest
 import torch
 from click.testing import CliRunner
+from helpers import shakespeare_play
 
+from mcx_cli.telemetry import explain
 from mcx_core.compression.gistnet import Gister
 from mcx_core.config import load_config
-from mcx_core.data import shakespeare_texts_dir
 from mcx_core.focus.lensnet import LensNet
 from mcx_core.model.base import load_base_model
 from mcx_core.tools.explain import explain_text, render_html, render_markdown
-from mcx_dagster.cli_telemetry import explain
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -33,8 +33,7 @@ def project(tmp_path_factory, smoke_config):
         lensnet.head.weight.normal_(std=0.5)
     gister.save_pretrained(root / "ck" / "gistnet")
     lensnet.save_pretrained(root / "ck" / "lensnet")
-    src = min(p for p in shakespeare_texts_dir().glob("*.txt") if p.name != "metadata.txt")
-    text = src.read_text(encoding="utf-8", errors="replace")[:6000]
+    text = shakespeare_play(6000)
     (root / "play.txt").write_text(text, encoding="utf-8")
     ids = torch.as_tensor(lm.tokenizer(text, add_special_tokens=False)["input_ids"], dtype=torch.long)
     return root, cfg_path, cfg, lm, gister.eval(), lensnet.eval(), ids
@@ -102,29 +101,17 @@ def test_html_has_every_span_with_its_score_and_markdown_marks_the_top(result):
     assert md.count("⟦▲") == len([e for e in result["expand"] if e["score"] > 0]) >= 1
 
 
-def _invoke(args, root):
-    return CliRunner().invoke(explain, args, env={"MCX_HOME": str(root)})
+def _explain(project, *args, checkpoint=None):
+    """`mcx explain` on the project's config, checkpoint (or `checkpoint`) and play.txt, then `args`."""
+    root, cfg_path = project[0], project[1]
+    checkpoint = checkpoint or root / "ck"
+    paths = ["--config", str(cfg_path), "--checkpoint", str(checkpoint), "--text", str(root / "play.txt")]
+    return CliRunner().invoke(explain, [*paths, *args], env={"MCX_HOME": str(root)})
 
 
 def test_cli_writes_the_reports_and_prints_the_top_spans(project):
-    root, cfg_path = project[0], project[1]
-    res = _invoke(
-        [
-            "--config",
-            str(cfg_path),
-            "--checkpoint",
-            str(root / "ck"),
-            "--text",
-            str(root / "play.txt"),
-            "--w-max",
-            "96",
-            "--at",
-            "640",
-            "--top",
-            "3",
-        ],
-        root,
-    )
+    root = project[0]
+    res = _explain(project, "--w-max", "96", "--at", "640", "--top", "3")
     assert res.exit_code == 0, res.output
     out = root / "artifacts" / "reports" / "explain"
     for name in ("explain.md", "explain.html", "explain.png", "explain.json"):
@@ -138,51 +125,17 @@ def test_cli_writes_the_reports_and_prints_the_top_spans(project):
 
 
 def test_cli_json_and_out(project, tmp_path):
-    root, cfg_path = project[0], project[1]
-    res = _invoke(
-        [
-            "--config",
-            str(cfg_path),
-            "--checkpoint",
-            str(root / "ck"),
-            "--text",
-            str(root / "play.txt"),
-            "--top",
-            "2",
-            "--out",
-            str(tmp_path / "rep"),
-            "--json",
-        ],
-        root,
-    )
+    res = _explain(project, "--top", "2", "--out", str(tmp_path / "rep"), "--json")
     assert res.exit_code == 0, res.output
     payload = json.loads(res.output.strip().splitlines()[-1])
     assert len(payload["collapse"]) == 2 and Path(payload["files"]["html"]).parent == tmp_path / "rep"
 
 
 def test_cli_missing_checkpoint_and_bad_cursor_are_one_line_errors(project, tmp_path):
-    root, cfg_path = project[0], project[1]
-    res = _invoke(
-        ["--config", str(cfg_path), "--checkpoint", str(tmp_path / "nope"), "--text", str(root / "play.txt")],
-        root,
-    )
+    res = _explain(project, checkpoint=tmp_path / "nope")
     assert res.exit_code == 2 and "not a JT2 checkpoint" in res.output
     assert len(res.output.strip().splitlines()) == 1 and "Traceback" not in res.output
-    res = _invoke(
-        [
-            "--config",
-            str(cfg_path),
-            "--checkpoint",
-            str(root / "ck"),
-            "--text",
-            str(root / "play.txt"),
-            "--at",
-            "10000000",
-            "--out",
-            str(tmp_path / "rep"),
-        ],
-        root,
-    )
+    res = _explain(project, "--at", "10000000", "--out", str(tmp_path / "rep"))
     assert res.exit_code == 2 and "outside" in res.output and len(res.output.strip().splitlines()) == 1
     assert not (tmp_path / "rep").exists()
 

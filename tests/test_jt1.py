@@ -8,13 +8,13 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from helpers import VOCAB, nan_on_call, random_ids, tiny_config
 
 from mcx_core import checkpoints
 from mcx_core.compression.drift import gist_drift
 from mcx_core.compression.gistnet import Gister, load_gister, mean_pool
-from mcx_core.config import BaseModelConfig, parse_config
+from mcx_core.config import parse_config
 from mcx_core.eval import nll as E
-from mcx_core.model.base import BaseLM, freeze, tiny_llama
 from mcx_core.model.tree import MegaContextTree
 from mcx_core.model.working_context import WorkingContext
 from mcx_core.telemetry import metrics as M
@@ -22,14 +22,7 @@ from mcx_core.telemetry.sinks import MemorySink
 from mcx_core.training import common
 from mcx_core.training import gistnet as jt1
 
-VOCAB = 512
 C, H = 256, 8
-
-
-@pytest.fixture(scope="module")
-def lm() -> BaseLM:
-    model = freeze(tiny_llama(BaseModelConfig(source="tiny_random"), vocab_size=VOCAB, seed=0))
-    return BaseLM(model=model, tokenizer=None, model_id="tiny-test")
 
 
 def _cfg(context_tokens=C, **training):
@@ -40,27 +33,21 @@ def _cfg(context_tokens=C, **training):
             {"name": "sub", "objective": "delta_nll", "max_steps": 3},
         ],
     )
-    return parse_config(
-        {
-            "name": "jt1-test",
-            "seed": 3,
-            "dataset": {
-                "context_tokens": context_tokens,
-                "horizon": H,
-                "corpora": {"n": {"source": "embedded:shakespeare"}},
-            },
-            "base_model": {"source": "tiny_random"},
-            "gistnet": {
-                "model": {"num_layers": 1, "num_heads": 2},
-                "training": {"batch_size": 2, "warmup_steps": 1, "sample_pool": 4, "phases": phases, **training},
-            },
-            "working_context": {"w_max": 64, "eval_w_max": [64, 96], "recent_tokens": 32},
-        }
+    return tiny_config(
+        "jt1-test",
+        context_tokens,
+        H,
+        seed=3,
+        gistnet={
+            "model": {"num_layers": 1, "num_heads": 2},
+            "training": {"batch_size": 2, "warmup_steps": 1, "sample_pool": 4, "phases": phases, **training},
+        },
+        working_context={"w_max": 64, "eval_w_max": [64, 96], "recent_tokens": 32},
     )
 
 
 def _ids(n=6, length=C + H, seed=0) -> np.ndarray:
-    return torch.randint(0, VOCAB, (n, length), generator=torch.Generator().manual_seed(seed)).numpy()
+    return random_ids((n, length), seed).numpy()
 
 
 def _state(path: Path) -> dict[str, torch.Tensor]:
@@ -191,7 +178,7 @@ def test_train_jt1_logs_optimises_and_checkpoints_every_parameter(lm, tmp_path):
     Gister(lm.d_model, cfg.gistnet.model).save_pretrained(tmp_path / "init")
     sink = MemorySink()
     checksum = lm.weights_checksum()
-    result = jt1.train_jt1(cfg, lm, _ids(), tmp_path / "ckpt", sink, progress=False, init_from=tmp_path / "init")
+    result = jt1.train_gistnet(cfg, lm, _ids(), tmp_path / "ckpt", sink, progress=False, init_from=tmp_path / "init")
 
     assert result.nan_free and result.steps == 5
     assert result.checkpoint.name == "JT1_cycle0_step5"
@@ -254,14 +241,14 @@ def test_resume_after_interruption_matches_uninterrupted_run(lm, tmp_path, monke
     ]
     cfg = _cfg(checkpoint_every=2, phases=phases)
     torch.manual_seed(0)
-    full = jt1.train_jt1(cfg, lm, _ids(), tmp_path / "a", MemorySink(), progress=False)
+    full = jt1.train_gistnet(cfg, lm, _ids(), tmp_path / "a", MemorySink(), progress=False)
 
     torch.manual_seed(123)  # a resumed process does not share the first one's global RNG state
     with pytest.raises(_Interrupt):
-        jt1.train_jt1(cfg, lm, _ids(), tmp_path / "b", _InterruptingSink(at_step=4), progress=False)
+        jt1.train_gistnet(cfg, lm, _ids(), tmp_path / "b", _InterruptingSink(at_step=4), progress=False)
     assert checkpoints.latest_checkpoint(tmp_path / "b", 1, 0).name == "JT1_cycle0_step2"  # mid delta_nll phase
     torch.manual_seed(0)
-    resumed = jt1.train_jt1(cfg, lm, _ids(), tmp_path / "b", MemorySink(), progress=False)
+    resumed = jt1.train_gistnet(cfg, lm, _ids(), tmp_path / "b", MemorySink(), progress=False)
 
     assert resumed.steps == full.steps == 5
     a, b = _state(full.checkpoint), _state(resumed.checkpoint)
@@ -272,7 +259,7 @@ def test_resume_after_interruption_matches_uninterrupted_run(lm, tmp_path, monke
         raise AssertionError("a finished run must not rebuild the sample pool")
 
     monkeypatch.setattr(jt1, "build_pool", no_teacher)
-    again = jt1.train_jt1(cfg, lm, _ids(), tmp_path / "b", MemorySink(), progress=False)
+    again = jt1.train_gistnet(cfg, lm, _ids(), tmp_path / "b", MemorySink(), progress=False)
     assert again.steps == 5 and again.checkpoint == resumed.checkpoint
 
 
@@ -283,7 +270,7 @@ def test_interrupted_checkpoint_write_leaves_no_complete_dir(lm, tmp_path, monke
 
     monkeypatch.setattr(checkpoints, "save_optimizer", broken)
     with pytest.raises(OSError):
-        jt1.train_jt1(_cfg(), lm, _ids(), tmp_path, MemorySink(), progress=False)
+        jt1.train_gistnet(_cfg(), lm, _ids(), tmp_path, MemorySink(), progress=False)
     assert list(tmp_path.iterdir()) == []
     # A directory with the right name but no trainer_state.json is not a checkpoint either.
     (tmp_path / "JT1_cycle0_step9" / checkpoints.GISTNET_DIR).mkdir(parents=True)
@@ -291,17 +278,9 @@ def test_interrupted_checkpoint_write_leaves_no_complete_dir(lm, tmp_path, monke
 
 
 def test_non_finite_loss_stops_the_phase_and_marks_the_checkpoint(lm, tmp_path, monkeypatch):
-    real = jt1.pooling_mse_loss
-    calls = []
-
-    def flaky(*args):
-        loss, metrics = real(*args)
-        calls.append(1)
-        return (loss * float("nan") if len(calls) == 2 else loss), metrics
-
-    monkeypatch.setattr(jt1, "pooling_mse_loss", flaky)
+    monkeypatch.setattr(jt1, "pooling_mse_loss", nan_on_call(jt1.pooling_mse_loss, 2))
     sink = MemorySink()
-    result = jt1.train_jt1(_cfg(), lm, _ids(), tmp_path, sink, progress=False)
+    result = jt1.train_gistnet(_cfg(), lm, _ids(), tmp_path, sink, progress=False)
     assert not result.nan_free
     assert result.steps == 1 + 3  # one good pooling_mse step, then the delta_nll phase in full
     assert sink.last(M.TRAIN_NAN) == 1.0
@@ -311,9 +290,9 @@ def test_non_finite_loss_stops_the_phase_and_marks_the_checkpoint(lm, tmp_path, 
 
 
 def test_sampling_depends_only_on_seed_and_step():
-    a = jt1._sample_step(3, 7, 10, 4, [64, 96])
-    b = jt1._sample_step(3, 7, 10, 4, [64, 96])
-    c = jt1._sample_step(3, 8, 10, 4, [64, 96])
+    a = common.sample_step(3, 7, 10, 4, [64, 96])
+    b = common.sample_step(3, 7, 10, 4, [64, 96])
+    c = common.sample_step(3, 8, 10, 4, [64, 96])
     assert a[0].tolist() == b[0].tolist() and a[1] == b[1]
     assert a[0].tolist() != c[0].tolist() or a[1] != c[1]
     assert len(set(a[0].tolist())) == 4  # no sample twice in a batch

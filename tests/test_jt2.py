@@ -9,19 +9,19 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 import yaml
+from helpers import failing_on_call, random_ids, tiny_config
 
 from mcx_core import checkpoints
 from mcx_core.compression.gistnet import Gister
-from mcx_core.config import BaseModelConfig, GistNetModelConfig, LensNetModelConfig, parse_config
+from mcx_core.config import LensNetModelConfig
 from mcx_core.eval.nll import MeanPoolGister
+from mcx_core.focus import delta_tables as T
 from mcx_core.focus import deltas as D
 from mcx_core.focus.lensnet import LensNet, load_lensnet
-from mcx_core.model.base import BaseLM, freeze, tiny_llama
 from mcx_core.telemetry import metrics as M
 from mcx_core.telemetry.sinks import MemorySink
 from mcx_core.training import lensnet as jt2
 
-VOCAB = 512
 C, H, W = 256, 8, 96
 LENSNET = {"hidden_size": 32, "num_layers": 2, "num_heads": 4, "tail_gists": 2}
 # Histories in the planted table. Within one history a gist always sits at the same distance from the
@@ -34,45 +34,28 @@ PLANTED_SAMPLES = 96
 ACC, RHO = M.TRAIN_LENSNET_RANKING_ACCURACY, M.TRAIN_LENSNET_RANK_CORRELATION
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-@pytest.fixture(scope="module")
-def lm() -> BaseLM:
-    model = freeze(tiny_llama(BaseModelConfig(source="tiny_random"), vocab_size=VOCAB, seed=0))
-    return BaseLM(model=model, tokenizer=None, model_id="tiny-test")
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _cfg(samples=10, **training):
-    return parse_config(
-        {
-            "name": "jt2-test",
-            "seed": 11,
-            "dataset": {
-                "context_tokens": C,
-                "horizon": H,
-                "corpora": {"n": {"source": "embedded:shakespeare"}},
+    return tiny_config(
+        "jt2-test",
+        C,
+        H,
+        seed=11,
+        working_context={"w_max": W, "eval_w_max": [W], "recent_tokens": 32},
+        deltas={"samples": samples, "contexts_per_sample": 3, "max_candidates": 8, "batch_size": 8},
+        lensnet={
+            "model": LENSNET,
+            "training": {
+                "max_steps": 120,
+                "batch_size": 8,
+                "lr": 3e-3,
+                "warmup_steps": 5,
+                "holdout_fraction": 0.3,
+                **training,
             },
-            "base_model": {"source": "tiny_random"},
-            "working_context": {"w_max": W, "eval_w_max": [W], "recent_tokens": 32},
-            "deltas": {"samples": samples, "contexts_per_sample": 3, "max_candidates": 8, "batch_size": 8},
-            "lensnet": {
-                "model": LENSNET,
-                "training": {
-                    "max_steps": 120,
-                    "batch_size": 8,
-                    "lr": 3e-3,
-                    "warmup_steps": 5,
-                    "holdout_fraction": 0.3,
-                    **training,
-                },
-            },
-        }
+        },
     )
 
 
@@ -90,9 +73,7 @@ def _planted(delta_nll_of, table: pa.Table) -> pa.Table:
 def planted_table(lm, tmp_path_factory):
     """Real contexts and candidates; labels planted: expanding near the cursor helps, far away hurts;
     collapsing far away helps, near the cursor hurts. Learnable from the distance feature alone."""
-    ids = torch.randint(
-        0, VOCAB, (PLANTED_SAMPLES, C + H), generator=torch.Generator().manual_seed(0)
-    ).numpy()
+    ids = random_ids((PLANTED_SAMPLES, C + H), seed=0).numpy()
     out, _ = D.generate_delta_table(
         _cfg(samples=PLANTED_SAMPLES),
         lm,
@@ -105,20 +86,14 @@ def planted_table(lm, tmp_path_factory):
     )
     sign = {"expand": 1.0, "collapse": -1.0}
     pq.write_table(_planted(lambda a, r: 0.2 * sign[a] * (r - 0.5), pq.read_table(out)), out)
-    assert D.validate_delta_table(out) == []
+    assert T.validate_delta_table(out) == []
     return out
-
-
-@pytest.fixture(scope="module")
-def gister(lm) -> Gister:
-    torch.manual_seed(0)
-    return Gister(lm.d_model, GistNetModelConfig(hidden_size=32, num_heads=4, num_layers=1)).eval()
 
 
 @pytest.fixture(scope="module")
 def gist_table(lm, gister, tmp_path_factory):
     """Real labels (the tiny model's counterfactual ΔNLL) computed with a trainable GistNet's gists."""
-    ids = torch.randint(0, VOCAB, (6, C + H), generator=torch.Generator().manual_seed(1)).numpy()
+    ids = random_ids((6, C + H), seed=1).numpy()
     out, _ = D.generate_delta_table(
         _cfg(samples=6),
         lm,
@@ -152,7 +127,7 @@ def test_jt2_learns_a_planted_signal_and_checkpoints_every_parameter(lm, planted
     init = LensNet(lm.d_model, LensNetModelConfig(**LENSNET))
     init.save_pretrained(tmp_path / "init")
     sink = MemorySink()
-    result = jt2.train_jt2(
+    result = jt2.train_lensnet(
         cfg,
         lm,
         MeanPoolGister(),
@@ -209,28 +184,21 @@ def test_jt2_learns_a_planted_signal_and_checkpoints_every_parameter(lm, planted
 def test_resume_after_interruption_matches_uninterrupted_run(lm, planted_table, tmp_path, monkeypatch):
     cfg = _cfg(max_steps=8, checkpoint_every=4)
     torch.manual_seed(0)
-    full = jt2.train_jt2(
+    full = jt2.train_lensnet(
         cfg, lm, MeanPoolGister(), [planted_table], tmp_path / "a", MemorySink(), progress=False
     )
 
-    real_loss, calls = jt2.jt2_loss, {"n": 0}
-
-    def interrupted(*args):
-        calls["n"] += 1
-        if calls["n"] == 6:
-            raise KeyboardInterrupt
-        return real_loss(*args)
-
-    monkeypatch.setattr(jt2, "jt2_loss", interrupted)
+    real_loss = jt2.jt2_loss
+    monkeypatch.setattr(jt2, "jt2_loss", failing_on_call(real_loss, 6))
     torch.manual_seed(0)
     with pytest.raises(KeyboardInterrupt):
-        jt2.train_jt2(
+        jt2.train_lensnet(
             cfg, lm, MeanPoolGister(), [planted_table], tmp_path / "b", MemorySink(), progress=False
         )
     assert checkpoints.latest_checkpoint(tmp_path / "b", 2, 0).name == "JT2_cycle0_step4"
     monkeypatch.setattr(jt2, "jt2_loss", real_loss)
     torch.manual_seed(123)  # the resumed run must not depend on the fresh init
-    resumed = jt2.train_jt2(
+    resumed = jt2.train_lensnet(
         cfg, lm, MeanPoolGister(), [planted_table], tmp_path / "b", MemorySink(), progress=False
     )
     assert resumed.steps == 8 and resumed.checkpoint.name == "JT2_cycle0_step8"
@@ -238,7 +206,7 @@ def test_resume_after_interruption_matches_uninterrupted_run(lm, planted_table, 
     for name in a:
         torch.testing.assert_close(a[name], b[name], rtol=0, atol=0, msg=name)
     # a finished run returns at once
-    again = jt2.train_jt2(
+    again = jt2.train_lensnet(
         cfg, lm, MeanPoolGister(), [planted_table], tmp_path / "b", MemorySink(), progress=False
     )
     assert again.checkpoint == resumed.checkpoint and again.steps == 8
@@ -252,7 +220,7 @@ def test_holdout_is_by_sample_and_bad_tables_are_refused(lm, planted_table, tmp_
     bad = tmp_path / "bad.parquet"
     pq.write_table(pq.read_table(planted_table).drop_columns(["action"]), bad)
     with pytest.raises(ValueError, match="unusable delta table"):
-        jt2.train_jt2(_cfg(), lm, MeanPoolGister(), [bad], tmp_path / "ck", MemorySink(), progress=False)
+        jt2.train_lensnet(_cfg(), lm, MeanPoolGister(), [bad], tmp_path / "ck", MemorySink(), progress=False)
 
 
 def test_gradients_reach_lensnet_only(lm, gister, gist_table, tmp_path):
@@ -276,7 +244,7 @@ def test_gradients_reach_lensnet_only(lm, gister, gist_table, tmp_path):
     assert all(p.grad is None for p in gister.parameters())
     assert all(p.grad is None for p in lm.model.parameters())
 
-    result = jt2.train_jt2(
+    result = jt2.train_lensnet(
         cfg,
         lm,
         gister,
@@ -300,7 +268,7 @@ def test_gradients_reach_lensnet_only(lm, gister, gist_table, tmp_path):
 def test_labels_of_another_gistnet_are_refused(lm, gister, gist_table, tmp_path):
     """On-policy: a table labelled with JT1_cycle0_step5's gists cannot train the LensNet of a newer GistNet."""
     with pytest.raises(ValueError, match="regenerate"):
-        jt2.train_jt2(
+        jt2.train_lensnet(
             _cfg(max_steps=1),
             lm,
             gister,

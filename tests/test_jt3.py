@@ -7,45 +7,26 @@ import json
 
 import pytest
 import torch
+from helpers import failing_on_call, nan_on_call, random_ids, tiny_config, tiny_lm
 from safetensors.torch import load_file
 
 from mcx_core import checkpoints
-from mcx_core.compression.gistnet import Gister, load_gister
-from mcx_core.config import BaseModelConfig, GistNetModelConfig, LensNetModelConfig, parse_config
+from mcx_core.compression.gistnet import load_gister
+from mcx_core.config import LensNetModelConfig
+from mcx_core.eval import lora as lora_eval
 from mcx_core.focus.lensnet import LensNet, load_lensnet
-from mcx_core.model.base import BaseLM, freeze, tiny_llama
+from mcx_core.model import lora as LA
+from mcx_core.model.base import BaseLM
 from mcx_core.telemetry import metrics as M
 from mcx_core.telemetry.sinks import MemorySink
 from mcx_core.training import common
 from mcx_core.training import lora as jt3
 
-VOCAB = 512
 C, H = 256, 8
 LENSNET = {"hidden_size": 32, "num_layers": 1, "num_heads": 2, "tail_gists": 2}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-def _lm() -> BaseLM:
-    model = freeze(tiny_llama(BaseModelConfig(source="tiny_random"), vocab_size=VOCAB, seed=0))
-    return BaseLM(model=model, tokenizer=None, model_id="tiny-test")
-
-
-@pytest.fixture(scope="module")
-def lm() -> BaseLM:
-    return _lm()
-
-
-@pytest.fixture(scope="module")
-def gister(lm) -> Gister:
-    torch.manual_seed(0)
-    return Gister(lm.d_model, GistNetModelConfig(hidden_size=32, num_heads=4, num_layers=1)).eval()
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _lensnet(lm, bias: float = 0.0, seed: int = 0) -> LensNet:
@@ -62,36 +43,30 @@ def lensnet(lm) -> LensNet:
 
 
 def _cfg(lora=None, allocator=None, **training):
-    return parse_config(
-        {
-            "name": "jt3-test",
-            "seed": 5,
-            "dataset": {
-                "context_tokens": C,
-                "horizon": H,
-                "corpora": {"n": {"source": "embedded:shakespeare"}},
-            },
-            "base_model": {"source": "tiny_random"},
-            "working_context": {"w_max": 96, "eval_w_max": [64, 96], "recent_tokens": 32},
-            "runtime": {"refocus_every": 32},
-            "allocator": allocator or {},
-            "lora": {
-                "rank": 4,
-                "alpha": 8,
-                "refocus_steps": 4,
-                "without_adapter_every": 2,
-                **(lora or {}),
-                "training": {"batch_size": 2, "lr": 1e-2, "warmup_steps": 1, "max_steps": 3, **training},
-            },
-        }
+    return tiny_config(
+        "jt3-test",
+        C,
+        H,
+        seed=5,
+        working_context={"w_max": 96, "eval_w_max": [64, 96], "recent_tokens": 32},
+        runtime={"refocus_every": 32},
+        allocator=allocator or {},
+        lora={
+            "rank": 4,
+            "alpha": 8,
+            "refocus_steps": 4,
+            "without_adapter_every": 2,
+            **(lora or {}),
+            "training": {"batch_size": 2, "lr": 1e-2, "warmup_steps": 1, "max_steps": 3, **training},
+        },
     )
 
 
 def _ids(n=6, seed=0) -> torch.Tensor:
-    return torch.randint(0, VOCAB, (n, C + H), generator=torch.Generator().manual_seed(seed))
+    return random_ids((n, C + H), seed)
 
 
-PROBE = torch.randint(0, VOCAB, (2, 40), generator=torch.Generator().manual_seed(9))
+PROBE = random_ids((2, 40), seed=9)
 
 
 @torch.no_grad()
@@ -112,9 +87,9 @@ def _perturb(adapter, seed=1) -> None:
 
 
 def test_adapter_changes_outputs_and_detaches_to_the_original_model(lm):
-    before, checksum, structure = _logits(lm), lm.weights_checksum(), jt3._structure(lm.model)
-    with jt3.lora_adapter(lm, _cfg().lora, seed=0) as adapter:
-        assert jt3.has_adapter(lm)
+    before, checksum, structure = _logits(lm), lm.weights_checksum(), LA._structure(lm.model)
+    with LA.lora_adapter(lm, _cfg().lora, seed=0) as adapter:
+        assert LA.has_adapter(lm)
         assert torch.equal(_logits(lm), before)  # lora_B = 0: a fresh adapter is the identity
         _perturb(adapter)
         adapted = _logits(lm)
@@ -123,47 +98,47 @@ def test_adapter_changes_outputs_and_detaches_to_the_original_model(lm):
             assert torch.equal(_logits(lm), before)
         assert torch.equal(_logits(lm), adapted)
         assert not any(p.requires_grad for n, p in lm.model.named_parameters() if "lora_" not in n)
-        with pytest.raises(RuntimeError, match="already has an adapter"), jt3.lora_adapter(lm, _cfg().lora):
+        with pytest.raises(RuntimeError, match="already has an adapter"), LA.lora_adapter(lm, _cfg().lora):
             pass
-    assert not jt3.has_adapter(lm)
+    assert not LA.has_adapter(lm)
     assert torch.equal(_logits(lm), before)
     assert lm.weights_checksum() == checksum
-    assert jt3._structure(lm.model) == structure
+    assert LA._structure(lm.model) == structure
 
 
 def test_a_changed_base_model_is_caught():
-    lm = _lm()
-    changed = pytest.raises(jt3.BaseModelChanged, match="weights changed")
-    with changed, jt3.lora_adapter(lm, _cfg().lora), torch.no_grad():
+    lm = tiny_lm()
+    changed = pytest.raises(LA.BaseModelChanged, match="weights changed")
+    with changed, LA.lora_adapter(lm, _cfg().lora), torch.no_grad():
         lm.model.model.layers[0].mlp.up_proj.weight.add_(1e-3)
-    lm = _lm()
-    hooked = pytest.raises(jt3.BaseModelChanged, match="modules, hooks or flags")
-    with hooked, jt3.lora_adapter(lm, _cfg().lora):
+    lm = tiny_lm()
+    hooked = pytest.raises(LA.BaseModelChanged, match="modules, hooks or flags")
+    with hooked, LA.lora_adapter(lm, _cfg().lora):
         lm.model.get_input_embeddings().register_forward_hook(lambda m, i, o: None)
-    assert not jt3.has_adapter(lm)
+    assert not LA.has_adapter(lm)
 
 
 def test_adapter_save_load_round_trip(lm, tmp_path):
     before = _logits(lm)
-    with jt3.lora_adapter(lm, _cfg().lora) as adapter:
+    with LA.lora_adapter(lm, _cfg().lora) as adapter:
         _perturb(adapter)
         adapted = _logits(lm)
-        jt3.save_adapter(adapter, tmp_path / "lora")
-    saved = load_file(str(tmp_path / "lora" / jt3.ADAPTER_WEIGHTS))
+        LA.save_adapter(adapter, tmp_path / "lora")
+    saved = load_file(str(tmp_path / "lora" / LA.ADAPTER_WEIGHTS))
     assert saved and all(".lora_A." in k or ".lora_B." in k for k in saved)  # adapter weights only
-    assert sorted(p.name for p in (tmp_path / "lora").iterdir()) == [jt3.ADAPTER_CONFIG, jt3.ADAPTER_WEIGHTS]
-    with jt3.load_lora(lm, tmp_path) as adapter:  # a directory holding lora/ works like a checkpoint
+    assert sorted(p.name for p in (tmp_path / "lora").iterdir()) == [LA.ADAPTER_CONFIG, LA.ADAPTER_WEIGHTS]
+    with LA.load_lora(lm, tmp_path) as adapter:  # a directory holding lora/ works like a checkpoint
         assert torch.equal(_logits(lm), adapted)
         with adapter.disable_adapter():
             assert torch.equal(_logits(lm), before)
-    with jt3.lora_adapter(lm, _cfg().lora, seed=3) as adapter:
-        jt3.load_adapter_weights(adapter, tmp_path / "lora", _cfg().lora)
+    with LA.lora_adapter(lm, _cfg().lora, seed=3) as adapter:
+        LA.load_adapter_weights(adapter, tmp_path / "lora", _cfg().lora)
         assert torch.equal(_logits(lm), adapted)
     with (
-        jt3.lora_adapter(lm, _cfg({"rank": 2}).lora) as adapter,
+        LA.lora_adapter(lm, _cfg({"rank": 2}).lora) as adapter,
         pytest.raises(ValueError, match="does not match"),
     ):
-        jt3.load_adapter_weights(adapter, tmp_path / "lora", _cfg({"rank": 2}).lora)
+        LA.load_adapter_weights(adapter, tmp_path / "lora", _cfg({"rank": 2}).lora)
     assert torch.equal(_logits(lm), before)
 
 
@@ -190,8 +165,8 @@ def test_only_adapter_parameters_are_optimised_and_get_gradients(lm, gister, len
     cfg = _cfg()
     samples = jt3.build_samples(cfg, lm, gister, lensnet, _ids(2), [96, 64])
     assert [s.horizon.tolist() for s in samples] == _ids(2)[:, C:].tolist()
-    with jt3.lora_adapter(lm, cfg.lora) as adapter:
-        named = jt3.lora_parameters(adapter)
+    with LA.lora_adapter(lm, cfg.lora) as adapter:
+        named = LA.lora_parameters(adapter)
         opt = common.make_optimizer(adapter, 1e-3, 0.0)
         in_opt = {id(p) for g in opt.param_groups for p in g["params"]}
         assert in_opt == {id(p) for _, p in named}
@@ -214,8 +189,8 @@ def test_a_few_steps_lower_loss_at_h_on_a_fixed_batch(lm, gister, lensnet):
     cfg = _cfg()
     samples = jt3.build_samples(cfg, lm, gister, lensnet, _ids(2), [96, 96])
     losses = []
-    with jt3.lora_adapter(lm, cfg.lora) as adapter:
-        opt = torch.optim.Adam([p for _, p in jt3.lora_parameters(adapter)], lr=3e-2)
+    with LA.lora_adapter(lm, cfg.lora) as adapter:
+        opt = torch.optim.Adam([p for _, p in LA.lora_parameters(adapter)], lr=3e-2)
         for _ in range(15):
             loss, _ = jt3.jt3_loss(lm, samples)
             opt.zero_grad()
@@ -235,9 +210,9 @@ def test_a_few_steps_lower_loss_at_h_on_a_fixed_batch(lm, gister, lensnet):
 def test_train_jt3_logs_checkpoints_and_leaves_the_base_model_as_it_was(lm, gister, lensnet, tmp_path):
     before, checksum = _logits(lm), lm.weights_checksum()
     sink = MemorySink()
-    result = jt3.train_jt3(_cfg(), lm, gister, lensnet, _ids(), tmp_path, sink, progress=False)
+    result = jt3.train_lora(_cfg(), lm, gister, lensnet, _ids(), tmp_path, sink, progress=False)
     assert result.steps == 3 and result.nan_free and result.checkpoint.name == "JT3_cycle0_step3"
-    assert not jt3.has_adapter(lm)
+    assert not LA.has_adapter(lm)
     assert torch.equal(_logits(lm), before) and lm.weights_checksum() == checksum
 
     ck = result.checkpoint
@@ -245,7 +220,7 @@ def test_train_jt3_logs_checkpoints_and_leaves_the_base_model_as_it_was(lm, gist
         assert (ck / f).is_file(), f
     state = checkpoints.read_state(ck)
     assert state["trainer"] == "JT3" and state["base_model"]["weights_checksum"] == checksum
-    adapter_keys = load_file(str(ck / "lora" / jt3.ADAPTER_WEIGHTS))
+    adapter_keys = load_file(str(ck / "lora" / LA.ADAPTER_WEIGHTS))
     optimizer = torch.load(ck / checkpoints.OPTIMIZER_FILE, weights_only=True)
     assert len(optimizer["optimizer"]["state"]) == len(adapter_keys)  # Adam state for every LoRA matrix
     assert all(v.abs().sum() > 0 for k, v in adapter_keys.items() if ".lora_B." in k)  # it trained
@@ -253,7 +228,7 @@ def test_train_jt3_logs_checkpoints_and_leaves_the_base_model_as_it_was(lm, gist
         assert torch.equal(load_gister(ck, lm).state_dict()[k], v), k
     for k, v in lensnet.state_dict().items():
         assert torch.equal(load_lensnet(ck).state_dict()[k], v), k
-    assert json.loads((ck / "lora" / jt3.ADAPTER_CONFIG).read_text())["r"] == 4
+    assert json.loads((ck / "lora" / LA.ADAPTER_CONFIG).read_text())["r"] == 4
 
     assert [s for s, _ in sink.history[M.TRAIN_LORA_LOSS]] == [1, 2, 3]
     # every `without_adapter_every` = 2 steps, from the first
@@ -265,7 +240,7 @@ def test_train_jt3_logs_checkpoints_and_leaves_the_base_model_as_it_was(lm, gist
 
     # Held-out: the adapter is on, then off, on the same contexts; "off" is exactly the plain base model.
     cfg, held = _cfg(), _ids(3, seed=4)
-    out = jt3.evaluate_lora(cfg, lm, gister, lensnet, ck, held)
+    out = lora_eval.evaluate_lora(cfg, lm, gister, lensnet, ck, held)
     samples = jt3.build_samples(cfg, lm, gister, lensnet, held, [cfg.working_context.w_max] * 3)
     with torch.no_grad():
         plain = jt3.sample_nll(lm, samples).mean().item()
@@ -275,7 +250,7 @@ def test_train_jt3_logs_checkpoints_and_leaves_the_base_model_as_it_was(lm, gist
         out[M.EVAL_LORA_LOSS_AT_H] - out[M.EVAL_LORA_LOSS_AT_H_WITHOUT_ADAPTER]
     )
     assert out[M.EVAL_LORA_SAMPLES] == 3
-    assert torch.equal(_logits(lm), before) and not jt3.has_adapter(lm)
+    assert torch.equal(_logits(lm), before) and not LA.has_adapter(lm)
 
 
 class _Interrupted(Exception):
@@ -286,51 +261,37 @@ def test_resume_after_interruption_matches_uninterrupted_run(lm, gister, lensnet
     cfg = _cfg({"dropout": 0.1}, max_steps=4, checkpoint_every=2)  # dropout: the per-step seed matters
     before = _logits(lm)
     torch.manual_seed(0)
-    full = jt3.train_jt3(cfg, lm, gister, lensnet, _ids(), tmp_path / "a", MemorySink(), progress=False)
+    full = jt3.train_lora(cfg, lm, gister, lensnet, _ids(), tmp_path / "a", MemorySink(), progress=False)
 
-    real_loss, calls = jt3.jt3_loss, {"n": 0}
-
-    def interrupted(*args):
-        calls["n"] += 1
-        if calls["n"] == 3:
-            raise _Interrupted
-        return real_loss(*args)
-
-    monkeypatch.setattr(jt3, "jt3_loss", interrupted)
+    real_loss = jt3.jt3_loss
+    monkeypatch.setattr(jt3, "jt3_loss", failing_on_call(real_loss, 3, _Interrupted))
     with pytest.raises(_Interrupted):
-        jt3.train_jt3(cfg, lm, gister, lensnet, _ids(), tmp_path / "b", MemorySink(), progress=False)
+        jt3.train_lora(cfg, lm, gister, lensnet, _ids(), tmp_path / "b", MemorySink(), progress=False)
     assert checkpoints.latest_checkpoint(tmp_path / "b", 3, 0).name == "JT3_cycle0_step2"
-    assert not jt3.has_adapter(lm) and torch.equal(_logits(lm), before)  # detached on the way out
+    assert not LA.has_adapter(lm) and torch.equal(_logits(lm), before)  # detached on the way out
     monkeypatch.setattr(jt3, "jt3_loss", real_loss)
     torch.manual_seed(123)  # a resumed process does not share the first one's global RNG state
-    resumed = jt3.train_jt3(cfg, lm, gister, lensnet, _ids(), tmp_path / "b", MemorySink(), progress=False)
+    resumed = jt3.train_lora(cfg, lm, gister, lensnet, _ids(), tmp_path / "b", MemorySink(), progress=False)
 
     assert resumed.steps == full.steps == 4 and resumed.checkpoint.name == "JT3_cycle0_step4"
-    a = load_file(str(full.checkpoint / "lora" / jt3.ADAPTER_WEIGHTS))
-    b = load_file(str(resumed.checkpoint / "lora" / jt3.ADAPTER_WEIGHTS))
+    a = load_file(str(full.checkpoint / "lora" / LA.ADAPTER_WEIGHTS))
+    b = load_file(str(resumed.checkpoint / "lora" / LA.ADAPTER_WEIGHTS))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert [h["step"] for h in resumed.history] == [1, 2, 3, 4]
     assert [h[M.TRAIN_LORA_LOSS] for h in resumed.history] == [h[M.TRAIN_LORA_LOSS] for h in full.history]
     # A finished run returns at once; one trained with another LensNet is not resumed.
-    again = jt3.train_jt3(cfg, lm, gister, lensnet, _ids(), tmp_path / "b", MemorySink(), progress=False)
+    again = jt3.train_lora(cfg, lm, gister, lensnet, _ids(), tmp_path / "b", MemorySink(), progress=False)
     assert again.steps == 4 and again.checkpoint == resumed.checkpoint
     with pytest.raises(ValueError, match="another GistNet/LensNet"):
-        jt3.train_jt3(
+        jt3.train_lora(
             cfg, lm, gister, _lensnet(lm, seed=1), _ids(), tmp_path / "b", MemorySink(), progress=False
         )
     assert torch.equal(_logits(lm), before)
 
 
 def test_non_finite_loss_stops_training_without_applying_the_step(lm, gister, lensnet, tmp_path, monkeypatch):
-    real, calls = jt3.jt3_loss, []
-
-    def flaky(*args):
-        loss, metrics = real(*args)
-        calls.append(1)
-        return (loss * float("nan") if len(calls) == 2 else loss), metrics
-
-    monkeypatch.setattr(jt3, "jt3_loss", flaky)
+    monkeypatch.setattr(jt3, "jt3_loss", nan_on_call(jt3.jt3_loss, 2))
     sink = MemorySink()
-    result = jt3.train_jt3(_cfg(), lm, gister, lensnet, _ids(), tmp_path, sink, progress=False)
+    result = jt3.train_lora(_cfg(), lm, gister, lensnet, _ids(), tmp_path, sink, progress=False)
     assert not result.nan_free and result.steps == 1 and sink.last(M.TRAIN_NAN) == 1.0
-    assert result.checkpoint.name == "JT3_cycle0_step1" and not jt3.has_adapter(lm)
+    assert result.checkpoint.name == "JT3_cycle0_step1" and not LA.has_adapter(lm)

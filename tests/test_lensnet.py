@@ -3,8 +3,9 @@ with illegal directions masked, inputs built from the right vectors, save/load e
 
 import pytest
 import torch
+from helpers import random_ids
 
-from mcx_core.config import BaseModelConfig, LensNetModelConfig
+from mcx_core.config import LensNetModelConfig
 from mcx_core.eval.nll import MeanPoolGister
 from mcx_core.focus.lensnet import (
     CONFIG_FILE,
@@ -16,37 +17,17 @@ from mcx_core.focus.lensnet import (
     mask_scores,
     spans_read,
 )
-from mcx_core.model.base import BaseLM, freeze, tiny_llama
 from mcx_core.model.tree import MegaContextTree
 from mcx_core.model.working_context import WorkingContext, entry_for
 from mcx_core.telemetry import metrics as M
 
-VOCAB = 512
 K = 32
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Tiny tensors: one thread is faster, and immune to the spin-wait slowdown of 2 threads on a busy CPU.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-@pytest.fixture(scope="module")
-def lm() -> BaseLM:
-    model = freeze(tiny_llama(BaseModelConfig(source="tiny_random"), vocab_size=VOCAB, seed=0))
-    return BaseLM(model=model, tokenizer=None, model_id="tiny-test")
-
-
-def _ids(n, seed=0):
-    return torch.randint(0, VOCAB, (n,), generator=torch.Generator().manual_seed(seed))
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _tree(lm, n_tokens, seed=0) -> MegaContextTree:
     tree = MegaContextTree(lm.d_model, lm.embed, MeanPoolGister(), block_size=K)
-    tree.ingest(_ids(n_tokens, seed))
+    tree.ingest(random_ids(n_tokens, seed))
     return tree
 
 
@@ -142,7 +123,7 @@ def test_cannot_see_past_the_cursor(lm):
     scores = policy.scores(wc, tree, step=0)
     n_gists = tree.num_nodes(1)
 
-    tree.ingest(_ids(200, seed=9))  # the future: 6 new blocks and their LOD1 gists
+    tree.ingest(random_ids(200, seed=9))  # the future: 6 new blocks and their LOD1 gists
     assert tree.num_nodes(1) > n_gists
     after = entry_inputs(wc, lm.embed, tail_gists=2)
     for a, b in zip(inputs[:3], after[:3]):

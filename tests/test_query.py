@@ -45,14 +45,14 @@ def test_empty_artifacts_have_no_views(tmp_path):
 def test_cli_query_json_and_bad_sql(tmp_path):
     root = _artifacts(tmp_path / "artifacts")
     ok = subprocess.run(
-        [sys.executable, "-m", "mcx_dagster.cli", "query", "SELECT count(*) AS n FROM deltas WHERE delta_nll < ?",
+        [sys.executable, "-m", "mcx_cli", "query", "SELECT count(*) AS n FROM deltas WHERE delta_nll < ?",
          "--param", "0", "--json", "--artifacts", str(root)],
         capture_output=True, text=True,
     )
     assert ok.returncode == 0, ok.stderr
     assert json.loads(ok.stdout) == [{"n": 2}]
     bad = subprocess.run(
-        [sys.executable, "-m", "mcx_dagster.cli", "query", "SELEKT nonsense", "--artifacts", str(root)],
+        [sys.executable, "-m", "mcx_cli", "query", "SELEKT nonsense", "--artifacts", str(root)],
         capture_output=True, text=True,
     )
     assert bad.returncode == 2

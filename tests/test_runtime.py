@@ -7,26 +7,18 @@ import time
 
 import pytest
 import torch
+from helpers import random_ids, tiny_config
 
-from mcx_core.config import BaseModelConfig, LensNetModelConfig, parse_config
+from mcx_core.config import LensNetModelConfig
 from mcx_core.eval.nll import MeanPoolGister
-from mcx_core.focus.engine import (
-    ExpandNearestPolicy,
-    RandomPolicy,
-    RecencyPolicy,
-    compare_policies,
-    residency_histogram,
-    run_engine,
-    standard_policies,
-)
+from mcx_core.focus.engine import compare_policies, residency_histogram, run_engine
 from mcx_core.focus.lensnet import LensNet, LensNetPolicy
-from mcx_core.model.base import BaseLM, freeze, tiny_llama
+from mcx_core.focus.policies import ExpandNearestPolicy, RandomPolicy, RecencyPolicy, standard_policies
 from mcx_core.model.tree import MegaContextTree
 from mcx_core.model.working_context import WorkingContext
 from mcx_core.telemetry import metrics as M
 from mcx_core.telemetry.sinks import MemorySink
 
-VOCAB = 512
 K = 32
 W = 96
 H = 8
@@ -39,39 +31,18 @@ METRIC_KEYS = {
 STAGES = ("ingest", "fit", "lensnet", "allocator", "checks", "assemble", "forward")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-@pytest.fixture(scope="module")
-def lm() -> BaseLM:
-    model = freeze(tiny_llama(BaseModelConfig(source="tiny_random"), vocab_size=VOCAB, seed=0))
-    return BaseLM(model=model, tokenizer=None, model_id="tiny-test")
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _cfg(refocus_every: int = 32, **allocator):
-    return parse_config(
-        {
-            "name": "runtime-test",
-            "dataset": {
-                "context_tokens": 256,
-                "horizon": H,
-                "corpora": {"n": {"source": "embedded:shakespeare"}},
-            },
-            "base_model": {"source": "tiny_random"},
-            "working_context": {"w_max": W, "eval_w_max": [W], "recent_tokens": 32},
-            "allocator": {"min_residency": 2, "cooldown_steps": 1, **allocator},
-            "runtime": {"refocus_every": refocus_every, "steps": 1000},
-        }
+    return tiny_config(
+        "runtime-test",
+        256,
+        H,
+        working_context={"w_max": W, "eval_w_max": [W], "recent_tokens": 32},
+        allocator={"min_residency": 2, "cooldown_steps": 1, **allocator},
+        runtime={"refocus_every": refocus_every, "steps": 1000},
     )
-
-
-def _ids(n: int, seed: int = 0) -> torch.Tensor:
-    return torch.randint(0, VOCAB, (n,), generator=torch.Generator().manual_seed(seed))
 
 
 def _lensnet(lm) -> LensNet:
@@ -106,7 +77,7 @@ def _coverage(counts: dict[str, int]) -> int:
 @pytest.mark.parametrize("refocus_every", [32, 24])
 @pytest.mark.parametrize("make_policy", [RecencyPolicy, lambda: RandomPolicy(3), ExpandNearestPolicy])
 def test_streaming_4x_wmax_keeps_full_coverage_and_invariants(lm, tmp_path, make_policy, refocus_every):
-    ids = _ids(4 * W + refocus_every + H)
+    ids = random_ids(4 * W + refocus_every + H)
     policy = CheckedPolicy(make_policy())
     res = run_engine(
         _cfg(refocus_every), lm, MeanPoolGister(), policy, ids, w_max=W, trace_path=tmp_path / "t.jsonl"
@@ -126,10 +97,8 @@ def test_streaming_4x_wmax_keeps_full_coverage_and_invariants(lm, tmp_path, make
 
 def test_trace_lines_parse_with_expected_keys(lm, tmp_path):
     sink = MemorySink()
-    path = tmp_path / "traces" / "run.jsonl"
-    res = run_engine(
-        _cfg(), lm, MeanPoolGister(), RandomPolicy(1), _ids(10 * K + H), w_max=W, trace_path=path, sink=sink
-    )
+    path, ids = tmp_path / "traces" / "run.jsonl", random_ids(10 * K + H)
+    res = run_engine(_cfg(), lm, MeanPoolGister(), RandomPolicy(1), ids, w_max=W, trace_path=path, sink=sink)
     lines = path.read_text().splitlines()
     assert len(lines) == len(res.records) == 10
     assert [p.name for p in path.parent.iterdir()] == ["run.jsonl"]  # the .tmp was renamed, not left
@@ -154,9 +123,9 @@ def test_a_crashed_run_leaves_no_complete_looking_trace(lm, tmp_path):
                 raise RuntimeError("policy crashed")
             return super().scores(wc, tree, step)
 
-    path = tmp_path / "crash.jsonl"
+    path, ids = tmp_path / "crash.jsonl", random_ids(10 * K + H)
     with pytest.raises(RuntimeError, match="policy crashed"):
-        run_engine(_cfg(), lm, MeanPoolGister(), FailsAtStep3(), _ids(10 * K + H), w_max=W, trace_path=path)
+        run_engine(_cfg(), lm, MeanPoolGister(), FailsAtStep3(), ids, w_max=W, trace_path=path)
     assert not path.exists()
     partial = tmp_path / ".crash.jsonl.tmp"
     assert [json.loads(x)["step"] for x in partial.read_text().splitlines()] == [0, 1, 2]
@@ -170,7 +139,7 @@ def test_overhead_is_computed_from_times_measured_in_the_run(lm):
             time.sleep(0.015)
             return super().scores(wc, tree, step)
 
-    res = run_engine(_cfg(), lm, MeanPoolGister(), SlowPolicy(), _ids(8 * K + H), w_max=W)
+    res = run_engine(_cfg(), lm, MeanPoolGister(), SlowPolicy(), random_ids(8 * K + H), w_max=W)
     for r in res.records:
         stages = [r[M.LATENCY_STAGE_PREFIX + s] for s in STAGES]
         assert r[M.LATENCY_MS] == pytest.approx(sum(stages), rel=1e-9)
@@ -188,16 +157,16 @@ def test_overhead_is_computed_from_times_measured_in_the_run(lm):
 
 def test_lensnet_policy_reads_nothing_after_the_cursor_and_gets_the_allocator_ages(lm):
     policy = LensNetPolicy(_lensnet(lm), lm.embed)
-    res = run_engine(_cfg(), lm, MeanPoolGister(), policy, _ids(12 * K + H), w_max=W)
+    res = run_engine(_cfg(), lm, MeanPoolGister(), policy, random_ids(12 * K + H), w_max=W)
     assert res.summary[M.CAUSALITY_VIOLATIONS_TOTAL] == 0 == policy.causality_violations
     assert policy.ages_fn is not None and policy.ages_fn.__self__.t == len(res.records)
 
 
 def test_causality_violations_are_counted(lm):
     """A policy that reads the next block of the document (a real future span) is caught every step."""
-    ids = _ids(8 * K + H)
+    ids = random_ids(8 * K + H)
     future = MegaContextTree(lm.d_model, lm.embed, MeanPoolGister(), block_size=K)
-    future.ingest(torch.cat([ids, _ids(K, seed=1)]))  # the document and what comes after it
+    future.ingest(torch.cat([ids, random_ids(K, seed=1)]))  # the document and what comes after it
 
     class Peeking(RecencyPolicy):
         name = "peeking"
@@ -217,7 +186,7 @@ def test_loss_at_h_is_the_next_h_tokens_given_the_working_context(lm):
     context is the most detailed one that fits, as WorkingContext.initial builds it)."""
     from mcx_core.eval.nll import ConditionInput, horizon_nll
 
-    ids = _ids(6 * K + H, seed=4)
+    ids = random_ids(6 * K + H, seed=4)
     res = run_engine(_cfg(), lm, MeanPoolGister(), RecencyPolicy(), ids, w_max=W)
     for r in res.records[-2:]:
         cursor = r["position"]
@@ -230,7 +199,7 @@ def test_loss_at_h_is_the_next_h_tokens_given_the_working_context(lm):
 
 
 def test_prefilled_long_history_fits_and_streams(lm):
-    ids = _ids(3000 + 4 * K + H, seed=2)
+    ids = random_ids(3000 + 4 * K + H, seed=2)
     res = run_engine(_cfg(), lm, MeanPoolGister(), RandomPolicy(0), ids, w_max=W, prefill=3000)
     assert len(res.records) == 4
     for s, r in enumerate(res.records):
@@ -240,7 +209,7 @@ def test_prefilled_long_history_fits_and_streams(lm):
 
 
 def test_compare_policies_runs_every_policy_on_the_same_documents(lm, tmp_path):
-    docs = [_ids(8 * K + H, seed=s) for s in (10, 11)]
+    docs = [random_ids(8 * K + H, seed=s) for s in (10, 11)]
     sink = MemorySink()
     factories = standard_policies(lm, H, seed=0, lensnet=_lensnet(lm), oracle=True)
     rows = compare_policies(
@@ -266,4 +235,4 @@ def test_residency_histogram_bins():
 
 def test_too_short_a_sequence_is_an_error(lm):
     with pytest.raises(ValueError, match="no step"):
-        run_engine(_cfg(), lm, MeanPoolGister(), RecencyPolicy(), _ids(K), w_max=W)
+        run_engine(_cfg(), lm, MeanPoolGister(), RecencyPolicy(), random_ids(K), w_max=W)

@@ -8,11 +8,17 @@ import dagster as dg
 from mcx_core.config import load_config
 from mcx_core.eval.sweep import sweep_partitions
 from mcx_dagster.definitions import defs
-from mcx_dagster.defs.sweep import eval_sweep_partitions, nightly_eval_sweep
 from mcx_dagster.project import project_home
 
 
+def _sweep():
+    """The code location's sweep partitions and nightly schedule (built when the definitions load)."""
+    d = defs()
+    return d.get_assets_def("eval_sweep").partitions_def, d.get_schedule_def("nightly_eval_sweep")
+
+
 def test_partitions_are_the_config_grid():
+    eval_sweep_partitions, _ = _sweep()
     cfg = load_config(project_home() / "configs" / "default.yaml")
     expected = {f"w{w}|{ds}" for w in cfg.sweep.w_max for ds in cfg.sweep.datasets}
     assert set(eval_sweep_partitions.get_partition_keys()) == expected == set(sweep_partitions(cfg))
@@ -20,8 +26,8 @@ def test_partitions_are_the_config_grid():
 
 
 def test_nightly_schedule_requests_every_cell_once_per_night():
-    d = defs()
-    schedule = d.get_schedule_def("nightly_eval_sweep")
+    eval_sweep_partitions, nightly_eval_sweep = _sweep()
+    schedule = nightly_eval_sweep
     assert schedule.cron_schedule == "0 2 * * *" and schedule.execution_timezone == "UTC"
     night = datetime.datetime(2026, 11, 27, 2, 0, tzinfo=datetime.UTC)
     with dg.build_schedule_context(scheduled_execution_time=night) as context:

@@ -13,16 +13,17 @@ import torch
 import yaml
 from click.testing import CliRunner
 
+from mcx_cli.telemetry import analyze, compare, profile
 from mcx_core.compression.gistnet import Gister
 from mcx_core.config import load_config
-from mcx_core.focus.engine import RandomPolicy, run_engine
+from mcx_core.focus.engine import run_engine
+from mcx_core.focus.policies import RandomPolicy
 from mcx_core.focus.lensnet import LensNet
 from mcx_core.model.base import load_base_model
 from mcx_core.telemetry import metrics as M
 from mcx_core.telemetry.mlflow_sink import MLflowSink
 from mcx_core.telemetry.schemas import validate_artifacts, validate_report_json, validate_trace_file
 from mcx_core.tools import alerts, analysis
-from mcx_dagster.cli_telemetry import analyze, compare, profile
 
 ROOT = Path(__file__).resolve().parents[1]
 

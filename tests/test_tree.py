@@ -5,29 +5,12 @@ import os
 
 import pytest
 import torch
+from helpers import D, embed, mean_gist, random_tokens
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from mcx_core.model import tree as tree_module
 from mcx_core.model.tree import MegaContextTree, Node
-
-D = 8
-VOCAB = 1000
-TABLE = torch.randn(VOCAB, D, generator=torch.Generator().manual_seed(0))
-
-
-def embed(ids: torch.Tensor) -> torch.Tensor:
-    """[n] long -> [n, D]"""
-    return TABLE[ids]
-
-
-def mean_gist(level: int, x: torch.Tensor) -> torch.Tensor:
-    """[n, K, D] -> [n, D]; `+ level` so the levels' gists differ."""
-    return x.mean(dim=1) + level
-
-
-def random_tokens(n: int, seed: int = 0) -> torch.Tensor:
-    return torch.randint(0, VOCAB, (n,), generator=torch.Generator().manual_seed(seed))
 
 
 def make_tree(n_tokens: int = 0, gist_fn=mean_gist, **kwargs) -> MegaContextTree:

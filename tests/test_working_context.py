@@ -4,6 +4,7 @@ import json
 
 import pytest
 import torch
+from helpers import D, embed, mean_gist, random_tokens
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
@@ -17,24 +18,6 @@ from mcx_core.model.working_context import (
     WorkingContext,
     entry_for,
 )
-
-D = 8
-VOCAB = 1000
-TABLE = torch.randn(VOCAB, D, generator=torch.Generator().manual_seed(0))
-
-
-def embed(ids: torch.Tensor) -> torch.Tensor:
-    """[n] long -> [n, D]"""
-    return TABLE[ids]
-
-
-def mean_gist(level: int, x: torch.Tensor) -> torch.Tensor:
-    """[n, K, D] -> [n, D]; every block (and level) gets a different gist, so a misplaced one shows."""
-    return x.mean(dim=1) + level
-
-
-def random_tokens(n: int, seed: int = 0) -> torch.Tensor:
-    return torch.randint(0, VOCAB, (n,), generator=torch.Generator().manual_seed(seed))
 
 
 def make_tree(n_tokens: int, block_size: int = 32, max_level: int = 2, seed: int = 0) -> MegaContextTree:
@@ -346,6 +329,11 @@ class WorkingContextMachine(RuleBasedStateMachine):
         self.tree = MegaContextTree(D, embed, mean_gist, block_size=self.BLOCK, max_level=self.MAX_LEVEL)
         self.wc = WorkingContext(self.tree, self.W_MAX, self.RECENT)
 
+    def _draw(self, data, ok) -> int | None:
+        """An entry index drawn from those where `ok(i)`; None where there is none."""
+        legal = [i for i in range(len(self.wc.entries)) if ok(i)]
+        return data.draw(st.sampled_from(legal)) if legal else None
+
     @precondition(lambda self: self.tree.cursor < self.MAX_TOKENS)
     @rule(size=st.integers(1, 40), seed=st.integers(0, 2**16))
     def ingest(self, size, seed):
@@ -356,10 +344,8 @@ class WorkingContextMachine(RuleBasedStateMachine):
     @rule(data=st.data())
     def expand(self, data):
         wc = self.wc
-        legal = [i for i in range(len(wc.entries)) if wc.can_expand(i)]
-        if not legal:
+        if (i := self._draw(data, wc.can_expand)) is None:
             return
-        i = data.draw(st.sampled_from(legal))
         before, entry = list(wc.entries), wc.entries[i]
         extra = wc.expand_cost(i)
         if wc.cost + extra > wc.w_max:
@@ -376,10 +362,8 @@ class WorkingContextMachine(RuleBasedStateMachine):
     @rule(data=st.data())
     def collapse(self, data):
         wc = self.wc
-        legal = [i for i in range(len(wc.entries)) if wc.can_collapse(i)]
-        if not legal:
+        if (i := self._draw(data, wc.can_collapse)) is None:
             return
-        i = data.draw(st.sampled_from(legal))
         before = wc.cost
         saving = wc.collapse_saving(i)
         first = wc.entries[i]
@@ -391,15 +375,15 @@ class WorkingContextMachine(RuleBasedStateMachine):
     def swap(self, data):
         """An allocator-like step: a collapse makes room, then an expand that fits uses it."""
         wc = self.wc
-        collapsible = [i for i in range(len(wc.entries)) if wc.can_collapse(i)]
-        if collapsible:
-            wc.collapse(data.draw(st.sampled_from(collapsible)))
+        if (i := self._draw(data, wc.can_collapse)) is not None:
+            wc.collapse(i)
             assert wc.cost <= wc.w_max
-        fitting = [
-            i for i in range(len(wc.entries)) if wc.can_expand(i) and wc.cost + wc.expand_cost(i) <= wc.w_max
-        ]
-        if fitting:
-            wc.expand(data.draw(st.sampled_from(fitting)))
+
+        def fits(i):
+            return wc.can_expand(i) and wc.cost + wc.expand_cost(i) <= wc.w_max
+
+        if (i := self._draw(data, fits)) is not None:
+            wc.expand(i)
             assert wc.cost <= wc.w_max
 
     @rule(data=st.data())

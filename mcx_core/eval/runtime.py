@@ -59,6 +59,7 @@ def run_runtime_eval(cfg: MegaContextConfig, lm: BaseLM, sink: TelemetrySink | N
     from mcx_core.compression.gistnet import load_gister
     from mcx_core.focus import engine as runtime
     from mcx_core.focus.lensnet import LensNetPolicy, load_lensnet
+    from mcx_core.focus.policies import standard_policies
     from mcx_core.telemetry.sinks import OffsetSink
 
     sink = sink or NullSink()
@@ -103,7 +104,7 @@ def run_runtime_eval(cfg: MegaContextConfig, lm: BaseLM, sink: TelemetrySink | N
     sink.log_metrics({f"runtime_eval/{k}": v for k, v in summary.items()}, step=len(records))
     comparison = []
     if rc.compare_steps and rc.compare_policies:
-        factories = runtime.standard_policies(lm, H, seed=cfg.seed, lensnet=lensnet, oracle="oracle" in rc.compare_policies)
+        factories = standard_policies(lm, H, seed=cfg.seed, lensnet=lensnet, oracle="oracle" in rc.compare_policies)
         chosen = {k: factories[k] for k in rc.compare_policies if k in factories}
         comparison = runtime.compare_policies(
             cfg, lm, gister, chosen, [torch.as_tensor(x) for _, x in docs], rc.compare_steps, None,

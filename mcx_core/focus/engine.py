@@ -40,10 +40,10 @@ import os
 import resource
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
 import torch
@@ -52,8 +52,8 @@ from tqdm.auto import tqdm
 from mcx_core.config import MegaContextConfig
 from mcx_core.eval.nll import ConditionInput, horizon_nll
 from mcx_core.focus.allocator import FocusAllocator, StepStats
-from mcx_core.focus.deltas import OraclePolicy
-from mcx_core.focus.lensnet import LensNet, LensNetPolicy
+from mcx_core.focus.lensnet import LensNetPolicy
+from mcx_core.focus.policies import Policy, PolicyFactory
 from mcx_core.model.base import BaseLM
 from mcx_core.model.tree import GistFn, MegaContextTree
 from mcx_core.model.working_context import WorkingContext
@@ -63,74 +63,6 @@ from mcx_core.telemetry.sinks import NullSink, TelemetrySink
 log = logging.getLogger(__name__)
 
 RESIDENCY_BINS = (0, 1, 2, 3, 4, 6, 8, 16, 32)  # histogram bin starts; the last bin is open
-
-
-class Policy(Protocol):
-    name: str
-
-    def scores(self, wc: WorkingContext, tree: MegaContextTree, step: int) -> torch.Tensor: ...
-
-
-PolicyFactory = Callable[[torch.Tensor], Policy]  # a document's token ids -> a fresh policy for it
-
-
-# ---------------------------------------------------------------------------------------------- policies
-
-
-class RecencyPolicy:
-    """Scores 0 everywhere: only the budget's forced collapses move anything (the recency baseline)."""
-
-    name = "recency"
-
-    def scores(self, wc: WorkingContext, tree: MegaContextTree, step: int) -> torch.Tensor:
-        return torch.zeros(len(wc.entries))
-
-
-class RandomPolicy:
-    """Uniform scores in [-1, 1] from a seeded generator: what chance focus does."""
-
-    name = "random"
-
-    def __init__(self, seed: int = 0):
-        self.generator = torch.Generator().manual_seed(seed)
-
-    def scores(self, wc: WorkingContext, tree: MegaContextTree, step: int) -> torch.Tensor:
-        return torch.rand(len(wc.entries), generator=self.generator) * 2 - 1
-
-
-class ExpandNearestPolicy:
-    """+1 on the gist nearest the cursor, -0.1 elsewhere (under the collapse threshold, but enough to pay
-    for the expand): more detail just behind the recent tokens."""
-
-    name = "expand_nearest"
-
-    def scores(self, wc: WorkingContext, tree: MegaContextTree, step: int) -> torch.Tensor:
-        out = torch.full((len(wc.entries),), -0.1)
-        gists = [i for i, e in enumerate(wc.entries) if e.level > 0]
-        if gists:
-            out[gists[-1]] = 1.0
-        return out
-
-
-def standard_policies(
-    lm: BaseLM, horizon: int, seed: int = 0, lensnet: LensNet | None = None, oracle: bool = True
-) -> dict[str, PolicyFactory]:
-    """Factories for compare_policies: recency, random, expand_nearest, oracle (optional), lensnet."""
-    out: dict[str, PolicyFactory] = {
-        "recency": lambda doc: RecencyPolicy(),
-        "random": lambda doc: RandomPolicy(seed),
-        "expand_nearest": lambda doc: ExpandNearestPolicy(),
-    }
-    if oracle:
-        out["oracle"] = lambda doc: OraclePolicy(lm, _horizon_fn(doc, horizon))
-    if lensnet is not None:
-        out["lensnet"] = lambda doc: LensNetPolicy(lensnet, lm.embed)
-    return out
-
-
-def _horizon_fn(doc: torch.Tensor, horizon: int) -> Callable[[int], torch.Tensor]:
-    ids = torch.as_tensor(doc, dtype=torch.long)
-    return lambda cursor: ids[cursor : cursor + horizon]
 
 
 # ---------------------------------------------------------------------------------------------- helpers

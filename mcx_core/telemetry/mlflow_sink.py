@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import subprocess
 import time
 from pathlib import Path
@@ -45,7 +44,6 @@ def git_commit(root: Path) -> str:
 
 
 def _client(tracking_uri: str):
-    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     from mlflow import MlflowClient
 
     if tracking_uri.startswith("sqlite:///"):  # a local store: create its folder (not for http:// servers)

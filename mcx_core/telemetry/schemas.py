@@ -163,7 +163,7 @@ def validate_report_json(path: str | Path) -> list[SchemaProblem]:
 
 
 def validate_delta_tables(deltas_dir: str | Path) -> list[SchemaProblem]:
-    from mcx_core.focus.deltas import validate_delta_table
+    from mcx_core.focus.delta_tables import validate_delta_table
 
     return [
         SchemaProblem(p, None, m)

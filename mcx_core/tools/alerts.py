@@ -10,7 +10,8 @@
 Inputs are trace records (one dict per runtime step, as `runtime.run_engine` writes them, including
 the hidden `.tmp` trace of a run still in progress) or metric histories (`{name: [(step, value)]}`,
 as MLflow and `MemorySink` keep them). `dispatch` hands fired alerts to `alerts.command` (the JSON on
-stdin) and/or POSTs them to `alerts.webhook_url`; a failing hook is logged, never raised.
+stdin) and/or POSTs them to `alerts.webhook_url`; a failing hook is logged, never raised. `new_alerts`
+watches the artifacts (and MLflow) between scans and reports each alert once, for a sensor.
 """
 
 from __future__ import annotations
@@ -306,3 +307,61 @@ def mlflow_alerts(tracking_uri: str, experiment: str, cfg: AlertsConfig, since_m
         if found:
             out.append((run.info.run_id, found))
     return out, newest
+
+
+# ---------------------------------------------------------------------------------------------- watching
+
+TMP_TRACE = re.compile(r"/[.]([^/]+[.]jsonl)[.]tmp$")
+
+
+def alert_key(a: Alert) -> str:
+    """One alert per source and name: a finished trace is the same source as its in-progress `.tmp`."""
+    return TMP_TRACE.sub(lambda m: "/" + m.group(1), a.source) + "|" + a.name
+
+
+def telemetry_files(traces_dir: Path, checkpoints_dir: Path) -> dict[str, int]:
+    """Every trace (in-progress ones included) and JT1 trainer state → its modification time (ns)."""
+    files = trace_files(traces_dir) + sorted(Path(checkpoints_dir).glob("JT1_cycle*_step*/trainer_state.json"))
+    out = {}
+    for f in files:
+        try:
+            out[str(f)] = f.stat().st_mtime_ns
+        except FileNotFoundError:  # a .tmp trace renamed since the glob
+            continue
+    return out
+
+
+@dataclass(frozen=True)
+class AlertScan:
+    """What `new_alerts` found since the last scan."""
+
+    alerts: list[tuple[str | None, Alert]]  # (the MLflow run it came from, or None for an artifact file; alert)
+    cursor: dict[str, Any]  # JSON: give it to the next scan
+    changed_files: int  # telemetry files written since the last scan
+
+
+def new_alerts(cfg: AlertsConfig, traces_dir: Path, checkpoints_dir: Path, cursor: dict[str, Any] | None = None,
+               mlflow: tuple[str, str] | None = None) -> AlertScan:
+    """The alerts not raised before `cursor` (a previous scan's; None on the first): of the traces and JT1
+    checkpoints written since, and with `mlflow` = (tracking URI, experiment) of the experiment's runs still
+    running or ended since. An alert already raised (same source and name, `alert_key`) is not raised again."""
+    cursor = cursor or {}
+    seen, raised = cursor.get("files", {}), set(cursor.get("raised", []))
+    state = telemetry_files(traces_dir, checkpoints_dir)
+    changed = [Path(f) for f, t in state.items() if seen.get(f) != t]
+    traces = [f for f in changed if f.name != "trainer_state.json"]
+    found = [(None, a) for f in traces
+             for a in evaluate_records(read_trace(f, partial=f.name.endswith(".tmp")), cfg, str(f))]
+    if len(traces) < len(changed):  # a JT1 checkpoint changed: ΔNLL across cycles
+        cycles = cycle_delta_nll(checkpoints_dir)
+        a = delta_nll_alert([v for _, v in cycles], cfg, str(checkpoints_dir), [f"cycle {c}" for c, _ in cycles])
+        found += [(None, a)] if a else []
+    mlflow_ms = cursor.get("mlflow_ms", 0)
+    if mlflow is not None:
+        uri, experiment = mlflow
+        if not uri.startswith("sqlite:///") or Path(uri.removeprefix("sqlite:///")).is_file():  # a store to read
+            by_run, mlflow_ms = mlflow_alerts(uri, experiment, cfg, mlflow_ms)
+            found += [(run_id, a) for run_id, run_alerts in by_run for a in run_alerts]
+    new = [(run_id, a) for run_id, a in found if alert_key(a) not in raised]
+    raised |= {alert_key(a) for _, a in new}
+    return AlertScan(new, {"files": state, "mlflow_ms": mlflow_ms, "raised": sorted(raised)[-500:]}, len(changed))

@@ -21,22 +21,27 @@ them from the artifacts of a config. Traces are read through DuckDB (`connect_tr
 
 from __future__ import annotations
 
-import ast
 import math
 import re
-import sysconfig
-import textwrap
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
 from mcx_core import artifacts, reports
 from mcx_core.config import MegaContextConfig
 from mcx_core.telemetry import metrics as M
-from mcx_core.telemetry.sinks import NullSink, TelemetrySink
+from mcx_core.telemetry.sinks import TelemetrySink
+from mcx_core.tools.boundary import boundary_analysis, position_grid, synthetic_boundary_test
+from mcx_core.tools.findings import AnalysisResult, MissingInput, finish, nanmean, output_dir, pearson
+from mcx_core.tools.traces import (
+    busiest_spans,
+    connect_traces,
+    find_ping_pongs,
+    residency_rows,
+    stage_latency,
+    step_latencies,
+)
 
 ANALYSES = ("residency", "compression", "boundary", "latency", "oscillation", "spikes", "drift")
 
@@ -60,229 +65,6 @@ STAGE_CATEGORY = {
     "checks": "Invariant checks",
 }
 
-# Stdlib modules the synthetic boundary test takes function definitions from (any Python has them).
-BOUNDARY_MODULES = ("textwrap.py", "shlex.py", "fnmatch.py", "posixpath.py", "glob.py", "string.py",
-                    "bisect.py", "heapq.py", "colorsys.py", "difflib.py", "ntpath.py", "copy.py")
-
-
-class MissingInput(FileNotFoundError):
-    """An analysis's input artifact does not exist yet; the message names what to materialize."""
-
-
-@dataclass
-class AnalysisResult:
-    name: str
-    summary: str  # one line
-    metrics: dict[str, float]
-    files: dict[str, Path]
-    data: dict[str, Any] = field(default_factory=dict)  # the rows behind the plot (also in the JSON)
-
-
-def output_dir(cfg: MegaContextConfig) -> Path:
-    from mcx_core.artifacts import ArtifactPaths
-
-    return ArtifactPaths.from_config(cfg).reports / "analysis"
-
-
-def _finish(name: str, out: Path, summary: str, metrics: dict[str, float], plots: dict[str, Path],
-            sections: list[str], data: dict[str, Any], sink: TelemetrySink | None) -> AnalysisResult:
-    """Write `<name>.md` and `<name>.json` next to the plots; log finite metrics and the files."""
-    md = artifacts.write_text(out / f"{name}.md", "\n\n".join(sections) + "\n")
-    js = artifacts.write_json(out / f"{name}.json", {"summary": summary, "metrics": metrics, **data})
-    files = {"markdown": md, "json": js, **plots}
-    sink = sink or NullSink()
-    finite = {k: v for k, v in metrics.items() if math.isfinite(v)}
-    if finite:
-        sink.log_metrics(finite)
-    for p in files.values():
-        sink.log_artifact(p, "analysis")
-    return AnalysisResult(name, summary, metrics, files, data)
-
-
-def _nanmean(values) -> float:
-    a = np.asarray(list(values), dtype=np.float64)
-    a = a[np.isfinite(a)]
-    return float(a.mean()) if a.size else math.nan
-
-
-def _pearson(x, y) -> float:
-    a, b = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
-    if len(a) < 2 or a.std() == 0 or b.std() == 0:
-        return math.nan
-    return float(np.corrcoef(a, b)[0, 1])
-
-
-# ---------------------------------------------------------------------------------------------- plots
-
-
-def histogram_plot(path: Path, bins: Sequence[int], stacks: dict[str, Sequence[int]], xlabel: str, title: str,
-                   vline: float | None = None, vline_label: str | None = None) -> Path:
-    """Stacked bars of counts per integer bin; optional vertical threshold line."""
-    plt = reports._plt()
-    fig, ax = plt.subplots(figsize=(7, 4))
-    bottom = np.zeros(len(bins))
-    for name, counts in stacks.items():
-        ax.bar(bins, counts, bottom=bottom, width=0.85, label=name)
-        bottom += np.asarray(counts, dtype=np.float64)
-    if vline is not None:
-        ax.axvline(vline - 0.5, color="red", linestyle="--", label=vline_label)
-    ax.set_xlabel(xlabel)
-    ax.set_ylabel("count")
-    ax.set_title(title)
-    ax.legend(fontsize=8)
-    return reports._save(fig, plt, path)
-
-
-def heatmap_plot(path: Path, matrix: np.ndarray, row_labels: Sequence[str], xlabel: str, title: str,
-                 colorbar: str) -> Path:
-    """One row per label, one column per position; a diverging scale centred on 0."""
-    plt = reports._plt()
-    m = np.asarray(matrix, dtype=np.float64)
-    fig, ax = plt.subplots(figsize=(max(7, 0.28 * m.shape[1] + 3), max(2.5, 0.45 * m.shape[0] + 1.5)))
-    lim = float(np.nanmax(np.abs(m))) if np.isfinite(m).any() else 1.0
-    im = ax.imshow(m, aspect="auto", cmap="coolwarm", vmin=-lim or -1, vmax=lim or 1, interpolation="nearest")
-    ax.set_yticks(range(len(row_labels)), row_labels, fontsize=8)
-    step = max(1, m.shape[1] // 16)
-    ax.set_xticks(range(0, m.shape[1], step))
-    ax.set_xlabel(xlabel)
-    ax.set_title(title)
-    fig.colorbar(im, ax=ax, label=colorbar)
-    return reports._save(fig, plt, path)
-
-
-def timeline_plot(path: Path, rows: Sequence[dict], labels: Sequence[str], title: str) -> Path:
-    """Actions over steps, one row per (trace, span): ▲ expand, ▼ collapse (hollow: forced)."""
-    plt = reports._plt()
-    fig, ax = plt.subplots(figsize=(8, max(2.5, 0.35 * len(labels) + 1.5)))
-    y_of = {lab: i for i, lab in enumerate(labels)}
-    for kind, marker, color in (("expand", "^", "tab:green"), ("collapse", "v", "tab:red")):
-        for forced in (False, True):
-            pts = [(r["step"], y_of[r["label"]]) for r in rows if r["kind"] == kind and bool(r["forced"]) == forced]
-            if pts:
-                xs, ys = zip(*pts)
-                ax.scatter(xs, ys, marker=marker, s=40, label=f"{kind}{' (forced)' if forced else ''}",
-                           facecolors="none" if forced else color, edgecolors=color)
-    ax.set_yticks(range(len(labels)), labels, fontsize=7)
-    ax.set_xlabel("allocator step")
-    ax.set_title(title)
-    ax.legend(fontsize=7)
-    return reports._save(fig, plt, path)
-
-
-# ---------------------------------------------------------------------------------------------- traces
-
-
-def connect_traces(traces_dir: Path):
-    """DuckDB with a view `traces` over every finished trace under `traces_dir` (with `filename`)."""
-    import duckdb
-
-    root = Path(traces_dir).resolve()
-    if not list(root.glob("**/*.jsonl")):
-        raise MissingInput(f"no trace (*.jsonl) under {root}: materialize runtime_eval or run `mcx run` first")
-    con = duckdb.connect(":memory:")
-    glob = str(root / "**" / "*.jsonl").replace("'", "''")
-    con.execute(
-        f"CREATE VIEW traces AS SELECT * FROM read_json_auto('{glob}', union_by_name = true, "
-        "filename = true, format = 'newline_delimited')"
-    )
-    return con
-
-
-def _columns(con) -> dict[str, str]:
-    return {r[0]: r[1] for r in con.execute("DESCRIBE traces").fetchall()}
-
-
-def _has_actions(con) -> bool:
-    """Whether the traces carry the engine's `actions` structs (an all-empty column has no fields)."""
-    kind = _columns(con).get("actions", "")
-    return "STRUCT" in kind and "kind" in kind and '"start"' in kind
-
-
-ACTIONS_SQL = """
-SELECT filename AS trace, step, a.kind AS kind, a."level" AS level, a."start" AS span_start,
-       a."end" AS span_end, a.residency AS residency, a.forced AS forced
-FROM (SELECT filename, step, unnest(actions) AS a FROM traces)
-"""
-
-# Three consecutive actions on the same token span, expand → collapse → expand, the third at most
-# `?` steps after the first. A span is the action's [start, end): an L1 gist expanded into 32 tokens
-# and those tokens collapsed back are the same span.
-PING_PONG_SQL = f"""
-WITH acts AS ({ACTIONS_SQL}),
-seq AS (
-  SELECT *,
-         lead(kind) OVER w AS kind2, lead(step) OVER w AS step2,
-         lead(kind, 2) OVER w AS kind3, lead(step, 2) OVER w AS step3
-  FROM acts
-  WINDOW w AS (PARTITION BY trace, span_start, span_end ORDER BY step, kind DESC)
-)
-SELECT trace, span_start, span_end, level, step AS step1, step2, step3
-FROM seq
-WHERE kind = 'expand' AND kind2 = 'collapse' AND kind3 = 'expand' AND step3 - step <= ?
-ORDER BY trace, span_start, step1
-"""
-
-
-def residency_rows(con) -> list[dict]:
-    """One row per swap: the allocator's residency, whether the budget forced it, its kind."""
-    if _has_actions(con):
-        rows = con.execute(f"SELECT residency, forced, kind FROM ({ACTIONS_SQL})").fetchall()
-        return [{"residency": int(r), "forced": bool(f), "kind": k} for r, f, k in rows if r is not None]
-    if "residency" in _columns(con):  # no action detail: every swap counts as chosen
-        rows = con.execute("SELECT unnest(residency) FROM traces").fetchall()
-        return [{"residency": int(r), "forced": False, "kind": "?"} for (r,) in rows if r is not None]
-    raise MissingInput("the traces carry neither `actions` nor `residency`")
-
-
-def find_ping_pongs(con, window: int) -> list[dict]:
-    """Every expand → collapse → expand of one span within `window` steps, per trace."""
-    if not _has_actions(con):
-        return []
-    cols = ["trace", "span_start", "span_end", "level", "step1", "step2", "step3"]
-    return [dict(zip(cols, r)) for r in con.execute(PING_PONG_SQL, [window]).fetchall()]
-
-
-def busiest_spans(con, limit: int = 12, include: Sequence[tuple[str, int, int]] = ()) -> list[dict]:
-    """Actions of the `limit` spans with the most actions (plus the `include` spans), for a timeline."""
-    if not _has_actions(con):
-        return []
-    top = con.execute(
-        f"SELECT trace, span_start, span_end, count(*) AS n FROM ({ACTIONS_SQL}) "
-        "GROUP BY ALL ORDER BY n DESC, trace, span_start LIMIT ?", [limit]
-    ).fetchall()
-    keys = list(dict.fromkeys([*include, *((t, s, e) for t, s, e, _ in top)]))[: max(limit, len(include))]
-    rows = con.execute(f"SELECT trace, step, kind, span_start, span_end, forced FROM ({ACTIONS_SQL}) ORDER BY step").fetchall()
-    wanted = set(keys)
-    return [
-        {"trace": t, "step": s, "kind": k, "span_start": a, "span_end": b, "forced": f}
-        for t, s, k, a, b, f in rows if (t, a, b) in wanted
-    ]
-
-
-def stage_latency(con) -> dict[str, dict[str, float]]:
-    """Per engine stage: mean, p50, p95 ms over every traced step."""
-    stages = [c for c in _columns(con) if c.startswith(M.LATENCY_STAGE_PREFIX)]
-    if not stages:
-        raise MissingInput(f"the traces carry no per-stage latency ({M.LATENCY_STAGE_PREFIX}*)")
-    out = {}
-    for c in stages:
-        q = f'SELECT avg("{c}"), quantile_cont("{c}", 0.5), quantile_cont("{c}", 0.95) FROM traces'
-        mean, p50, p95 = con.execute(q).fetchall()[0]
-        out[c.removeprefix(M.LATENCY_STAGE_PREFIX)] = {"mean_ms": mean, "p50_ms": p50, "p95_ms": p95}
-    return out
-
-
-def step_latencies(con) -> list[dict]:
-    """Per step: latency, its trace's median, and the number of allocator actions."""
-    rows = con.execute(
-        "SELECT filename, step, latency_ms, len(expanded) + len(collapsed) AS actions, "
-        "median(latency_ms) OVER (PARTITION BY filename) AS median_ms FROM traces ORDER BY filename, step"
-    ).fetchall()
-    return [
-        {"trace": t, "step": s, "latency_ms": lat, "actions": n, "median_ms": med}
-        for t, s, lat, n, med in rows if lat is not None
-    ]
-
 
 def _short(trace: str) -> str:
     p = Path(trace)
@@ -300,15 +82,15 @@ def residency_analysis(rows: list[dict], out: Path, min_residency: float,
     top = max([r["residency"] for r in rows], default=0)
     bins = list(range(top + 1))
     count = lambda vals: [sum(1 for v in vals if v == b) for b in bins]
-    plot = histogram_plot(
+    plot = reports.histogram_plot(
         out / "residency.png", bins, {"chosen by the policy": count(chosen), "forced by the budget": count(forced)},
         xlabel="residency (allocator steps at one level before the swap)",
         title=f"Focus stability: {len(rows)} swaps", vline=min_residency, vline_label=f"min residency {min_residency:g}",
     )
     metrics = {
-        M.ANALYSIS_RESIDENCY_MEAN: _nanmean(chosen),
+        M.ANALYSIS_RESIDENCY_MEAN: nanmean(chosen),
         M.ANALYSIS_RESIDENCY_BELOW_MIN: (sum(v < min_residency for v in chosen) / len(chosen)) if chosen else math.nan,
-        M.ANALYSIS_FORCED_RESIDENCY_MEAN: _nanmean(forced),
+        M.ANALYSIS_FORCED_RESIDENCY_MEAN: nanmean(forced),
     }
     table = [{"residency": b, "chosen": c, "forced": f} for b, c, f in zip(bins, count(chosen), count(forced))]
     summary = (
@@ -327,7 +109,7 @@ def residency_analysis(rows: list[dict], out: Path, min_residency: float,
         f"![residency]({plot.name})",
         reports.markdown_table(table, ["residency", "chosen", "forced"]),
     ]
-    return _finish("residency", out, summary, metrics, {"plot": plot}, sections, {"histogram": table}, sink)
+    return finish("residency", out, summary, metrics, {"plot": plot}, sections, {"histogram": table}, sink)
 
 
 def compression_analysis(rows, out: Path, threshold: float, horizon: int,
@@ -361,156 +143,7 @@ def compression_analysis(rows, out: Path, threshold: float, horizon: int,
         f"![compression]({plot.name})",
         reports.markdown_table(table, list(table[0])),
     ]
-    return _finish("compression", out, summary, metrics, {"plot": plot}, sections, {"series": table}, sink)
-
-
-def position_grid(delta_by_position: Sequence[float], block_size: int) -> np.ndarray:
-    """Horizon positions' ΔNLL [H] as [ceil(H / K), K]: row = block of the horizon, column = position in
-    the block (the horizon starts on a block boundary, so horizon position h sits at h mod K)."""
-    v = np.asarray(delta_by_position, dtype=np.float64)
-    rows = -(-len(v) // block_size)
-    grid = np.full(rows * block_size, np.nan)
-    grid[: len(v)] = v
-    return grid.reshape(rows, block_size)
-
-
-def _worst_column(grid: np.ndarray) -> int:
-    """The position within the block with the highest mean ΔNLL (-1 when nothing is finite)."""
-    g = np.asarray(grid, dtype=np.float64)
-    ok = np.isfinite(g)
-    counts = ok.sum(axis=0)
-    if not counts.any():
-        return -1
-    means = np.where(counts > 0, np.where(ok, g, 0.0).sum(axis=0) / np.maximum(counts, 1), -np.inf)
-    return int(np.argmax(means))
-
-
-def boundary_excess(grid: np.ndarray) -> float:
-    """Mean ΔNLL of the block's edge positions (first and last) minus the interior's."""
-    g = np.atleast_2d(np.asarray(grid, dtype=np.float64))
-    edge = np.concatenate([g[:, 0], g[:, -1]])
-    return _nanmean(edge) - _nanmean(g[:, 1:-1].ravel())
-
-
-def stdlib_functions(limit: int = 200, modules: Sequence[str] = BOUNDARY_MODULES) -> list[str]:
-    """Source of function definitions from the running interpreter's stdlib (decorators left out,
-    methods dedented), in file and line order."""
-    stdlib = Path(sysconfig.get_paths()["stdlib"])
-    out = []
-    for name in modules:
-        path = stdlib / name
-        if not path.is_file():
-            continue
-        source = path.read_text(encoding="utf-8")
-        for node in ast.walk(ast.parse(source)):
-            if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
-                text = ast.get_source_segment(source, node, padded=True)
-                if text:
-                    out.append(textwrap.dedent(text).rstrip() + "\n")
-    return out[:limit]
-
-
-def boundary_samples(tokenizer, functions: Sequence[str], n_samples: int, sample_tokens: int, block_size: int,
-                     shift: int = 0) -> tuple[np.ndarray, list[list[int]]]:
-    """`n_samples` token sequences of function definitions, each definition starting at a position ≡
-    `shift` (mod block_size), newline tokens filling the gaps. Returns ids [n, sample_tokens] and each
-    sample's definition starts."""
-    newline = tokenizer("\n", add_special_tokens=False)["input_ids"][-1]
-    encoded = [ids for ids in (tokenizer(f, add_special_tokens=False)["input_ids"] for f in functions)
-               if 4 <= len(ids) <= 4 * block_size]
-    if not encoded:
-        raise ValueError("no function definition of a usable length")
-    samples, starts = [], []
-    for j in range(n_samples):
-        seq: list[int] = []
-        at: list[int] = []
-        k = 3 * j  # each sample starts from a different function
-        while len(seq) < sample_tokens:
-            gap = (shift - len(seq)) % block_size
-            seq += [newline] * gap
-            at.append(len(seq))
-            seq += encoded[k % len(encoded)]
-            k += 1
-        samples.append(seq[:sample_tokens])
-        starts.append([s for s in at if s < sample_tokens])
-    return np.asarray(samples, dtype=np.int64), starts
-
-
-def synthetic_boundary_test(cfg: MegaContextConfig, lm, gister, n_samples: int | None = None,
-                            progress: bool = False) -> dict:
-    """ΔNLL@H of gists vs the full history on code whose definitions start on block boundaries
-    ("aligned") or half a block later ("shifted"), per horizon position. Returns the rows, a grid per
-    layout and the mean ΔNLL per layout."""
-    from mcx_core.eval import nll as E
-    from mcx_core.eval.gists import delta_by_position
-
-    K, C, H = cfg.dataset.block_size, cfg.dataset.context_tokens, cfg.dataset.horizon
-    wc = cfg.working_context
-    n = n_samples or min(8, cfg.evaluation.samples_per_dataset)
-    funcs = stdlib_functions()
-    layouts = {}
-    for name, shift in (("aligned", 0), ("shifted", K // 2)):
-        ids, _ = boundary_samples(lm.tokenizer, funcs, n, C + H, K, shift)
-        layouts[name] = ([f"{name}/{i:03d}" for i in range(n)], ids)
-    conditions = {
-        "full": E.full_condition(lm),
-        "gist": E.working_context_condition(lm, gister, K, wc.recent_tokens, wc.position_scheme),
-    }
-    rows = E.evaluate(lm, layouts, conditions, [wc.w_max], C, H, cfg.evaluation.batch_size, progress)
-    by_pos = delta_by_position(rows, "gist", wc.w_max)
-    full = {(r.dataset, r.sample_id): r.nll for r in rows if r.condition == "full"}
-    summary = {
-        name: M.mean([r.nll - full[(r.dataset, r.sample_id)] for r in rows if r.dataset == name and r.condition == "gist"])
-        for name in layouts
-    }
-    return {"rows": rows, "by_position": by_pos, "grids": {k: position_grid(v, K) for k, v in by_pos.items()},
-            "delta_nll_mean": summary, "samples": n, "w_max": wc.w_max}
-
-
-def boundary_analysis(grids: dict[str, np.ndarray], out: Path, block_size: int, source: str,
-                      synthetic: dict | None = None, sink: TelemetrySink | None = None) -> AnalysisResult:
-    """Heatmap of ΔNLL by position within the block, one row per (dataset or layout, horizon block)."""
-    groups = {name: np.atleast_2d(g) for name, g in grids.items()}
-    if synthetic:
-        groups.update({f"synthetic {name}": np.atleast_2d(g) for name, g in synthetic["grids"].items()})
-    if not groups:
-        raise MissingInput("no per-position ΔNLL to plot")
-    labels = [f"{name} · block {b}" for name, g in groups.items() for b in range(len(g))]
-    plot = heatmap_plot(out / "boundary.png", np.concatenate(list(groups.values())), labels,
-                        xlabel=f"token position within the {block_size}-token block",
-                        title="ΔNLL (gists − full history) by position within block", colorbar="ΔNLL (nats)")
-    rows = [{"rows": name, "edge_minus_interior": boundary_excess(g),
-             "worst_position": _worst_column(g)}
-            for name, g in groups.items()]
-    excess = boundary_excess(np.concatenate([np.atleast_2d(g) for g in grids.values()])) if grids else math.nan
-    metrics = {M.ANALYSIS_BOUNDARY_EXCESS: excess}
-    sections = [
-        "# Boundary artifacts: ΔNLL by position within the block",
-        (f"ΔNLL of each horizon token (gists − full history), arranged by its position within the "
-        f"{block_size}-token block; the horizon starts on a block boundary. Edge − interior > 0 means tokens at "
-        f"block edges suffer more. Source: {source}."),
-        f"![boundary]({plot.name})",
-        reports.markdown_table(rows, ["rows", "edge_minus_interior", "worst_position"]),
-    ]
-    data: dict[str, Any] = {"grids": {k: np.atleast_2d(v).tolist() for k, v in grids.items()}}
-    if synthetic:
-        al, sh = synthetic["delta_nll_mean"].get("aligned", math.nan), synthetic["delta_nll_mean"].get("shifted", math.nan)
-        metrics[M.ANALYSIS_BOUNDARY_ALIGNED], metrics[M.ANALYSIS_BOUNDARY_SHIFTED] = al, sh
-        sections += [
-            "## Synthetic boundary test",
-            (f"{synthetic['samples']} samples per layout of stdlib function definitions, each starting on a block "
-            f"boundary (aligned) or {block_size // 2} tokens later (shifted), newline tokens in between; gists "
-            f"at W_max = {synthetic['w_max']}. Gister: {synthetic.get('gister', 'learned')}."),
-            reports.markdown_table([{"layout": "aligned", "delta_nll_mean": al}, {"layout": "shifted", "delta_nll_mean": sh},
-                                    {"layout": "aligned − shifted", "delta_nll_mean": al - sh}],
-                                   ["layout", "delta_nll_mean"]),
-        ]
-        data["synthetic"] = {"delta_nll_mean": synthetic["delta_nll_mean"],
-                             "grids": {k: v.tolist() for k, v in synthetic["grids"].items()}}
-    summary = f"edge − interior ΔNLL {excess:+.4f}" + (
-        f"; synthetic aligned {metrics[M.ANALYSIS_BOUNDARY_ALIGNED]:.3f} vs shifted "
-        f"{metrics[M.ANALYSIS_BOUNDARY_SHIFTED]:.3f}" if synthetic else "")
-    return _finish("boundary", out, summary, metrics, {"plot": plot}, sections, data, sink)
+    return finish("compression", out, summary, metrics, {"plot": plot}, sections, {"series": table}, sink)
 
 
 def latency_analysis(stages: dict[str, dict[str, float]], out: Path,
@@ -542,7 +175,7 @@ def latency_analysis(stages: dict[str, dict[str, float]], out: Path,
         f"![latency]({plot.name})",
         reports.markdown_table(stage_rows, ["stage", "part", "mean_ms", "p50_ms", "p95_ms", "share"]),
     ]
-    return _finish("latency", out, summary, metrics, {"plot": plot}, sections,
+    return finish("latency", out, summary, metrics, {"plot": plot}, sections,
                    {"stages": stage_rows, "parts": part_rows}, sink)
 
 
@@ -556,7 +189,7 @@ def oscillation_analysis(events: list[dict], timeline: list[dict], out: Path, wi
         r["label"] = f"{'⟲ ' if key in pp else ''}{_short(r['trace'])} [{r['span_start']},{r['span_end']})"
     order = sorted({(r["trace"], r["span_start"], r["label"]) for r in timeline})
     labels = [lab for _, _, lab in order] or ["(no actions)"]
-    plot = timeline_plot(out / "oscillation.png", timeline, labels,
+    plot = reports.timeline_plot(out / "oscillation.png", timeline, labels,
                          title=f"{len(spans)} ping-pong spans (⟲) within {window} steps; busiest spans' actions")
     metrics = {M.ANALYSIS_OSCILLATING_SPANS: float(len(spans)), M.ANALYSIS_PING_PONGS: float(len(events))}
     table = [{"trace": _short(e["trace"]), "span": f"[{e['span_start']}, {e['span_end']})", "level": e["level"],
@@ -571,7 +204,7 @@ def oscillation_analysis(events: list[dict], timeline: list[dict], out: Path, wi
         reports.markdown_table(table, ["trace", "span", "level", "steps"]) if table else "No ping-pong span found.",
         f"![oscillation]({plot.name})",
     ]
-    return _finish("oscillation", out, summary, metrics, {"plot": plot}, sections,
+    return finish("oscillation", out, summary, metrics, {"plot": plot}, sections,
                    {"events": [{k: v for k, v in e.items()} for e in events]}, sink)
 
 
@@ -591,12 +224,12 @@ def spikes_analysis(steps: list[dict], out: Path, ratio: float, sink: TelemetryS
         xlabel="allocator actions in the step (expands + collapses)", ylabel="step latency / trace median",
         title="Latency spikes vs allocator actions", hline=ratio, hline_label=f"spike > {ratio:g}× median",
     )
-    corr = _pearson([s["actions"] for s in steps], [s["x_median"] for s in steps])
+    corr = pearson([s["actions"] for s in steps], [s["x_median"] for s in steps])
     metrics = {
         M.ANALYSIS_SPIKE_STEPS: float(len(spikes)),
         M.ANALYSIS_SPIKE_ACTIONS_CORR: corr,
-        M.ANALYSIS_SPIKE_ACTIONS_MEAN: _nanmean(s["actions"] for s in spikes),
-        M.ANALYSIS_CALM_ACTIONS_MEAN: _nanmean(s["actions"] for s in calm),
+        M.ANALYSIS_SPIKE_ACTIONS_MEAN: nanmean(s["actions"] for s in spikes),
+        M.ANALYSIS_CALM_ACTIONS_MEAN: nanmean(s["actions"] for s in calm),
     }
     worst = sorted(spikes, key=lambda s: -s["x_median"])[:15]
     table = [{"trace": _short(s["trace"]), "step": s["step"], "latency_ms": s["latency_ms"], "x_median": s["x_median"],
@@ -615,7 +248,7 @@ def spikes_analysis(steps: list[dict], out: Path, ratio: float, sink: TelemetryS
         f"![spikes]({plot.name})",
         reports.markdown_table(table, ["trace", "step", "latency_ms", "x_median", "actions"]) if table else "No spike.",
     ]
-    return _finish("spikes", out, summary, metrics, {"plot": plot}, sections, {"spikes": table}, sink)
+    return finish("spikes", out, summary, metrics, {"plot": plot}, sections, {"spikes": table}, sink)
 
 
 def jt1_checkpoints(checkpoints_dir: Path) -> list[Path]:
@@ -663,7 +296,7 @@ def drift_analysis(rows: list[dict], out: Path, sink: TelemetrySink | None = Non
         reports.markdown_table(rows, ["checkpoint", "cosine_to_first", "cosine_to_previous"]),
         f"![drift]({plot.name})",
     ]
-    return _finish("drift", out, summary, metrics, {"plot": plot}, sections, {"rows": rows}, sink)
+    return finish("drift", out, summary, metrics, {"plot": plot}, sections, {"rows": rows}, sink)
 
 
 # ---------------------------------------------------------------------------------------------- from a config

@@ -11,6 +11,19 @@ def _quote(path: Path) -> str:
     return "'" + str(path).replace("'", "''") + "'"
 
 
+def trace_view(con, traces_dir: Path) -> bool:
+    """Create the view `traces` over every finished trace under `traces_dir` (one row per step, with its
+    `filename`); False when there is no trace to view."""
+    root = Path(traces_dir).resolve()
+    if not list(root.glob("**/*.jsonl")):
+        return False
+    con.execute(
+        f"CREATE VIEW traces AS SELECT * FROM read_json_auto({_quote(root / '**' / '*.jsonl')}, "
+        "union_by_name = true, filename = true, format = 'newline_delimited')"
+    )
+    return True
+
+
 def connect(artifacts_root: Path, datasets_dir: Path | None = None):
     """An in-memory connection with a view for every artifact family that has files."""
     import duckdb
@@ -22,11 +35,7 @@ def connect(artifacts_root: Path, datasets_dir: Path | None = None):
             f"CREATE VIEW deltas AS SELECT * FROM read_parquet({_quote(root / 'deltas' / '**' / '*.parquet')}, "
             "union_by_name = true, filename = true)"
         )
-    if list(root.glob("traces/**/*.jsonl")):
-        con.execute(
-            f"CREATE VIEW traces AS SELECT * FROM read_json_auto({_quote(root / 'traces' / '**' / '*.jsonl')}, "
-            "union_by_name = true, filename = true, format = 'newline_delimited')"
-        )
+    trace_view(con, root / "traces")
     for parquet in sorted(root.glob("eval/*.parquet")):
         name = re.sub(r"\W", "_", parquet.stem)
         con.execute(f"CREATE VIEW {name} AS SELECT * FROM read_parquet({_quote(parquet.resolve())})")

@@ -5,7 +5,7 @@ labels are regenerated after every JT1, tagged with the GistNet that produced th
 from on-policy labels. A finished cycle leaves `artifacts/cycles/cycle{c}.json`; a rerun skips those
 cycles and, inside an interrupted one, each trainer resumes from its newest complete checkpoint.
 
-    python -m mcx_core.training.cycles --config configs/gpu.yaml --cycles 3
+    mcx train-cycles --config configs/gpu.yaml --cycles 3
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import logging
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from mcx_core import artifacts, checkpoints, pipeline
+from mcx_core import artifacts, checkpoints, data, pipeline
 from mcx_core.config import MegaContextConfig
 from mcx_core.model.base import BaseLM
 from mcx_core.telemetry import metrics as M
@@ -97,9 +97,14 @@ def _measured(sink: TelemetrySink, lm: BaseLM, fn: Callable[[], object]):
 
 
 def phase_jt1(cfg: MegaContextConfig, lm: BaseLM, cycle: int, sink: TelemetrySink, progress: bool = True):
-    """JT1 of `cycle`, initialised from cycle − 1's GistNet; (JT1Result, phase metrics)."""
+    """JT1 of `cycle`: GistNet on every corpus's train split, initialised from cycle − 1's GistNet;
+    (TrainResult, phase metrics)."""
+    from mcx_core.training.gistnet import train_gistnet
+
     init = init_checkpoint(cfg, "jt1", cycle)
-    return _measured(sink, lm, lambda: pipeline.train_gistnet(cfg, lm, sink, cycle=cycle, init_from=init, progress=progress))
+    return _measured(sink, lm, lambda: train_gistnet(
+        cfg, lm, data.train_ids(cfg), _checkpoints_dir(cfg), sink, cycle=cycle, init_from=init, progress=progress,
+    ))
 
 
 def phase_deltas(cfg: MegaContextConfig, lm: BaseLM, cycle: int, sink: TelemetrySink, progress: bool = True,
@@ -110,15 +115,36 @@ def phase_deltas(cfg: MegaContextConfig, lm: BaseLM, cycle: int, sink: Telemetry
 
 
 def phase_jt2(cfg: MegaContextConfig, lm: BaseLM, cycle: int, sink: TelemetrySink, progress: bool = True):
-    """JT2 of `cycle` on this cycle's delta table, initialised from cycle − 1's LensNet."""
-    init = init_checkpoint(cfg, "jt2", cycle)
-    return _measured(sink, lm, lambda: pipeline.train_lensnet(cfg, lm, sink, cycle=cycle, init_from=init, progress=progress))
+    """JT2 of `cycle`: LensNet on this cycle's delta table (labelled by this cycle's GistNet), initialised
+    from cycle − 1's LensNet; (TrainResult, phase metrics)."""
+    from mcx_core.compression.gistnet import load_gister
+    from mcx_core.training.lensnet import train_lensnet
+
+    init, gist_ck = init_checkpoint(cfg, "jt2", cycle), checkpoints.jt1_checkpoint(cfg, cycle)
+    return _measured(sink, lm, lambda: train_lensnet(
+        cfg, lm, load_gister(gist_ck, lm), [pipeline.delta_table(cfg, cycle)], _checkpoints_dir(cfg), sink,
+        cycle=cycle, progress=progress, init_from=init, gistnet_checkpoint=gist_ck,
+    ))
 
 
 def phase_jt3(cfg: MegaContextConfig, lm: BaseLM, cycle: int, sink: TelemetrySink, progress: bool = True):
-    """JT3 of `cycle` with this cycle's GistNet + LensNet, carrying cycle − 1's adapter over."""
+    """JT3 of `cycle`: a LoRA adapter trained on Loss@H with working contexts chosen by this cycle's
+    (frozen) GistNet + LensNet and the allocator, carrying cycle − 1's adapter over; (TrainResult, phase metrics)."""
+    from mcx_core.compression.gistnet import load_gister
+    from mcx_core.focus.lensnet import load_lensnet
+    from mcx_core.training.lora import train_lora
+
     init = init_checkpoint(cfg, "jt3", cycle)
-    return _measured(sink, lm, lambda: pipeline.train_lora(cfg, lm, sink, cycle=cycle, init_from=init, progress=progress))
+    gister = load_gister(checkpoints.jt1_checkpoint(cfg, cycle), lm)
+    lensnet = load_lensnet(checkpoints.jt2_checkpoint(cfg, cycle), lm.device)
+    return _measured(sink, lm, lambda: train_lora(
+        cfg, lm, gister, lensnet, data.train_ids(cfg), _checkpoints_dir(cfg), sink, cycle=cycle, progress=progress,
+        init_from=init,
+    ))
+
+
+def _checkpoints_dir(cfg: MegaContextConfig) -> Path:
+    return artifacts.ArtifactPaths.from_config(cfg).checkpoints
 
 
 def write_cycle_record(cfg: MegaContextConfig, cycle: int, memory: dict[str, dict],
@@ -211,14 +237,14 @@ def run_cycles(cfg: MegaContextConfig, lm: BaseLM, sink_factory: SinkFactory | N
     return summaries
 
 
-# ---------------------------------------------------------------------------------------------- CLI
+# ---------------------------------------------------------------------------------------------- MLflow
 
 
 def training_loop_parent(cfg: MegaContextConfig, root: Path, tracking_uri: str | None = None,
                          artifact_location: str | None = None):
     """(parent, created): the MLflow parent run of this config's training loop, found by its
     `mcx.training_loop` key (`cycles.training_loop_key`), else created with the config as params. The
-    Dagster phase assets and `python -m mcx_core.training.cycles` attach their phase runs to the same one."""
+    Dagster phase assets and `mcx train-cycles` attach their phase runs to the same one."""
     from mcx_core.telemetry.mlflow_sink import MLflowSink, git_commit, store
 
     uri, artifacts = store(cfg, root, tracking_uri, artifact_location)
@@ -250,61 +276,3 @@ def mlflow_sinks(cfg: MegaContextConfig, root: Path) -> tuple[SinkFactory, Telem
 
     return factory, parent
 
-
-def build_parser():
-    import argparse
-
-    parser = argparse.ArgumentParser(prog="python -m mcx_core.training.cycles", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--config", required=True, help="experiment YAML (configs/*.yaml)")
-    parser.add_argument("--cycles", type=int, default=None, help="default: training_loop.n_cycles")
-    parser.add_argument("--no-mlflow", action="store_true", help="log nowhere (default: MLflow parent + child runs)")
-    parser.add_argument("--no-progress", action="store_true")
-    return parser
-
-
-def main(argv: list[str] | None = None) -> list[dict]:
-    import json
-    import os
-
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-
-    from mcx_core.config import load_config, project_root
-    from mcx_core.training import distributed
-
-    # Under `accelerate launch` (RANK / WORLD_SIZE / LOCAL_RANK set) every process trains the same model
-    # data-parallel (mcx_core.training.distributed): one config, one artifacts directory, one set of
-    # checkpoints, written by the main process. One process per GPU, each pinned to its own device.
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        import torch
-
-        if torch.cuda.is_available():
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    if os.environ.get("MASTER_ADDR") and "WORLD_SIZE" not in os.environ:
-        log.warning("launched by `accelerate launch --cpu` without mpirun: ONE process. For N CPU processes on one "
-                    "machine use `accelerate launch --multi_gpu --num_processes N` with no GPU visible")
-    cfg = load_config(args.config)
-    root = project_root()
-    main_process = distributed.is_main_process()
-    progress = not args.no_progress and main_process
-    with distributed.main_process_first():  # datasets built and the base model converted once, by rank 0
-        pipeline.build_datasets(cfg, progress=progress)
-        lm, info = pipeline.prepare_base_model(cfg)
-    log.info("base model %s on %s (process %d of %d)", info["model_id"], info["device"],
-             distributed.process_index(), distributed.world_size())
-    # One MLflow parent run, logged by the main process; the trainers average metrics over ranks first.
-    factory, parent = (null_sinks, None) if args.no_mlflow or not main_process else mlflow_sinks(cfg, root)
-    with parent or contextlib.nullcontext():
-        summaries = run_cycles(cfg, lm, factory, n_cycles=args.cycles, progress=progress)
-        for s in summaries if parent is not None else []:  # per-cycle time and peak memory (step = cycle)
-            if not s["skipped"] and s.get("memory"):
-                parent.log_metrics(cycle_metrics(s["memory"]), step=s["cycle"])
-    distributed.wait_for_everyone()
-    if main_process:
-        print(json.dumps([{k: s[k] for k in ("cycle", "checkpoints", "seconds", "skipped")} for s in summaries],
-                         indent=2))
-    return summaries
-
-
-if __name__ == "__main__":
-    main()

@@ -44,7 +44,6 @@ only rank 0 logs and writes checkpoints. One process is exactly the single-proce
 from __future__ import annotations
 
 import logging
-import math
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -68,15 +67,6 @@ from mcx_core.training import common, distributed
 log = logging.getLogger(__name__)
 
 JT = 1  # this trainer's phase number in checkpoint names: JT1_cycle{c}_step{s}
-
-
-@dataclass
-class JT1Result:
-    checkpoint: Path
-    metrics: dict[str, float]  # last logged metrics + run summary (jt1/*)
-    history: list[dict[str, float]]  # every logged step, {"step": s, metric: value, ...}
-    nan_free: bool
-    steps: int
 
 
 # ---------------------------------------------------------------------------------------------- sample pool
@@ -311,17 +301,6 @@ def _phase_lr(cfg: MegaContextConfig, phase: PhaseConfig) -> float:
     return phase.lr or cfg.gistnet.training.lr
 
 
-def _sample_step(seed: int, step: int, pool_size: int, batch_size: int, w_values: list[int], rank: int = 0,
-                 world: int = 1):
-    """Rows of the pool and a W_max per row for global step `step`: a function of (seed, step) only
-    (and of the rank: rank r of `world` takes its own slice of the step's draws, `distributed.rank_rows`)."""
-    g = common.step_generator(seed, step)
-    rows = distributed.rank_rows(torch.randperm(pool_size, generator=g), batch_size, rank)
-    b = len(rows)
-    w_idx = torch.randint(len(w_values), (world * b,), generator=g)[rank * b : (rank + 1) * b]
-    return rows, [w_values[i] for i in w_idx.tolist()]
-
-
 def _new_gister(cfg: MegaContextConfig, lm: BaseLM) -> Gister:
     torch.manual_seed(cfg.seed)  # the initialisation depends on the config's seed only
     return Gister(lm.d_model, cfg.gistnet.model).to(lm.device)
@@ -347,7 +326,7 @@ class _Run:
     history: list[dict[str, float]] = field(default_factory=list)
 
 
-def train_jt1(
+def train_gistnet(
     cfg: MegaContextConfig,
     lm: BaseLM,
     train_ids: np.ndarray,
@@ -357,7 +336,7 @@ def train_jt1(
     resume: bool = True,
     progress: bool = True,
     init_from: Path | None = None,
-) -> JT1Result:
+) -> common.TrainResult:
     """Train GistNet through `cfg.gistnet.training.phases`; `train_ids` [N, >= C + H] token ids.
 
     With `resume`, continue from the newest complete JT1 checkpoint of this cycle (a finished run
@@ -373,12 +352,9 @@ def train_jt1(
     progress = progress and distributed.is_main_process()
 
     gister = _new_gister(cfg, lm)
-    distributed.wait_for_everyone()  # every rank sees the same checkpoints (resume reads the same one)
-    run, resume_dir = _Run(), checkpoints.latest_checkpoint(checkpoints_dir, JT, cycle) if resume else None
+    run = _Run()
+    resume_dir, state = common.resume_point(checkpoints_dir, JT, cycle, resume, base_checksum)
     if resume_dir is not None:
-        state = checkpoints.read_state(resume_dir)
-        if state["base_model"]["weights_checksum"] != base_checksum:
-            raise ValueError(f"{resume_dir} was trained against other base-model weights ({state['base_model']})")
         gister.load_state_dict(load_gister(resume_dir, lm).state_dict())
         run = _Run(**state["run"])
         log.info("JT1: resuming from %s (global step %d)", resume_dir, run.global_step)
@@ -400,26 +376,16 @@ def train_jt1(
     )
 
     def trainer_state() -> dict:
-        return {
-            "trainer": f"JT{JT}",
-            "cycle": cycle,
-            "global_step": run.global_step,
-            "phase_index": run.phase_index,
-            "phase_name": tcfg.phases[run.phase_index].name,
-            "nan_free": run.nan_free,
-            "healthy": run.nan_free,
-            "metrics": run.history[-1] if run.history else {},
-            "rng": {
-                "seed": cfg.seed,
-                "sampling": "step s draws with torch.Generator().manual_seed(seed * 1_000_003 + s)",
+        return common.trainer_state(
+            JT, cycle, run, cfg.seed, {"id": lm.model_id, "weights_checksum": base_checksum}, tcfg.batch_size,
+            gister.parameters(),
+            rng={
                 "torch_manual_seed": "seed + s before step s (dropout)",
                 "pool": f"torch.Generator().manual_seed(seed * 7919 + cycle); rows {rows.tolist()}",
             },
-            "base_model": {"id": lm.model_id, "weights_checksum": base_checksum},
-            "gistnet": gist_profile,
-            **distributed.state_fields(tcfg.batch_size, gister.parameters()),
-            "run": run.__dict__,
-        }
+            global_step=run.global_step, phase_index=run.phase_index, phase_name=tcfg.phases[run.phase_index].name,
+            healthy=run.nan_free, gistnet=gist_profile,
+        )
 
     checkpoint = resume_dir
     for index, phase in enumerate(tcfg.phases):
@@ -437,7 +403,7 @@ def train_jt1(
         )
         while run.phase_step < phase.max_steps:
             t0 = time.perf_counter()
-            batch_rows, w_maxes = _sample_step(
+            batch_rows, w_maxes = common.sample_step(
                 cfg.seed, run.global_step, len(pool.ids), tcfg.batch_size, cfg.working_context.eval_w_max,
                 rank, world,
             )
@@ -448,16 +414,11 @@ def train_jt1(
                 loss, metrics = delta_nll_loss(gister, lm, pool, batch_rows, w_maxes, cfg, phase)
             # backward + gradient all-reduce over ranks + clipping; NaN when any rank's loss is non-finite
             grad_norm = distributed.backward_step(loss, opt, gister.parameters(), tcfg.grad_clip)
-            if not (math.isfinite(loss.item()) and math.isfinite(grad_norm)):
-                # Stop this phase without applying the step: the weights stay the last finite ones.
-                run.nan_free = False
+            if common.stop_if_nonfinite(loss, grad_norm, sink, run.global_step, M.TRAIN_LOSS, f"JT1 {phase.name}"):
+                run.nan_free = False  # this phase stops; the next one starts from the last finite weights
                 run.nan_phases.append(index)
-                log.error("JT1 %s: non-finite loss/grad at step %d; phase stopped", phase.name, run.global_step)
-                sink.log_metrics({M.TRAIN_LOSS: float("nan"), M.TRAIN_NAN: 1.0}, step=run.global_step)
                 break
-            lr = opt.param_groups[0]["lr"]
-            opt.step()
-            sched.step()
+            lr = common.apply_step(opt, sched)
             run.global_step += 1
             run.phase_step += 1
             dt = time.perf_counter() - t0
@@ -488,21 +449,14 @@ def train_jt1(
 
     if lm.weights_checksum() != base_checksum:
         raise AssertionError("JT1 changed the base model's weights; it must stay frozen")
-    summary = _summary(run, time.perf_counter() - t_start)
-    sink.log_metrics(summary, step=run.global_step)
-    return JT1Result(
-        checkpoint=checkpoint,
-        metrics={**(run.history[-1] if run.history else {}), **summary},
-        history=run.history,
-        nan_free=run.nan_free,
-        steps=run.global_step,
-    )
+    return common.finish("jt1", run, run.global_step, time.perf_counter() - t_start, sink, _summary(run),
+                         checkpoint=checkpoint)
 
 
-def _summary(run: _Run, seconds: float, window: int = 10) -> dict[str, float]:
-    """Run-level numbers: ΔNLL at the start and end of delta_nll training (mean of the first / last
-    `window` logged steps), seconds per step per phase, wall time, NaN-freedom."""
-    out = {"jt1/steps": float(run.global_step), "jt1/seconds": seconds, "jt1/nan_free": float(run.nan_free)}
+def _summary(run: _Run, window: int = 10) -> dict[str, float]:
+    """Run-level numbers beyond steps, wall time and NaN-freedom: ΔNLL at the start and end of delta_nll
+    training (mean of the first / last `window` logged steps), seconds per step per phase."""
+    out = {}
     delta = [h[M.TRAIN_DELTA_NLL_MEAN] for h in run.history if M.TRAIN_DELTA_NLL_MEAN in h]
     if delta:
         out["jt1/delta_nll_mean_start"] = M.mean(delta[:window])

@@ -58,15 +58,14 @@ from tqdm.auto import tqdm
 from mcx_core import checkpoints
 from mcx_core.compression.gistnet import num_parameters
 from mcx_core.config import MegaContextConfig
-from mcx_core.focus.deltas import (
-    checkpoint_id,
-    normalised_utilities,
+from mcx_core.focus.delta_tables import (
+    gistnet_label,
     read_contexts,
     rebuild_context,
     rebuild_tree,
-    score_targets,
     validate_delta_table,
 )
+from mcx_core.focus.deltas import normalised_utilities, score_targets
 from mcx_core.focus.lensnet import LensNet, collate, entry_inputs, load_lensnet, mask_scores
 from mcx_core.model.base import BaseLM
 from mcx_core.model.tree import GistFn
@@ -78,16 +77,6 @@ log = logging.getLogger(__name__)
 
 JT = 2
 EVAL_BATCH = 64  # held-out contexts per LensNet forward
-
-
-@dataclass
-class JT2Result:
-    checkpoint: Path
-    metrics: dict[str, float]  # last logged metrics + run summary (jt2/*)
-    history: list[dict[str, float]]
-    nan_free: bool
-    steps: int
-    initial_metrics: dict[str, float] = field(default_factory=dict)  # held-out metrics before step 1
 
 
 @dataclass
@@ -248,7 +237,7 @@ def _save(checkpoints_dir: Path, cycle: int, lensnet: LensNet, gister: GistFn, o
     return checkpoints.save_jt_checkpoint(checkpoints_dir, JT, cycle, state["step"], parts, opt, sched, cfg, state)
 
 
-def train_jt2(
+def train_lensnet(
     cfg: MegaContextConfig,
     lm: BaseLM,
     gister: GistFn,
@@ -261,7 +250,7 @@ def train_jt2(
     init_from: Path | None = None,
     *,
     gistnet_checkpoint: str | Path | None = None,
-) -> JT2Result:
+) -> common.TrainResult:
     """Train LensNet for `lensnet.training.max_steps` steps on the delta tables' labels.
 
     `gister` must be the GistNet the tables were computed with; given `gistnet_checkpoint` (its checkpoint
@@ -280,10 +269,10 @@ def train_jt2(
         if problems:
             raise ValueError(f"{path}: unusable delta table: " + "; ".join(problems[:5]))
     label_gistnets = table_gistnet_checkpoints(delta_paths)
-    if gistnet_checkpoint is not None and label_gistnets != [checkpoint_id(gistnet_checkpoint)]:
+    if gistnet_checkpoint is not None and label_gistnets != [gistnet_label(gistnet_checkpoint)]:
         raise ValueError(
             f"JT2: the delta tables were labelled with GistNet {label_gistnets}, not "
-            f"{checkpoint_id(gistnet_checkpoint)!r}: regenerate them with the current GistNet (on-policy labels)"
+            f"{gistnet_label(gistnet_checkpoint)!r}: regenerate them with the current GistNet (on-policy labels)"
         )
     examples, max_level = load_examples(
         delta_paths, lm, gister, cfg.lensnet.model.tail_gists, tcfg.utility_floor, progress, validate=False
@@ -297,10 +286,8 @@ def train_jt2(
 
     lensnet = LensNet(lm.d_model, cfg.lensnet.model, max_level=max_level).to(lm.device)
     run = _Run()
-    distributed.wait_for_everyone()  # every rank sees the same checkpoints (resume reads the same one)
-    resume_dir = checkpoints.latest_checkpoint(checkpoints_dir, JT, cycle) if resume else None
+    resume_dir, state = common.resume_point(checkpoints_dir, JT, cycle, resume)
     if resume_dir is not None:
-        state = checkpoints.read_state(resume_dir)
         lensnet.load_state_dict(load_lensnet(resume_dir).state_dict())
         run = _Run(**state["run"])
         log.info("JT2: resuming from %s (step %d)", resume_dir, run.step)
@@ -325,26 +312,12 @@ def train_jt2(
         sink.log_metrics({**run.initial, M.LENSNET_PARAMETERS: float(num_parameters(lensnet))}, step=0)
 
     def trainer_state() -> dict:
-        return {
-            "trainer": f"JT{JT}",
-            "cycle": cycle,
-            "step": run.step,
-            "max_steps": tcfg.max_steps,
-            "nan_free": run.nan_free,
-            "metrics": run.history[-1] if run.history else {},
-            "delta_tables": [str(p) for p in delta_paths],
-            "gistnet_checkpoint": label_gistnets,
-            "contexts": {"train": len(train_idx), "held_out": len(held_idx)},
-            "held_out_samples": sorted({e.sample_id for e in held_out}),
-            "rng": {
-                "seed": cfg.seed,
-                "sampling": "step s draws with torch.Generator().manual_seed(seed * 1_000_003 + s)",
-            },
-            "base_model": {"id": lm.model_id},
-            "lensnet_parameters": num_parameters(lensnet),
-            **distributed.state_fields(tcfg.batch_size, lensnet.parameters()),
-            "run": run.__dict__,
-        }
+        return common.trainer_state(
+            JT, cycle, run, cfg.seed, {"id": lm.model_id}, tcfg.batch_size, lensnet.parameters(),
+            step=run.step, max_steps=tcfg.max_steps, delta_tables=[str(p) for p in delta_paths],
+            gistnet_checkpoint=label_gistnets, contexts={"train": len(train_idx), "held_out": len(held_idx)},
+            held_out_samples=sorted({e.sample_id for e in held_out}), lensnet_parameters=num_parameters(lensnet),
+        )
 
     checkpoint = resume_dir
     bar = tqdm(total=tcfg.max_steps, initial=run.step, desc="JT2 LensNet", disable=not progress)
@@ -354,14 +327,10 @@ def train_jt2(
         loss, metrics = jt2_loss(lensnet, [examples[train_idx[i]] for i in picks], cfg)
         # backward + gradient all-reduce over ranks + clipping; NaN when any rank's loss is non-finite
         grad_norm = distributed.backward_step(loss, opt, lensnet.parameters(), tcfg.grad_clip)
-        if not (math.isfinite(loss.item()) and math.isfinite(grad_norm)):
-            run.nan_free = False  # stop without applying the step: the weights stay the last finite ones
-            log.error("JT2: non-finite loss/grad at step %d; training stopped", run.step)
-            sink.log_metrics({M.TRAIN_LENSNET_LOSS: math.nan, M.TRAIN_NAN: 1.0}, step=run.step)
+        if common.stop_if_nonfinite(loss, grad_norm, sink, run.step, M.TRAIN_LENSNET_LOSS, "JT2"):
+            run.nan_free = False
             break
-        lr = opt.param_groups[0]["lr"]
-        opt.step()
-        sched.step()
+        lr = common.apply_step(opt, sched)
         run.step += 1
         if run.step % tcfg.log_every == 0 or run.step == tcfg.max_steps:
             metrics = distributed.reduce_metrics(metrics)  # the held-out metrics below agree on every rank
@@ -378,19 +347,8 @@ def train_jt2(
         if tcfg.checkpoint_every and run.step % tcfg.checkpoint_every == 0 and run.step < tcfg.max_steps:
             checkpoint = _save(checkpoints_dir, cycle, lensnet, gister, opt, sched, cfg, trainer_state())
     bar.close()
-    if checkpoint is None or run.step != checkpoints.read_state(checkpoint)["step"]:
-        checkpoint = _save(checkpoints_dir, cycle, lensnet, gister, opt, sched, cfg, trainer_state())
-    summary = {
-        "jt2/steps": float(run.step),
-        "jt2/seconds": time.perf_counter() - t_start,
-        "jt2/nan_free": float(run.nan_free),
-    }
-    sink.log_metrics(summary, step=run.step)
-    return JT2Result(
-        checkpoint=checkpoint,
-        metrics={**(run.history[-1] if run.history else {}), **summary},
-        history=run.history,
-        nan_free=run.nan_free,
-        steps=run.step,
-        initial_metrics=dict(run.initial),
+    checkpoint = common.last_checkpoint(
+        checkpoint, run.step, lambda: _save(checkpoints_dir, cycle, lensnet, gister, opt, sched, cfg, trainer_state())
     )
+    return common.finish("jt2", run, run.step, time.perf_counter() - t_start, sink, checkpoint=checkpoint,
+                         initial_metrics=dict(run.initial))

@@ -1,15 +1,6 @@
 """JT3: LoRA adapters on the frozen base model, trained on Loss@H (SPEC §6); GistNet and LensNet frozen.
 
-The adapter and the shared model. `BaseLM.model` is shared by everything else (evaluation, the runtime,
-JT1, JT2), so an adapter is attached only for the length of a `with` block: `lora_adapter` (a fresh one
-from `cfg.lora`) or `load_lora` (a saved one) inject peft LoRA layers into `lm.model` *in place*
-(`get_peft_model` / `PeftModel.from_pretrained`) and yield the `PeftModel`; on exit `unload()` puts the
-original modules back (never `merge_and_unload`: nothing is merged into the base weights). Inside the
-block every existing code path that calls `lm.model` (`horizon_nll`, the runtime engine) runs *with* the
-adapter; `adapter.disable_adapter()` gives the plain base model back within the block. On a normal exit
-the model must be what it was before — the same module objects with the same hooks, train/eval flags and
-`requires_grad`, and the same `weights_checksum()` — or `BaseModelChanged` is raised. Attaching a second
-adapter while one is attached is refused.
+The adapter lives in `mcx_core.model.lora` (attached only for the length of a `with` block).
 
 A sample: ids [C + H]. Its working context is the one the runtime would hold at cursor C: the first
 C − S·R tokens are ingested at once (`WorkingContext.initial`), then S = `lora.refocus_steps` steps of
@@ -41,12 +32,9 @@ checkpoints. One process is exactly the single-process trainer.
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
-import math
 import time
-import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -56,11 +44,18 @@ import torch
 from tqdm.auto import tqdm
 
 from mcx_core import checkpoints
-from mcx_core.config import LoRAConfig, MegaContextConfig
+from mcx_core.config import MegaContextConfig
 from mcx_core.eval.nll import ConditionInput, horizon_nll_grad
 from mcx_core.focus.allocator import FocusAllocator
 from mcx_core.focus.lensnet import LensNet, LensNetPolicy
 from mcx_core.model.base import BaseLM
+from mcx_core.model.lora import (
+    _set_dropout,
+    load_adapter_weights,
+    lora_adapter,
+    lora_parameters,
+    save_adapter,
+)
 from mcx_core.model.tree import GistFn, MegaContextTree
 from mcx_core.model.working_context import WorkingContext
 from mcx_core.telemetry import metrics as M
@@ -70,165 +65,6 @@ from mcx_core.training import common, distributed
 log = logging.getLogger(__name__)
 
 JT = 3
-ADAPTER_CONFIG = "adapter_config.json"
-ADAPTER_WEIGHTS = "adapter_model.safetensors"
-
-
-class BaseModelChanged(AssertionError):
-    """The shared base model is not what it was before an adapter was attached."""
-
-
-@dataclass
-class JT3Result:
-    checkpoint: Path
-    metrics: dict[str, float]  # last logged metrics + run summary (jt3/*)
-    history: list[dict[str, float]]
-    nan_free: bool
-    steps: int
-
-
-# ---------------------------------------------------------------------------------------------- adapter
-
-
-def peft_config(lora: LoRAConfig):
-    from peft import LoraConfig
-
-    return LoraConfig(
-        r=lora.rank,
-        lora_alpha=lora.alpha,
-        lora_dropout=lora.dropout,
-        target_modules=list(lora.target_modules),
-        bias="none",
-    )
-
-
-def _structure(model: torch.nn.Module) -> list[tuple]:
-    """What must be identical before and after an adapter visit: every module (same object), its hooks
-    and train/eval flag, and every parameter's requires_grad."""
-    modules = [
-        (name, id(m), len(m._forward_hooks), len(m._forward_pre_hooks), len(m._backward_hooks), m.training)
-        for name, m in model.named_modules()
-    ]
-    return modules + [(name, p.requires_grad) for name, p in model.named_parameters()]
-
-
-def has_adapter(lm: BaseLM) -> bool:
-    from peft.tuners.tuners_utils import BaseTunerLayer
-
-    return hasattr(lm.model, "peft_config") or any(isinstance(m, BaseTunerLayer) for m in lm.model.modules())
-
-
-@contextmanager
-def _attached(lm: BaseLM, attach: Callable[[torch.nn.Module], object]) -> Iterator:
-    if has_adapter(lm):
-        raise RuntimeError("the base model already has an adapter attached; detach it first")
-    structure, checksum = _structure(lm.model), lm.weights_checksum()
-    config, pretraining_tp = lm.model.config.to_dict(), getattr(lm.model.config, "pretraining_tp", None)
-    with warnings.catch_warnings():  # peft reads the deprecated `is_gradient_checkpointing`
-        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")
-        adapter = attach(lm.model)
-    try:
-        yield adapter
-    finally:
-        restored = adapter.unload()  # the original modules back, nothing merged
-        if restored is not lm.model:
-            raise BaseModelChanged("peft unload() returned another model object")
-        if pretraining_tp is not None:  # PeftModel sets it to 1 on the base model's config
-            lm.model.config.pretraining_tp = pretraining_tp
-    if lm.model.config.to_dict() != config:
-        raise BaseModelChanged("the base model's config changed while an adapter was attached")
-    if _structure(lm.model) != structure:
-        raise BaseModelChanged("the base model's modules, hooks or flags differ after detaching the adapter")
-    if lm.weights_checksum() != checksum:
-        raise BaseModelChanged("the base model's weights changed while an adapter was attached")
-
-
-@contextmanager
-def lora_adapter(lm: BaseLM, lora: LoRAConfig, seed: int = 0) -> Iterator:
-    """A fresh, trainable LoRA adapter on `lm.model` for the block; yields the `PeftModel`. Its
-    initialisation depends on `seed` only (lora_B = 0: it starts as the identity)."""
-    from peft import get_peft_model
-
-    def attach(model):
-        with torch.random.fork_rng(devices=[]):  # peft initialises on the CPU, then moves to the device
-            torch.manual_seed(seed)
-            return get_peft_model(model, peft_config(lora))
-
-    with _attached(lm, attach) as adapter:
-        yield adapter
-
-
-def adapter_dir(checkpoint_dir: str | Path) -> Path:
-    """The adapter directory of a JT3 checkpoint (or the directory itself if it holds an adapter)."""
-    d = Path(checkpoint_dir)
-    return d / checkpoints.LORA_DIR if (d / checkpoints.LORA_DIR / ADAPTER_CONFIG).is_file() else d
-
-
-@contextmanager
-def load_lora(lm: BaseLM, checkpoint_dir: str | Path, trainable: bool = False) -> Iterator:
-    """The saved adapter of a JT3 checkpoint (or of a `save_pretrained` directory) on `lm.model` for the
-    block; yields the `PeftModel`. `with adapter.disable_adapter():` runs the plain base model."""
-    from peft import PeftModel
-
-    path = adapter_dir(checkpoint_dir)
-    if not (path / ADAPTER_CONFIG).is_file():
-        raise FileNotFoundError(f"no LoRA adapter ({ADAPTER_CONFIG}) in {checkpoint_dir}")
-
-    def attach(model):
-        return PeftModel.from_pretrained(model, str(path), is_trainable=trainable)
-
-    with _attached(lm, attach) as adapter:
-        _set_dropout(adapter, False)  # LoRA dropout off; the base model stays as it is (eval)
-        yield adapter
-
-
-def lora_parameters(adapter) -> list[tuple[str, torch.nn.Parameter]]:
-    """The adapter's trainable parameters; raises if anything but a LoRA matrix is trainable."""
-    named = [(n, p) for n, p in adapter.named_parameters() if p.requires_grad]
-    others = [n for n, _ in named if ".lora_A." not in n and ".lora_B." not in n]
-    if others:
-        raise AssertionError(f"non-LoRA parameters are trainable: {others[:5]}")
-    if not named:
-        raise AssertionError("the adapter has no trainable parameters")
-    return named
-
-
-def save_adapter(adapter, directory: Path) -> Path:
-    """Adapter weights only (safetensors) + adapter_config.json."""
-    adapter.save_pretrained(str(directory), safe_serialization=True, save_embedding_layers=False)
-    (Path(directory) / "README.md").unlink(missing_ok=True)  # peft's empty model-card template
-    return Path(directory)
-
-
-def load_adapter_weights(adapter, checkpoint_dir: str | Path, lora: LoRAConfig) -> None:
-    """Copy a saved adapter's weights into an attached one built from `lora` (resume, warm start);
-    refuses an adapter of another rank, alpha, dropout or target modules."""
-    from peft import get_peft_model_state_dict, set_peft_model_state_dict
-    from peft.utils import load_peft_weights
-
-    path = adapter_dir(checkpoint_dir)
-    saved = json.loads((path / ADAPTER_CONFIG).read_text(encoding="utf-8"))
-    want = {"r": lora.rank, "lora_alpha": lora.alpha, "lora_dropout": lora.dropout}
-    got = {k: saved.get(k) for k in want}
-    if got != want or sorted(saved.get("target_modules") or []) != sorted(lora.target_modules):
-        raise ValueError(
-            f"{path}: adapter {got | {'target_modules': saved.get('target_modules')}} does not match "
-            f"lora config {want | {'target_modules': list(lora.target_modules)}}"
-        )
-    weights = load_peft_weights(str(path), device=str(next(adapter.parameters()).device))
-    expected = get_peft_model_state_dict(adapter)
-    if set(weights) != set(expected) or any(weights[k].shape != expected[k].shape for k in expected):
-        raise ValueError(f"{path}: adapter tensors do not match the attached adapter's")
-    set_peft_model_state_dict(adapter, weights)
-
-
-def _set_dropout(adapter, train: bool) -> None:
-    """LoRA dropout on (training) or off; the frozen base model stays in eval mode throughout."""
-    from peft.tuners.lora import LoraLayer
-
-    for m in adapter.modules():
-        if isinstance(m, LoraLayer):
-            m.lora_dropout.train(train)
 
 
 # ---------------------------------------------------------------------------------------------- samples
@@ -335,17 +171,6 @@ def jt3_loss(lm: BaseLM, samples: list[LoRASample]) -> tuple[torch.Tensor, dict[
 # ---------------------------------------------------------------------------------------------- training
 
 
-def _sample_step(seed: int, step: int, n_train: int, batch_size: int, w_values: list[int], rank: int = 0,
-                 world: int = 1):
-    """Rows of `train_ids` and a W_max per row for step `step`: a function of (seed, step) only (and of
-    the rank: rank r of `world` takes its own slice of the step's draws, `distributed.rank_rows`)."""
-    g = common.step_generator(seed, step)
-    rows = distributed.rank_rows(torch.randperm(n_train, generator=g), batch_size, rank)
-    b = len(rows)
-    w_idx = torch.randint(len(w_values), (world * b,), generator=g)[rank * b : (rank + 1) * b]
-    return rows, [w_values[i] for i in w_idx.tolist()]
-
-
 def module_checksum(module) -> str:
     """Identity of a frozen net's weights (a non-module, e.g. MeanPoolGister, by its type)."""
     if not isinstance(module, torch.nn.Module):
@@ -372,7 +197,7 @@ def _save(checkpoints_dir, cycle, adapter, gister, lensnet, opt, sched, cfg, sta
 
 
 @contextmanager
-def _eval_mode(*modules) -> Iterator[None]:
+def eval_mode(*modules) -> Iterator[None]:
     """Frozen nets run in eval mode (no dropout); their previous mode is restored afterwards."""
     nets = [m for m in modules if isinstance(m, torch.nn.Module)]
     modes = [m.training for m in nets]
@@ -385,7 +210,7 @@ def _eval_mode(*modules) -> Iterator[None]:
             m.train(mode)
 
 
-def train_jt3(
+def train_lora(
     cfg: MegaContextConfig,
     lm: BaseLM,
     gister: GistFn,
@@ -397,7 +222,7 @@ def train_jt3(
     resume: bool = True,
     progress: bool = True,
     init_from: Path | None = None,
-) -> JT3Result:
+) -> common.TrainResult:
     """Train a LoRA adapter for `lora.training.max_steps` steps on `train_ids` [N, >= C + H].
 
     With `resume`, continue from the newest complete JT3 checkpoint of this cycle (a finished run returns
@@ -419,19 +244,14 @@ def train_jt3(
     sink, rank, world = distributed.main_sink(sink), distributed.process_index(), distributed.world_size()
     progress = progress and distributed.is_main_process()
 
-    distributed.wait_for_everyone()  # every rank sees the same checkpoints (resume reads the same one)
-    run, resume_dir = _Run(), checkpoints.latest_checkpoint(checkpoints_dir, JT, cycle) if resume else None
-    state = checkpoints.read_state(resume_dir) if resume_dir is not None else None
+    run = _Run()
+    resume_dir, state = common.resume_point(checkpoints_dir, JT, cycle, resume, base_checksum)
     if state is not None:
-        if state["base_model"]["weights_checksum"] != base_checksum:
-            raise ValueError(
-                f"{resume_dir} was trained against other base-model weights ({state['base_model']})"
-            )
         if state["frozen"] != frozen:
             raise ValueError(f"{resume_dir} was trained with another GistNet/LensNet ({state['frozen']})")
         run = _Run(**state["run"])
 
-    with _eval_mode(gister, lensnet), lora_adapter(lm, cfg.lora, cfg.seed) as adapter:
+    with eval_mode(gister, lensnet), lora_adapter(lm, cfg.lora, cfg.seed) as adapter:
         if resume_dir is not None:
             load_adapter_weights(adapter, resume_dir, cfg.lora)
             log.info("JT3: resuming from %s (step %d)", resume_dir, run.step)
@@ -454,32 +274,23 @@ def train_jt3(
         sink.log_metrics({M.LORA_PARAMETERS: float(n_params)}, step=run.step)
 
         def trainer_state() -> dict:
-            return {
-                "trainer": f"JT{JT}",
-                "cycle": cycle,
-                "step": run.step,
-                "max_steps": tcfg.max_steps,
-                "nan_free": run.nan_free,
-                "metrics": run.history[-1] if run.history else {},
-                "rng": {
-                    "seed": cfg.seed,
-                    "sampling": "step s draws with torch.Generator().manual_seed(seed * 1_000_003 + s)",
+            return common.trainer_state(
+                JT, cycle, run, cfg.seed, {"id": lm.model_id, "weights_checksum": base_checksum}, tcfg.batch_size,
+                lora_params,
+                rng={
                     "torch_manual_seed": "seed + s before step s (LoRA dropout)",
                     "adapter_init": "torch.manual_seed(seed) before get_peft_model",
                 },
-                "base_model": {"id": lm.model_id, "weights_checksum": base_checksum},
-                "frozen": frozen,
-                "lora": {**cfg.lora.model_dump(mode="json", exclude={"training"}), "parameters": n_params},
-                **distributed.state_fields(tcfg.batch_size, lora_params),
-                "run": run.__dict__,
-            }
+                step=run.step, max_steps=tcfg.max_steps, frozen=frozen,
+                lora={**cfg.lora.model_dump(mode="json", exclude={"training"}), "parameters": n_params},
+            )
 
         checkpoint = resume_dir
         lora_params = [p for _, p in params]
         bar = tqdm(total=tcfg.max_steps, initial=run.step, desc="JT3 LoRA", disable=not progress)
         while run.step < tcfg.max_steps:
             t0 = time.perf_counter()
-            rows, w_maxes = _sample_step(
+            rows, w_maxes = common.sample_step(
                 cfg.seed, run.step, len(train_ids), tcfg.batch_size, cfg.working_context.eval_w_max, rank, world
             )
             samples = build_samples(cfg, lm, gister, lensnet, train_ids[rows], w_maxes)
@@ -489,10 +300,8 @@ def train_jt3(
             _set_dropout(adapter, False)
             # backward + gradient all-reduce over ranks + clipping; NaN when any rank's loss is non-finite
             grad_norm = distributed.backward_step(loss, opt, lora_params, tcfg.grad_clip)
-            if not (math.isfinite(loss.item()) and math.isfinite(grad_norm)):
-                run.nan_free = False  # stop without applying the step: the adapter stays the last finite one
-                log.error("JT3: non-finite loss/grad at step %d; training stopped", run.step)
-                sink.log_metrics({M.TRAIN_LORA_LOSS: math.nan, M.TRAIN_NAN: 1.0}, step=run.step)
+            if common.stop_if_nonfinite(loss, grad_norm, sink, run.step, M.TRAIN_LORA_LOSS, "JT3"):
+                run.nan_free = False
                 break
             every = cfg.lora.without_adapter_every
             if every and run.step % every == 0:  # the step's batch, adapter off (before this update)
@@ -500,9 +309,7 @@ def train_jt3(
                     without = sample_nll(lm, samples).mean().item()
                 metrics[M.TRAIN_LORA_LOSS_WITHOUT_ADAPTER] = without
                 metrics[M.TRAIN_LORA_GAIN] = without - loss.item()
-            lr = opt.param_groups[0]["lr"]
-            opt.step()
-            sched.step()
+            lr = common.apply_step(opt, sched)
             run.step += 1
             dt = time.perf_counter() - t0
             tokens = sum(s.cost + H for s in samples)
@@ -524,70 +331,22 @@ def train_jt3(
                     checkpoints_dir, cycle, adapter, gister, lensnet, opt, sched, cfg, trainer_state()
                 )
         bar.close()
-        if checkpoint is None or run.step != checkpoints.read_state(checkpoint)["step"]:
-            checkpoint = _save(
-                checkpoints_dir, cycle, adapter, gister, lensnet, opt, sched, cfg, trainer_state()
-            )
+        checkpoint = common.last_checkpoint(checkpoint, run.step, lambda: _save(
+            checkpoints_dir, cycle, adapter, gister, lensnet, opt, sched, cfg, trainer_state()
+        ))
     # Leaving lora_adapter detached the adapter and checked the base model (BaseModelChanged otherwise).
     if {"gistnet": module_checksum(gister), "lensnet": module_checksum(lensnet)} != frozen:
         raise AssertionError("JT3 changed GistNet or LensNet; both must stay frozen")
-    summary = _summary(run, time.perf_counter() - t_start)
-    sink.log_metrics(summary, step=run.step)
-    return JT3Result(
-        checkpoint=checkpoint,
-        metrics={**(run.history[-1] if run.history else {}), **summary},
-        history=run.history,
-        nan_free=run.nan_free,
-        steps=run.step,
-    )
+    return common.finish("jt3", run, run.step, time.perf_counter() - t_start, sink, _summary(run),
+                         checkpoint=checkpoint)
 
 
-def _summary(run: _Run, seconds: float, window: int = 10) -> dict[str, float]:
-    """Run-level numbers: Loss@H at the start and end (mean of the first / last `window` logged steps)."""
-    out = {"jt3/steps": float(run.step), "jt3/seconds": seconds, "jt3/nan_free": float(run.nan_free)}
+def _summary(run: _Run, window: int = 10) -> dict[str, float]:
+    """Run-level numbers beyond steps, wall time and NaN-freedom: Loss@H at the start and end (mean of
+    the first / last `window` logged steps)."""
+    out = {}
     losses = [h[M.TRAIN_LORA_LOSS] for h in run.history if M.TRAIN_LORA_LOSS in h]
     if losses:
         out["jt3/loss_at_h_start"] = M.mean(losses[:window])
         out["jt3/loss_at_h_end"] = M.mean(losses[-window:])
     return out
-
-
-# ---------------------------------------------------------------------------------------------- evaluation
-
-
-@torch.no_grad()
-def evaluate_lora(
-    cfg: MegaContextConfig,
-    lm: BaseLM,
-    gister: GistFn,
-    lensnet: LensNet,
-    checkpoint: str | Path,
-    samples: np.ndarray | torch.Tensor,
-    w_max: int | None = None,
-) -> dict[str, float]:
-    """Held-out Loss@H with and without the checkpoint's adapter, on the same LensNet-chosen working
-    contexts (at `w_max`, default `working_context.w_max`) of `samples` [n, >= C + H]."""
-    C, H = cfg.dataset.context_tokens, cfg.dataset.horizon
-    ids = torch.as_tensor(np.asarray(samples), dtype=torch.long)
-    if ids.ndim != 2 or ids.shape[1] < C + H or len(ids) == 0:
-        raise ValueError(f"samples must be [n >= 1, >= {C + H}], got {tuple(ids.shape)}")
-    if checkpoints.is_complete(checkpoint):
-        trained_with = checkpoints.read_state(checkpoint).get("frozen")
-        now = {"gistnet": module_checksum(gister), "lensnet": module_checksum(lensnet)}
-        if trained_with is not None and trained_with != now:
-            log.warning(
-                "evaluate_lora: %s was trained with another GistNet/LensNet than the ones given", checkpoint
-            )
-    w = w_max or cfg.working_context.w_max
-    with _eval_mode(gister, lensnet):
-        built = build_samples(cfg, lm, gister, lensnet, ids, [w] * len(ids))
-    with load_lora(lm, checkpoint) as adapter:
-        with_adapter = sample_nll(lm, built, cfg.evaluation.batch_size).mean(1).cpu().numpy()  # [n]
-        with adapter.disable_adapter():
-            without = sample_nll(lm, built, cfg.evaluation.batch_size).mean(1).cpu().numpy()
-    return {
-        M.EVAL_LORA_LOSS_AT_H: M.mean(with_adapter),
-        M.EVAL_LORA_LOSS_AT_H_WITHOUT_ADAPTER: M.mean(without),
-        **M.summarize(with_adapter - without, M.EVAL_LORA_DELTA_LOSS),
-        M.EVAL_LORA_SAMPLES: float(len(ids)),
-    }

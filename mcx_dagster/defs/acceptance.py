@@ -4,7 +4,8 @@ the checkpoint set."""
 
 import dagster as dg
 
-from mcx_dagster.defs._meta import FROM_FINAL_CYCLE, cycle_of, floats, jt_cycles, training_finite_result
+from mcx_dagster.defs.metadata import floats, trained_metadata, training_finite_result
+from mcx_dagster.defs.partitions import FROM_FINAL_CYCLE, cycle_of, jt_cycles
 from mcx_dagster.defs.resources import MegaContextSettings, MLflowTracker
 
 
@@ -17,6 +18,7 @@ def lora_checkpoint(
     over); the base weights' checksum is verified unchanged. Closes the cycle: writes
     `cycles/cycle{c}.json` and logs the cycle's wall time and peak memory per phase to the loop's parent run."""
     from mcx_core import pipeline
+    from mcx_core.eval.lora import run_lora_eval
     from mcx_core.telemetry.mlflow_sink import MLflowSink
     from mcx_core.training import cycles
 
@@ -26,22 +28,18 @@ def lora_checkpoint(
         lm, _ = pipeline.prepare_base_model(cfg)
         result, phase = cycles.phase_jt3(cfg, lm, cycle, sink)
         sink.log_artifact(result.checkpoint / "trainer_state.json", "checkpoint")
-        held_out = pipeline.evaluate_lora(cfg, lm, result.checkpoint, sink, cycle=cycle)
+        held_out = run_lora_eval(cfg, lm, result.checkpoint, sink, cycle=cycle)
         memory = {**_earlier_phases(context, cycle), "jt3": phase}
         record = cycles.write_cycle_record(cfg, cycle, memory)
         per_cycle = cycles.cycle_metrics(memory)
         MLflowSink(sink.tracking_uri, sink.parent_run_id).log_metrics(per_cycle, step=cycle)
     return dg.MaterializeResult(
         metadata={
-            **floats(result.metrics),
-            **floats(phase),
+            **trained_metadata(result, phase),
             **floats(per_cycle),
             **floats({k.removeprefix("eval/"): v for k, v in held_out.items()}),
-            "checkpoint": dg.MetadataValue.path(str(result.checkpoint)),
             "cycle_record": dg.MetadataValue.path(str(cycles.cycle_record_path(cfg, cycle))),
             "cycle_nan_free": dg.MetadataValue.bool(record["nan_free"]),
-            "steps": dg.MetadataValue.int(result.steps),
-            "nan_free": dg.MetadataValue.bool(result.nan_free),
         }
     )
 

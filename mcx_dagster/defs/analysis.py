@@ -2,12 +2,11 @@
 sensor that raises the critical alerts (swap rate, ΔNLL divergence, latency) while runs go on."""
 
 import json
-import re
 from pathlib import Path
 
 import dagster as dg
 
-from mcx_dagster.defs._meta import floats, markdown_file
+from mcx_dagster.defs.metadata import floats, markdown_file
 from mcx_dagster.defs.resources import MegaContextSettings, MLflowTracker
 
 ALERT_ASSET = "runtime_eval"  # alerts show as observations of the asset whose telemetry raised them
@@ -93,27 +92,6 @@ def telemetry_schema_valid(settings: MegaContextSettings) -> dg.AssetCheckResult
     )
 
 
-TMP_TRACE = re.compile(r"/[.]([^/]+[.]jsonl)[.]tmp$")
-
-
-def _alert_key(a) -> str:
-    """One alert per source and name: a finished trace is the same source as its in-progress `.tmp`."""
-    return TMP_TRACE.sub(lambda m: "/" + m.group(1), a.source) + "|" + a.name
-
-
-def _file_state(paths) -> dict[str, int]:
-    from mcx_core.tools.alerts import trace_files
-
-    files = trace_files(paths.traces) + sorted(paths.checkpoints.glob("JT1_cycle*_step*/trainer_state.json"))
-    out = {}
-    for f in files:
-        try:
-            out[str(f)] = f.stat().st_mtime_ns
-        except FileNotFoundError:  # a .tmp trace renamed since the glob
-            continue
-    return out
-
-
 @dg.sensor(
     name="telemetry_alerts",
     minimum_interval_seconds=120,
@@ -132,24 +110,11 @@ def telemetry_alerts(
 
     cfg = settings.load()
     paths = ArtifactPaths.from_config(cfg)
-    cursor = json.loads(context.cursor) if context.cursor else {}
-    seen, raised = cursor.get("files", {}), set(cursor.get("raised", []))
-    state = _file_state(paths)
-    changed = [Path(f) for f, t in state.items() if seen.get(f) != t]
-    traces = [f for f in changed if f.name != "trainer_state.json"]
-    found = [(None, a) for f in traces for a in alerts.evaluate_records(
-        alerts.read_trace(f, partial=f.name.endswith(".tmp")), cfg.alerts, str(f))]
-    if len(traces) < len(changed):  # a JT1 checkpoint changed: ΔNLL across cycles
-        cycles = alerts.cycle_delta_nll(paths.checkpoints)
-        a = alerts.delta_nll_alert([v for _, v in cycles], cfg.alerts, str(paths.checkpoints),
-                                   [f"cycle {c}" for c, _ in cycles])
-        found += [(None, a)] if a else []
     uri, _ = store(cfg, settings.root_dir(), mlflow.tracking_uri or None)
-    mlflow_ms = cursor.get("mlflow_ms", 0)
-    if Path(uri.removeprefix("sqlite:///")).is_file() or not uri.startswith("sqlite:///"):
-        by_run, mlflow_ms = alerts.mlflow_alerts(uri, cfg.mlflow.experiment or cfg.name, cfg.alerts, mlflow_ms)
-        found += [(run_id, a) for run_id, run_alerts in by_run for a in run_alerts]
-    new = [(run_id, a) for run_id, a in found if _alert_key(a) not in raised]
+    scan = alerts.new_alerts(cfg.alerts, paths.traces, paths.checkpoints,
+                             json.loads(context.cursor) if context.cursor else None,
+                             mlflow=(uri, cfg.mlflow.experiment or cfg.name))
+    new = scan.alerts
     events = []
     if new:
         fresh = [a for _, a in new]
@@ -165,8 +130,6 @@ def telemetry_alerts(
                 **{a.tag: dg.MetadataValue.text(a.message) for a in fresh},
             },
         ))
-        raised |= {_alert_key(a) for a in fresh}
-    new_cursor = json.dumps({"files": state, "mlflow_ms": mlflow_ms, "raised": sorted(raised)[-500:]})
     summary = (f"{len(new)} new alert(s): " + "; ".join(f"{a.name} ({Path(a.source).name})" for _, a in new)
-               if new else f"no new alert ({len(changed)} changed telemetry files)")
-    return dg.SensorResult(asset_events=events, cursor=new_cursor, skip_reason=summary)
+               if new else f"no new alert ({scan.changed_files} changed telemetry files)")
+    return dg.SensorResult(asset_events=events, cursor=json.dumps(scan.cursor), skip_reason=summary)

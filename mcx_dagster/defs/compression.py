@@ -2,15 +2,14 @@
 
 import dagster as dg
 
-from mcx_dagster.defs._meta import (
-    FROM_FINAL_CYCLE,
-    cycle_of,
+from mcx_dagster.defs.metadata import (
     floats,
     gates_result,
-    jt_cycles,
     markdown_file,
+    trained_metadata,
     training_finite_result,
 )
+from mcx_dagster.defs.partitions import FROM_FINAL_CYCLE, cycle_of, jt_cycles
 from mcx_dagster.defs.resources import MegaContextSettings, MLflowTracker
 
 
@@ -38,11 +37,7 @@ def gistnet_checkpoint(
         sink.log_artifact(result.checkpoint / "trainer_state.json", "checkpoint")
     return dg.MaterializeResult(
         metadata={
-            **floats(result.metrics),
-            **floats(phase),
-            "checkpoint": dg.MetadataValue.path(str(result.checkpoint)),
-            "steps": dg.MetadataValue.int(result.steps),
-            "nan_free": dg.MetadataValue.bool(result.nan_free),
+            **trained_metadata(result, phase),
             "gist_drift_cosine": dg.MetadataValue.float(drift) if drift is not None else dg.MetadataValue.text(
                 "no previous checkpoint"
             ),

@@ -1,8 +1,8 @@
-"""Data assets: the tokenized, block-aligned datasets."""
+"""Data assets: the tokenized, block-aligned datasets, and their blocking checks."""
 
 import dagster as dg
 
-from mcx_dagster.defs._meta import floats
+from mcx_dagster.defs.metadata import floats, problems_result
 from mcx_dagster.defs.resources import MegaContextSettings, MLflowTracker
 
 
@@ -30,3 +30,27 @@ def block_dataset(
         },
         data_version=dg.DataVersion(manifest["data_version"]),
     )
+
+
+@dg.asset_check(asset="block_dataset", blocking=True)
+def block_dataset_deterministic(settings: MegaContextSettings) -> dg.AssetCheckResult:
+    """Re-read the source documents of sampled rows, re-tokenize them, and compare the tokens."""
+    from mcx_core import pipeline
+
+    return problems_result(pipeline.check_dataset_determinism(settings.load()), "re-tokenized samples match")
+
+
+@dg.asset_check(asset="block_dataset", blocking=True)
+def block_dataset_no_cross_document(settings: MegaContextSettings) -> dg.AssetCheckResult:
+    """Every sample lies inside one document and starts on a block boundary."""
+    from mcx_core import pipeline
+
+    return problems_result(pipeline.check_dataset_boundaries(settings.load()), "all samples inside one document")
+
+
+@dg.asset_check(asset="block_dataset", blocking=True)
+def block_dataset_split_sizes(settings: MegaContextSettings) -> dg.AssetCheckResult:
+    """Every corpus has train, val and test samples (at least `acceptance.split_min_samples`)."""
+    from mcx_core import pipeline
+
+    return problems_result(pipeline.check_dataset_split_sizes(settings.load()), "every split is populated")

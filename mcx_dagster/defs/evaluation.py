@@ -1,8 +1,8 @@
-"""Evaluation assets: ΔNLL@H reports."""
+"""Evaluation assets: ΔNLL@H reports, and their checks."""
 
 import dagster as dg
 
-from mcx_dagster.defs._meta import floats, markdown_file
+from mcx_dagster.defs.metadata import floats, markdown_file, problems_result
 from mcx_dagster.defs.resources import MegaContextSettings, MLflowTracker
 
 
@@ -30,3 +30,22 @@ def baseline_eval(
             "table": dg.MetadataValue.path(str(result["table"])),
         }
     )
+
+
+@dg.asset_check(asset="baseline_eval")
+def baseline_eval_finite(settings: MegaContextSettings) -> dg.AssetCheckResult:
+    """Every NLL in the baseline table is finite."""
+    import json
+
+    from mcx_core.artifacts import ArtifactPaths
+    from mcx_core.telemetry.metrics import is_finite
+
+    cfg = settings.load()
+    summary = json.loads((ArtifactPaths.from_config(cfg).reports / "baseline_eval.json").read_text())
+    bad = [
+        f"{s['dataset']}/w{s['w_max']}: {k} = {v}"
+        for s in summary
+        for k, v in s.items()
+        if k.startswith("nll_") and not is_finite([v])
+    ]
+    return problems_result(bad, "all NLLs finite")

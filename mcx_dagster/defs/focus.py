@@ -3,16 +3,15 @@ focus checks (swap rate, residency, utilization, causality, latency overhead).""
 
 import dagster as dg
 
-from mcx_dagster.defs._meta import (
-    FROM_FINAL_CYCLE,
-    cycle_of,
+from mcx_dagster.defs.metadata import (
     floats,
     gates_result,
-    jt_cycles,
     markdown_file,
     problems_result,
+    trained_metadata,
     training_finite_result,
 )
+from mcx_dagster.defs.partitions import FROM_FINAL_CYCLE, cycle_of, jt_cycles
 from mcx_dagster.defs.resources import MegaContextSettings, MLflowTracker
 
 
@@ -47,10 +46,10 @@ def delta_table_schema(context: dg.AssetCheckExecutionContext, settings: MegaCon
     """The SPEC §6 columns with their types, one GistNet checkpoint, a recency context per sample,
     finite ΔNLL, a readable contexts file."""
     from mcx_core import pipeline
-    from mcx_core.focus import deltas
+    from mcx_core.focus.delta_tables import validate_delta_table
 
     path = pipeline.delta_table(settings.load(), cycle_of(context))
-    return problems_result(deltas.validate_delta_table(path), "schema and contents valid", table=dg.MetadataValue.path(str(path)))
+    return problems_result(validate_delta_table(path), "schema and contents valid", table=dg.MetadataValue.path(str(path)))
 
 
 @dg.asset(group_name="focus", deps=["delta_table"], partitions_def=jt_cycles, kinds={"pytorch", "safetensors"})
@@ -69,14 +68,7 @@ def lensnet_checkpoint(
         result, phase = cycles.phase_jt2(cfg, lm, cycle_of(context), sink)
         sink.log_artifact(result.checkpoint / "trainer_state.json", "checkpoint")
     return dg.MaterializeResult(
-        metadata={
-            **floats(result.metrics),
-            **floats(phase),
-            **floats(result.initial_metrics, prefix="untrained/"),
-            "checkpoint": dg.MetadataValue.path(str(result.checkpoint)),
-            "steps": dg.MetadataValue.int(result.steps),
-            "nan_free": dg.MetadataValue.bool(result.nan_free),
-        }
+        metadata={**trained_metadata(result, phase), **floats(result.initial_metrics, prefix="untrained/")}
     )
 
 
@@ -122,40 +114,31 @@ def runtime_eval(
     )
 
 
-def _runtime_check(settings: MegaContextSettings, criterion: str) -> dg.AssetCheckResult:
-    from mcx_core.eval import acceptance
-    from mcx_core.eval.runtime import read_runtime_eval
+def _runtime_check(name: str, criterion: str, description: str) -> dg.AssetChecksDefinition:
+    """A blocking SPEC §8 check of runtime_eval: the acceptance gate `criterion` on its summary."""
 
-    cfg = settings.load()
-    summary = read_runtime_eval(cfg)["summary"]
-    return gates_result(acceptance.runtime_gates(cfg, summary)[criterion], steps=dg.MetadataValue.int(summary["steps"]))
+    @dg.asset_check(asset="runtime_eval", name=name, blocking=True, description=description)
+    def check(settings: MegaContextSettings) -> dg.AssetCheckResult:
+        from mcx_core.eval import acceptance
+        from mcx_core.eval.runtime import read_runtime_eval
 
+        cfg = settings.load()
+        summary = read_runtime_eval(cfg)["summary"]
+        gates = acceptance.runtime_gates(cfg, summary)[criterion]
+        return gates_result(gates, steps=dg.MetadataValue.int(summary["steps"]))
 
-@dg.asset_check(asset="runtime_eval", blocking=True)
-def runtime_swap_rate(settings: MegaContextSettings) -> dg.AssetCheckResult:
-    """Mean swap rate ≤ `acceptance.swap_rate_max` (SPEC §8)."""
-    return _runtime_check(settings, "swap_rate")
-
-
-@dg.asset_check(asset="runtime_eval", blocking=True)
-def runtime_mean_residency(settings: MegaContextSettings) -> dg.AssetCheckResult:
-    """Mean residency ≥ `acceptance.mean_residency_min` allocator steps (SPEC §8)."""
-    return _runtime_check(settings, "residency")
+    return check
 
 
-@dg.asset_check(asset="runtime_eval", blocking=True)
-def runtime_budget_utilization(settings: MegaContextSettings) -> dg.AssetCheckResult:
-    """Mean utilization ≥ `acceptance.utilization_min` and never above `acceptance.utilization_max`."""
-    return _runtime_check(settings, "utilization")
-
-
-@dg.asset_check(asset="runtime_eval", blocking=True)
-def runtime_causality(settings: MegaContextSettings) -> dg.AssetCheckResult:
-    """No entry LensNet read ends after the cursor (≤ `acceptance.causality_violations_max`)."""
-    return _runtime_check(settings, "causality")
-
-
-@dg.asset_check(asset="runtime_eval", blocking=True)
-def runtime_latency_overhead(settings: MegaContextSettings) -> dg.AssetCheckResult:
-    """(MegaContext step − frozen base step on the same positions) / base step ≤ `acceptance.latency_overhead_max`."""
-    return _runtime_check(settings, "latency")
+runtime_swap_rate = _runtime_check(
+    "runtime_swap_rate", "swap_rate", "Mean swap rate ≤ `acceptance.swap_rate_max` (SPEC §8).")
+runtime_mean_residency = _runtime_check(
+    "runtime_mean_residency", "residency", "Mean residency ≥ `acceptance.mean_residency_min` allocator steps (SPEC §8).")
+runtime_budget_utilization = _runtime_check(
+    "runtime_budget_utilization", "utilization",
+    "Mean utilization ≥ `acceptance.utilization_min` and never above `acceptance.utilization_max`.")
+runtime_causality = _runtime_check(
+    "runtime_causality", "causality", "No entry LensNet read ends after the cursor (≤ `acceptance.causality_violations_max`).")
+runtime_latency_overhead = _runtime_check(
+    "runtime_latency_overhead", "latency",
+    "(MegaContext step − frozen base step on the same positions) / base step ≤ `acceptance.latency_overhead_max`.")

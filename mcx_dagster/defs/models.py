@@ -2,7 +2,7 @@
 
 import dagster as dg
 
-from mcx_dagster.defs._meta import floats
+from mcx_dagster.defs.metadata import floats
 from mcx_dagster.defs.resources import MegaContextSettings, MLflowTracker
 
 

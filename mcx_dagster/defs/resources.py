@@ -1,4 +1,4 @@
-"""Resources, bound in one place: the experiment config, artifact paths, MLflow and DuckDB."""
+"""Resources, bound in one place: the experiment config and MLflow."""
 
 from __future__ import annotations
 
@@ -25,15 +25,6 @@ class MegaContextSettings(dg.ConfigurableResource):
 
     def load(self):
         return load_project_config(self.config_path, self.root_dir())
-
-
-class ArtifactPathsResource(dg.ConfigurableResource):
-    """Absolute paths of the artifact folders for a config (datasets, reports, deltas, traces...)."""
-
-    def for_config(self, cfg):
-        from mcx_core.artifacts import ArtifactPaths
-
-        return ArtifactPaths.from_config(cfg)
 
 
 class MLflowTracker(dg.ConfigurableResource):
@@ -102,22 +93,11 @@ class MLflowTracker(dg.ConfigurableResource):
         context.log.info(f"{asset}: done in {time.perf_counter() - t0:.1f} s")
 
 
-class DuckDBResource(dg.ConfigurableResource):
-    """An in-memory DuckDB with views over the Parquet/Arrow/JSONL artifacts (absolute paths)."""
-
-    def connect(self, artifacts_root: Path):
-        from mcx_core.tools.query import connect
-
-        return connect(artifacts_root)
-
-
 @dg.definitions
 def resources() -> dg.Definitions:
     return dg.Definitions(
         resources={
             "settings": MegaContextSettings(config_path=os.environ.get("MCX_CONFIG", DEFAULT_CONFIG)),
-            "paths": ArtifactPathsResource(),
             "mlflow": MLflowTracker(tracking_uri=os.environ.get("MLFLOW_TRACKING_URI", "")),
-            "duckdb": DuckDBResource(),
         }
     )

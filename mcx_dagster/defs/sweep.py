@@ -1,19 +1,23 @@
 """The nightly evaluation sweep: a partitioned grid of W_max × dataset (narrative, code, recall),
 each partition scored with the current GistNet and upserted into
-`artifacts/deltas/eval_sweep.parquet`; the `nightly_eval_sweep` schedule requests every partition."""
+`artifacts/deltas/eval_sweep.parquet`; the `nightly_eval_sweep` schedule requests every partition.
+
+The grid and the cron come from the config the code location serves, so they are built when the
+definitions load (`sweep()`), never on import."""
 
 import os
 from pathlib import Path
 
 import dagster as dg
 
-from mcx_dagster.defs._meta import FROM_FINAL_CYCLE, floats
+from mcx_dagster.defs.metadata import floats
+from mcx_dagster.defs.partitions import FROM_FINAL_CYCLE
 from mcx_dagster.defs.resources import MegaContextSettings, MLflowTracker
 from mcx_dagster.project import DEFAULT_CONFIG, load_project_config, project_home
 
 
 def _sweep_config():
-    """The grid comes from the config the code location serves (`MCX_CONFIG`, default configs/default.yaml)."""
+    """The config the code location serves (`MCX_CONFIG`, default configs/default.yaml)."""
     path = Path(os.environ.get("MCX_CONFIG", DEFAULT_CONFIG))
     if not path.is_absolute():  # under the project root, else the repository's own (a project without configs/)
         here = project_home() / path
@@ -21,60 +25,61 @@ def _sweep_config():
     return load_project_config(path)
 
 
-_CFG = _sweep_config()
-
-
-def _grid() -> list[str]:
+def sweep_definitions(cfg) -> dg.Definitions:
+    """The sweep asset partitioned by `cfg`'s grid, its job, and the schedule at `cfg.sweep.cron` (UTC)."""
     from mcx_core.eval.sweep import sweep_partitions
 
-    return sweep_partitions(_CFG)
+    eval_sweep_partitions = dg.StaticPartitionsDefinition(sweep_partitions(cfg))
 
+    @dg.asset(
+        group_name="evaluation",
+        deps=[dg.AssetDep("gistnet_checkpoint", partition_mapping=FROM_FINAL_CYCLE)],
+        partitions_def=eval_sweep_partitions,
+        kinds={"parquet"},
+    )
+    def eval_sweep(context: dg.AssetExecutionContext, settings: MegaContextSettings,
+                   mlflow: MLflowTracker) -> dg.MaterializeResult:
+        """One cell of the W_max × dataset grid: full / recency / mean-pool / learned-gist NLLs per sample
+        (answer NLL and accuracy on the planted needle for `recall`), upserted into eval_sweep.parquet."""
+        from mcx_core import checkpoints, pipeline
+        from mcx_core.eval import sweep
 
-eval_sweep_partitions = dg.StaticPartitionsDefinition(_grid())
+        cfg = settings.load()
+        with mlflow.run(context, cfg, settings.root_dir(), name=f"eval_sweep[{context.partition_key}]") as sink:
+            lm, _ = pipeline.prepare_base_model(cfg)
+            out = sweep.run_partition(cfg, lm, checkpoints.jt1_checkpoint(cfg), context.partition_key, sink,
+                                      progress=False)
+            rows = out["summary"]
+            sink.log_table({k: [r.get(k) for r in rows] for k in rows[0]}, f"sweep/{context.partition_key}.json")
+        return dg.MaterializeResult(
+            metadata={
+                **floats({k.split("/", 3)[-1]: v for k, v in out["metrics"].items()}),
+                "rows": dg.MetadataValue.int(out["rows"]),
+                "checkpoint": out["checkpoint"],
+                "table": dg.MetadataValue.path(str(out["table"])),
+                "seconds": dg.MetadataValue.float(out["seconds"]),
+            }
+        )
 
-
-@dg.asset(
-    group_name="evaluation",
-    deps=[dg.AssetDep("gistnet_checkpoint", partition_mapping=FROM_FINAL_CYCLE)],
-    partitions_def=eval_sweep_partitions,
-    kinds={"parquet"},
-)
-def eval_sweep(context: dg.AssetExecutionContext, settings: MegaContextSettings, mlflow: MLflowTracker) -> dg.MaterializeResult:
-    """One cell of the W_max × dataset grid: full / recency / mean-pool / learned-gist NLLs per sample
-    (answer NLL and accuracy on the planted needle for `recall`), upserted into eval_sweep.parquet."""
-    from mcx_core import checkpoints, pipeline
-    from mcx_core.eval import sweep
-
-    cfg = settings.load()
-    with mlflow.run(context, cfg, settings.root_dir(), name=f"eval_sweep[{context.partition_key}]") as sink:
-        lm, _ = pipeline.prepare_base_model(cfg)
-        out = sweep.run_partition(cfg, lm, checkpoints.jt1_checkpoint(cfg), context.partition_key, sink, progress=False)
-        rows = out["summary"]
-        sink.log_table({k: [r.get(k) for r in rows] for k in rows[0]}, f"sweep/{context.partition_key}.json")
-    return dg.MaterializeResult(
-        metadata={
-            **floats({k.split("/", 3)[-1]: v for k, v in out["metrics"].items()}),
-            "rows": dg.MetadataValue.int(out["rows"]),
-            "checkpoint": out["checkpoint"],
-            "table": dg.MetadataValue.path(str(out["table"])),
-            "seconds": dg.MetadataValue.float(out["seconds"]),
-        }
+    nightly_eval_sweep_job = dg.define_asset_job(
+        "nightly_eval_sweep_job", selection=[eval_sweep], partitions_def=eval_sweep_partitions
     )
 
+    @dg.schedule(
+        name="nightly_eval_sweep", cron_schedule=cfg.sweep.cron, job=nightly_eval_sweep_job,
+        execution_timezone="UTC", default_status=dg.DefaultScheduleStatus.RUNNING,
+    )
+    def nightly_eval_sweep(context: dg.ScheduleEvaluationContext):
+        """Every night (sweep.cron, default 02:00 UTC): one run per grid cell, keyed by the night."""
+        night = context.scheduled_execution_time.strftime("%Y-%m-%d")
+        return [
+            dg.RunRequest(partition_key=key, run_key=f"{night}:{key}", tags={"mcx.sweep_night": night})
+            for key in eval_sweep_partitions.get_partition_keys()
+        ]
 
-nightly_eval_sweep_job = dg.define_asset_job(
-    "nightly_eval_sweep_job", selection=[eval_sweep], partitions_def=eval_sweep_partitions
-)
+    return dg.Definitions(assets=[eval_sweep], jobs=[nightly_eval_sweep_job], schedules=[nightly_eval_sweep])
 
 
-@dg.schedule(
-    name="nightly_eval_sweep", cron_schedule=_CFG.sweep.cron, job=nightly_eval_sweep_job, execution_timezone="UTC",
-    default_status=dg.DefaultScheduleStatus.RUNNING,
-)
-def nightly_eval_sweep(context: dg.ScheduleEvaluationContext):
-    """Every night (sweep.cron, default 02:00 UTC): one run per grid cell, keyed by the night."""
-    night = context.scheduled_execution_time.strftime("%Y-%m-%d")
-    return [
-        dg.RunRequest(partition_key=key, run_key=f"{night}:{key}", tags={"mcx.sweep_night": night})
-        for key in eval_sweep_partitions.get_partition_keys()
-    ]
+@dg.definitions
+def sweep() -> dg.Definitions:
+    return sweep_definitions(_sweep_config())

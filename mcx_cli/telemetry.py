@@ -14,7 +14,7 @@ from pathlib import Path
 
 import click
 
-from mcx_core import artifacts, checkpoints
+from mcx_cli._common import config_option, fail, focus_policy, load, read_text, tokens
 
 EXIT_FOUND_PROBLEMS = 3
 
@@ -27,17 +27,6 @@ DESCRIPTIONS = {
     "spikes": "Latency spikes and their correlation with the number of allocator actions, from the traces.",
     "drift": "Gist drift (cosine of probe gists) across the JT1 checkpoints.",
 }
-
-
-def _fail(message: str, code: int = 2):
-    click.echo(f"error: {message}", err=True)
-    sys.exit(code)
-
-
-def _config(path: str):
-    from mcx_dagster.cli import _load  # imported late: cli.py imports this module
-
-    return _load(path, check=False)
 
 
 def _tracking_uri(cfg=None, explicit: str | None = None) -> str:
@@ -86,18 +75,18 @@ def analyze():
 
 
 def _analysis_command(name: str):
-    @click.option("--config", "config_path", required=True, type=click.Path(dir_okay=False), help="Experiment YAML.")
+    @config_option()
     @click.option("--mlflow", "to_mlflow", is_flag=True, help="Log metrics and files to an MLflow run.")
     @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
     def command(config_path: str, to_mlflow: bool, as_json: bool, synthetic: bool = False):
         from mcx_core.tools import analysis
 
-        cfg = _config(config_path)
+        cfg = load(config_path, check=False)
         try:
             with _sink(cfg, to_mlflow, f"analyze-{name}") as sink:
                 result = analysis.run_analysis(cfg, name, sink, synthetic=synthetic, progress=not as_json)
         except analysis.MissingInput as err:
-            _fail(str(err))
+            fail(str(err))
         _print_result(result, as_json)
 
     if name == "boundary":
@@ -111,14 +100,14 @@ for _name in DESCRIPTIONS:
 
 
 @analyze.command("all")
-@click.option("--config", "config_path", required=True, type=click.Path(dir_okay=False), help="Experiment YAML.")
+@config_option()
 @click.option("--mlflow", "to_mlflow", is_flag=True, help="Log metrics and files to an MLflow run.")
 @click.option("--synthetic/--no-synthetic", default=True, show_default=True, help="Run the synthetic boundary test.")
 def analyze_all(config_path: str, to_mlflow: bool, synthetic: bool):
     """Every analysis whose inputs exist, plus an index report."""
     from mcx_core.tools import analysis
 
-    cfg = _config(config_path)
+    cfg = load(config_path, check=False)
     with _sink(cfg, to_mlflow, "analyze-all") as sink:
         done, skipped, index = analysis.run_all(cfg, sink, synthetic=synthetic, progress=True)
     for r in done.values():
@@ -129,7 +118,7 @@ def analyze_all(config_path: str, to_mlflow: bool, synthetic: bool):
 
 
 @analyze.command("alerts")
-@click.option("--config", "config_path", required=True, type=click.Path(dir_okay=False), help="Experiment YAML.")
+@config_option()
 @click.option("--notify/--no-notify", default=True, show_default=True,
               help="Run alerts.command / POST to alerts.webhook_url when alerts fire.")
 @click.option("--mlflow", "to_mlflow", is_flag=True, help="Tag an MLflow run alert.<name>.")
@@ -137,11 +126,12 @@ def analyze_all(config_path: str, to_mlflow: bool, synthetic: bool):
 def analyze_alerts(config_path: str, notify: bool, to_mlflow: bool, as_json: bool):
     """Evaluate the critical alerts (swap rate, ΔNLL divergence, latency) over every trace, including
     runs still in progress, and the JT1 cycles. Exit 3 when any fires."""
+    from mcx_core import artifacts
     from mcx_core.artifacts import ArtifactPaths
     from mcx_core.tools import alerts
     from mcx_core.tools.analysis import output_dir
 
-    cfg = _config(config_path)
+    cfg = load(config_path, check=False)
     paths = ArtifactPaths.from_config(cfg)
     fired = alerts.evaluate_artifacts(cfg.alerts, paths.traces, paths.checkpoints)
     out = output_dir(cfg)
@@ -161,13 +151,13 @@ def analyze_alerts(config_path: str, notify: bool, to_mlflow: bool, as_json: boo
 
 
 @analyze.command("schema")
-@click.option("--config", "config_path", required=True, type=click.Path(dir_okay=False), help="Experiment YAML.")
+@config_option()
 def analyze_schema(config_path: str):
     """Validate every trace line, delta table and report JSON; print `file:line: problem`. Exit 3 on any."""
     from mcx_core.artifacts import ArtifactPaths
     from mcx_core.telemetry.schemas import validate_artifacts
 
-    cfg = _config(config_path)
+    cfg = load(config_path, check=False)
     problems, counts = validate_artifacts(ArtifactPaths.from_config(cfg).root)
     for p in problems:
         click.echo(str(p))
@@ -181,11 +171,12 @@ def analyze_schema(config_path: str):
 
 
 def _default_checkpoint(cfg) -> Path:
+    from mcx_core import artifacts, checkpoints
 
     for find in (checkpoints.jt2_checkpoint, checkpoints.jt1_checkpoint):
         with contextlib.suppress(FileNotFoundError):
             return find(cfg)
-    _fail(f"no JT2 or JT1 checkpoint under {artifacts.ArtifactPaths.from_config(cfg).checkpoints}; give --checkpoint")
+    fail(f"no JT2 or JT1 checkpoint under {artifacts.ArtifactPaths.from_config(cfg).checkpoints}; give --checkpoint")
 
 
 def _profile_tokens(cfg, lm, text_path: str | None, need: int):
@@ -199,18 +190,18 @@ def _profile_tokens(cfg, lm, text_path: str | None, need: int):
         try:
             texts = [gist_eval.read_text_file(Path(text_path))]
         except gist_eval.TextError as err:
-            _fail(str(err))
+            fail(str(err))
     else:
         texts = (d.text for name, c in cfg.dataset.corpora.items() for d in data.iter_documents(name, c, root=cfg.root))
     for text in texts:
         ids = lm.tokenizer(text, add_special_tokens=False)["input_ids"]
         if len(ids) >= need:
             return torch.as_tensor(ids, dtype=torch.long)
-    _fail(f"no {'--text' if text_path else 'corpus document'} with the {need} tokens profiling needs")
+    fail(f"no {'--text' if text_path else 'corpus document'} with the {need} tokens profiling needs")
 
 
 @click.command("profile")
-@click.option("--config", "config_path", required=True, type=click.Path(dir_okay=False), help="Experiment YAML.")
+@config_option()
 @click.option("--checkpoint", type=click.Path(), default=None,
               help="A JT2 (gistnet/ + lensnet/) or JT1 checkpoint (default: the newest JT2, else JT1).")
 @click.option("--text", "text_path", type=click.Path(), default=None,
@@ -226,37 +217,31 @@ def _profile_tokens(cfg, lm, text_path: str | None, need: int):
 def profile(config_path, checkpoint, text_path, prefill, warmup, policy, out_dir, as_json):
     """Profile one runtime step (MegaContextEngine.step) with torch.profiler: a Chrome trace, a memory
     snapshot (CUDA) or RSS timeline (CPU), and a report."""
-    cfg = _config(config_path)
+    cfg = load(config_path, check=False)
     from mcx_core.artifacts import ArtifactPaths
     from mcx_core.compression.gistnet import load_gister
-    from mcx_core.focus import engine as runtime
     from mcx_core.model.base import load_base_model
     from mcx_core.tools import profiling
     from mcx_core.tools.analysis import output_dir
 
     ck = Path(checkpoint) if checkpoint else _default_checkpoint(cfg)
     if not (ck / "gistnet").is_dir():
-        _fail(f"{ck} is not a JT checkpoint (no gistnet/ inside)")
+        fail(f"{ck} is not a JT checkpoint (no gistnet/ inside)")
     if policy == "auto":
         policy = "lensnet" if (ck / "lensnet").is_dir() else "recency"
     if policy == "lensnet" and not (ck / "lensnet").is_dir():
-        _fail(f"{ck} holds no lensnet/: give a JT2 checkpoint or another --policy")
+        fail(f"{ck} holds no lensnet/: give a JT2 checkpoint or another --policy")
     lm = load_base_model(cfg.base_model, cfg.dataset, seed=cfg.seed, root=cfg.root)
     R, H = cfg.runtime.refocus_every, cfg.dataset.horizon
     pre = cfg.runtime.prefill_tokens if prefill is None else prefill
     ids = _profile_tokens(cfg, lm, text_path, (warmup + 2) * R + H + (1 if text_path else pre))
-    if policy == "lensnet":
-        from mcx_core.focus.lensnet import LensNetPolicy, load_lensnet
-
-        pol = LensNetPolicy(load_lensnet(ck, lm.device), lm.embed)
-    else:
-        pol = runtime.standard_policies(lm, H, seed=cfg.seed, oracle=False)[policy](ids)
+    pol = focus_policy(policy, ck, lm, H, cfg.seed, ids)
     traces = Path(out_dir) if out_dir else ArtifactPaths.from_config(cfg).traces / "profile"
     try:
         res = profiling.profile_runtime_step(cfg, lm, load_gister(ck, lm), pol, ids, traces, output_dir(cfg),
                                              prefill=prefill, warmup_steps=warmup)
     except ValueError as err:
-        _fail(str(err))
+        fail(str(err))
     files = {k: str(v) for k, v in res.files.items()}
     if as_json:
         click.echo(json.dumps({"metrics": res.metrics, "laps": res.laps, "files": files, "checkpoint": str(ck),
@@ -273,8 +258,7 @@ def profile(config_path, checkpoint, text_path, prefill, warmup, policy, out_dir
 @click.command("compare")
 @click.argument("run_a")
 @click.argument("run_b")
-@click.option("--config", "config_path", type=click.Path(dir_okay=False), default=None,
-              help="Experiment YAML: its MLflow store and artifacts folder.")
+@config_option(required=False, default=None, help="Experiment YAML: its MLflow store and artifacts folder.")
 @click.option("--tracking-uri", default=None, help="MLflow store (default: the config's, else sqlite:///<MCX_HOME>/mlruns/mlflow.db).")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False), default=None,
               help="Report folder (default: <artifacts>/reports/compare/<A>_vs_<B>).")
@@ -284,7 +268,7 @@ def compare(run_a, run_b, config_path, tracking_uri, out_dir, as_json):
     from mcx_core.tools.compare import RunNotFound, compare_runs
     from mcx_dagster.project import project_home
 
-    cfg = _config(config_path) if config_path else None
+    cfg = load(config_path, check=False) if config_path else None
     uri = _tracking_uri(cfg, tracking_uri)
     safe = lambda s: re.sub(r"[^\w.-]+", "_", s)[:40]
     artifacts = cfg.resolve(cfg.artifacts_dir) if cfg else project_home() / "artifacts"
@@ -292,7 +276,7 @@ def compare(run_a, run_b, config_path, tracking_uri, out_dir, as_json):
     try:
         result = compare_runs(uri, run_a, run_b, out)
     except RunNotFound as err:
-        _fail(str(err))
+        fail(str(err))
     if as_json:
         click.echo(json.dumps({k: v for k, v in result.items() if k != "files"} | {
             "files": {k: str(v) for k, v in result["files"].items()}}, default=str))
@@ -324,7 +308,7 @@ def compare(run_a, run_b, config_path, tracking_uri, out_dir, as_json):
 
 
 @click.command("explain")
-@click.option("--config", "config_path", required=True, type=click.Path(dir_okay=False), help="Experiment YAML.")
+@config_option()
 @click.option("--checkpoint", required=True, type=click.Path(), help="A JT2 checkpoint (gistnet/ + lensnet/).")
 @click.option("--text", "text_path", required=True, type=click.Path(), help="Any UTF-8 text file.")
 @click.option("--w-max", type=click.IntRange(min=1), default=None, help="Working budget (default: working_context.w_max).")
@@ -338,18 +322,11 @@ def compare(run_a, run_b, config_path, tracking_uri, out_dir, as_json):
 def explain(config_path, checkpoint, text_path, w_max, query_at, top_k, out_dir, as_json):
     """Which spans LensNet wants in more detail (expand) or less (collapse) at one cursor of a text: the
     text highlighted by score (explain.html), a markdown report, a focus heatmap (explain.png)."""
-    cfg = _config(config_path)
-    from mcx_core.eval import gists as gist_eval
-
+    cfg = load(config_path, check=False)
     ck = Path(checkpoint)
     if not (ck / "gistnet").is_dir() or not (ck / "lensnet").is_dir():
-        _fail(f"{ck} is not a JT2 checkpoint (needs gistnet/ and lensnet/ inside)")
-    try:
-        text = gist_eval.read_text_file(Path(text_path))
-    except gist_eval.TextError as err:
-        _fail(str(err))
-
-    import torch
+        fail(f"{ck} is not a JT2 checkpoint (needs gistnet/ and lensnet/ inside)")
+    text = read_text(text_path)
 
     from mcx_core.compression.gistnet import load_gister
     from mcx_core.focus.lensnet import load_lensnet
@@ -357,12 +334,12 @@ def explain(config_path, checkpoint, text_path, w_max, query_at, top_k, out_dir,
     from mcx_core.tools.explain import explain_text, write_reports
 
     lm = load_base_model(cfg.base_model, cfg.dataset, seed=cfg.seed, root=cfg.root)
-    ids = torch.as_tensor(lm.tokenizer(text, add_special_tokens=False)["input_ids"], dtype=torch.long)
+    ids = tokens(lm, text)
     try:
         result = explain_text(cfg, lm, load_gister(ck, lm), load_lensnet(ck, lm.device), ids, w_max=w_max,
                               query_at=query_at, top_k=top_k, progress=not as_json)
     except ValueError as err:
-        _fail(str(err))
+        fail(str(err))
     out = Path(out_dir) if out_dir else cfg.resolve(cfg.artifacts_dir) / "reports" / "explain"
     files = {k: str(v) for k, v in write_reports(result, out).items()}
     if as_json:

@@ -1,0 +1,153 @@
+"""`mcx materialize`, `mcx register-cycles`, `mcx train-cycles`: the pipeline, through Dagster (the same
+definitions the UI loads, run in-process) or as the bare alternating training loop (also under
+`accelerate launch -m mcx_cli train-cycles …`)."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+import click
+
+from mcx_cli._common import config_option, load
+
+EXIT_STEP_FAILED = 1
+EXIT_CHECKS_FAILED = 3
+
+log = logging.getLogger("mcx_cli.train_cycles")
+
+
+@click.command()
+@config_option()
+@click.option(
+    "--select", "selection", default=None,
+    help="Dagster asset selection, e.g. 'baseline_eval' or '+baseline_eval' (default: everything).",
+)
+@click.option("--log-level", default="INFO", show_default=True, type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"]))
+@click.option("--force", is_flag=True, help="Recompute evaluations even when their inputs have not changed.")
+def materialize(config_path: str, selection: str | None, log_level: str, force: bool):
+    """Materialize the asset graph in-process, with the same definitions the Dagster UI loads.
+
+    Exit 0: everything materialized and every check passed; 3: everything ran but an asset check
+    (an acceptance criterion) failed; 1: a step failed."""
+    cfg = load(config_path)
+    from mcx_dagster import orchestration as orch
+    from mcx_dagster.definitions import defs
+    from mcx_dagster.defs.resources import MegaContextSettings
+
+    instance = orch.project_instance(cfg.root)
+    definitions = defs()
+    settings = {"settings": MegaContextSettings(config_path=str(Path(config_path).resolve()), root=str(cfg.root),
+                                                force=force)}
+    result = orch.run_materialize(definitions, selection, instance, resources=settings, log_level=log_level)
+    _print_outcome(result)
+    failed = orch.failed_checks(result)
+    if orch.step_failures(result):
+        sys.exit(EXIT_STEP_FAILED)
+    if selection is None:  # second pass: the post-hoc analyses, which must run even when a gate failed
+        analysis = orch.run_materialize(definitions, orch.POST_HOC, instance, resources=settings, log_level=log_level)
+        _print_outcome(analysis)
+        if orch.step_failures(analysis):
+            sys.exit(EXIT_STEP_FAILED)
+    if failed:
+        for ev in failed:
+            click.echo(f"check failed: {ev.asset_key.to_user_string()}:{ev.check_name}: {ev.description or ''}", err=True)
+        sys.exit(EXIT_CHECKS_FAILED)
+
+
+def _print_outcome(outcome) -> None:
+    """One table per Dagster run: materialized assets, check results, failed and skipped steps."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from mcx_dagster.orchestration import step_failures
+
+    console = Console()
+    for result in outcome.results:
+        partition = result.dagster_run.tags.get("dagster/partition")
+        table = Table(title=f"dagster run {result.run_id}" + (f" (cycle {partition})" if partition else ""))
+        table.add_column("kind")
+        table.add_column("name")
+        table.add_column("result")
+        for mat in result.get_asset_materialization_events():
+            name = mat.asset_key.to_user_string() + (f"[{mat.partition}]" if mat.partition else "")
+            table.add_row("asset", name, "[green]materialized[/]")
+        for ev in result.get_asset_check_evaluations():
+            status = "[green]passed[/]" if ev.passed else "[red]FAILED[/]"
+            table.add_row("check", f"{ev.asset_key.to_user_string()}:{ev.check_name}", status)
+        failed_steps = set(step_failures(result))  # not the steps of failed checks: their rows say it
+        for ev in result.all_events:
+            if ev.is_step_failure and ev.step_key in failed_steps:
+                table.add_row("step", ev.step_key, "[red]failed[/]")
+            elif ev.is_step_skipped:
+                table.add_row("step", ev.step_key, "[yellow]skipped[/]")
+        console.print(table)
+
+
+@click.command("register-cycles")
+@config_option()
+def register_cycles(config_path: str):
+    """Add the config's training-cycle partitions (0 … training_loop.n_cycles − 1) to the Dagster
+    instance at $DAGSTER_HOME, so the UI can materialize each cycle (`make dev` runs this)."""
+    cfg = load(config_path, check=False)
+    import dagster as dg
+
+    from mcx_dagster.defs.partitions import register_cycles as register
+
+    with dg.DagsterInstance.get() as instance:
+        keys = register(instance, cfg)
+    click.echo(f"jt_cycle partitions: {', '.join(keys)} (DAGSTER_HOME={os.environ.get('DAGSTER_HOME')})")
+
+
+@click.command("train-cycles")
+@click.option("--config", "config_path", required=True, help="experiment YAML (configs/*.yaml)")
+@click.option("--cycles", type=int, default=None, help="default: training_loop.n_cycles")
+@click.option("--no-mlflow", is_flag=True, help="log nowhere (default: MLflow parent + child runs)")
+@click.option("--no-progress", is_flag=True)
+def train_cycles(config_path: str, cycles: int | None, no_mlflow: bool, no_progress: bool):
+    """The alternating training loop without Dagster: `n_cycles` × (JT1 → deltas → JT2 → JT3), each cycle
+    from the previous cycle's checkpoints; finished cycles are skipped. Prints one JSON summary per cycle."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    _pin_device()
+    cfg = load(config_path, check=False)
+
+    from mcx_core import pipeline
+    from mcx_core.training import distributed
+    from mcx_core.training.cycles import cycle_metrics, mlflow_sinks, null_sinks, run_cycles
+
+    main_process = distributed.is_main_process()
+    progress = not no_progress and main_process
+    with distributed.main_process_first():  # datasets built and the base model converted once, by rank 0
+        pipeline.build_datasets(cfg, progress=progress)
+        lm, info = pipeline.prepare_base_model(cfg)
+    log.info("base model %s on %s (process %d of %d)", info["model_id"], info["device"],
+             distributed.process_index(), distributed.world_size())
+    # One MLflow parent run, logged by the main process; the trainers average metrics over ranks first.
+    factory, parent = (null_sinks, None) if no_mlflow or not main_process else mlflow_sinks(cfg, cfg.root)
+    with parent or contextlib.nullcontext():
+        summaries = run_cycles(cfg, lm, factory, n_cycles=cycles, progress=progress)
+        for s in summaries if parent is not None else []:  # per-cycle time and peak memory (step = cycle)
+            if not s["skipped"] and s.get("memory"):
+                parent.log_metrics(cycle_metrics(s["memory"]), step=s["cycle"])
+    distributed.wait_for_everyone()
+    if main_process:
+        click.echo(json.dumps([{k: s[k] for k in ("cycle", "checkpoints", "seconds", "skipped")} for s in summaries],
+                              indent=2))
+
+
+def _pin_device() -> None:
+    """Under `accelerate launch` (RANK / WORLD_SIZE / LOCAL_RANK set) every process trains the same model
+    data-parallel (mcx_core.training.distributed): one config, one artifacts directory, one set of
+    checkpoints, written by the main process. One process per GPU, each pinned to its own device."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        import torch
+
+        if torch.cuda.is_available():
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    if os.environ.get("MASTER_ADDR") and "WORLD_SIZE" not in os.environ:
+        log.warning("launched by `accelerate launch --cpu` without mpirun: ONE process. For N CPU processes on one "
+                    "machine use `accelerate launch --multi_gpu --num_processes N` with no GPU visible")

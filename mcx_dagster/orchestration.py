@@ -1,0 +1,130 @@
+"""Running the code location's asset graph in-process, as `mcx materialize` does: the Dagster instance of a
+project, the runs a selection needs (one per training cycle), and their outcome read as one result."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import dagster as dg
+
+from mcx_dagster.defs.partitions import JT_CYCLES, cycle_keys, register_cycles
+
+# The post-hoc analyses, which must run even when a gate failed: a second pass after the main graph.
+POST_HOC = ["telemetry_analysis"]
+
+
+def project_instance(root: Path) -> dg.DagsterInstance:
+    """The Dagster instance at `$DAGSTER_HOME`, else at `<root>/.dagster_home` (created, seeded with the
+    project's dagster.yaml when it has none)."""
+    home = Path(os.environ.get("DAGSTER_HOME") or root / ".dagster_home").resolve()
+    home.mkdir(parents=True, exist_ok=True)
+    if not (home / "dagster.yaml").exists() and (root / "dagster.yaml").exists():
+        (home / "dagster.yaml").write_text((root / "dagster.yaml").read_text())
+    return dg.DagsterInstance.from_config(str(home))
+
+
+class Materialized:
+    """The runs one `mcx materialize` made, read as one result: with `training_loop.n_cycles` > 1 the
+    cycle-partitioned training assets need one Dagster run per cycle (run c: cycle c's JT1 → deltas →
+    JT2 → JT3; the first also builds what training reads, the last also evaluates and gates)."""
+
+    def __init__(self, results: list) -> None:
+        self.results = results
+
+    @property
+    def success(self) -> bool:
+        return all(r.success for r in self.results)
+
+    @property
+    def run_id(self) -> str:
+        return self.results[-1].run_id
+
+    @property
+    def run_ids(self) -> list[str]:
+        return [r.run_id for r in self.results]
+
+    @property
+    def all_events(self) -> list:
+        return [e for r in self.results for e in r.all_events]
+
+    def get_asset_check_evaluations(self) -> list:
+        return [e for r in self.results for e in r.get_asset_check_evaluations()]
+
+    def get_asset_materialization_events(self) -> list:
+        return [e for r in self.results for e in r.get_asset_materialization_events()]
+
+    def asset_materializations_for_node(self, node: str) -> list:
+        return [m for r in self.results for m in r.asset_materializations_for_node(node)]
+
+
+def cycle_plan(definitions, selection, cfg) -> list[tuple[str | None, set]]:
+    """[(partition key, asset keys)] — the runs that materialize `selection` (all assets when None).
+    Without cycle-partitioned assets in it: one run. With them: one run per cycle, in order."""
+    graph = definitions.resolve_asset_graph()
+    if selection is None:  # everything but other partitioned assets (the sweep runs per partition: its schedule)
+        sel = dg.AssetSelection.all() - dg.AssetSelection.assets(*POST_HOC)
+    else:
+        sel = dg.AssetSelection.from_coercible(selection)
+    selected = set(sel.resolve(graph))
+    cycle_assets, other_partitioned = set(), set()
+    for a in definitions.assets or []:
+        pd = getattr(a, "partitions_def", None)
+        if pd is None:
+            continue
+        (cycle_assets if getattr(pd, "name", None) == JT_CYCLES else other_partitioned).update(a.keys)
+    if selection is None:
+        selected -= other_partitioned
+    cyc = selected & cycle_assets
+    if not cyc:
+        return [(None, selected)]
+    before = selected & set(dg.AssetSelection.assets(*cyc).upstream().resolve(graph)) - cyc
+    after = selected - cyc - before
+    keys = cycle_keys(cfg)
+    return [
+        (key, cyc | (before if i == 0 else set()) | (after if i == len(keys) - 1 else set()))
+        for i, key in enumerate(keys)
+    ]
+
+
+def run_materialize(definitions, selection, instance, resources: dict | None = None,
+                    log_level: str = "INFO") -> Materialized:
+    """Materialize `selection` (all assets when None) of `definitions`; never raises on step failure.
+    `resources` replaces bound resources by key (tests point them at temporary stores). Registers the
+    config's cycle partitions, then runs the cycles in order and stops after a cycle whose run failed a
+    step or a check (a later cycle would start from an unchecked one)."""
+    resources = {**(definitions.resources or {}), **(resources or {})}
+    cfg = resources["settings"].load()
+    register_cycles(instance, cfg)
+    assets = list(definitions.assets or []) + list(definitions.asset_checks or [])
+    results = []
+    for key, keys in cycle_plan(definitions, selection, cfg):
+        result = dg.materialize(
+            assets,
+            instance=instance,
+            resources=resources,
+            selection=dg.AssetSelection.assets(*keys),
+            partition_key=key,
+            raise_on_error=False,
+            tags={"mcx.cycle": key} if key is not None else None,
+            run_config={"loggers": {"console": {"config": {"log_level": log_level}}}},
+        )
+        results.append(result)
+        if step_failures(result) or failed_checks(result) or any(e.is_step_skipped for e in result.all_events):
+            break
+    return Materialized(results)
+
+
+def step_failures(result) -> list[str]:
+    """Steps that failed for a reason other than a failed blocking check (which is a result, not an
+    error: the check reports by how much the criterion was missed)."""
+    failed = {ev.check_name for ev in failed_checks(result)}
+    return [
+        e.step_key for e in result.all_events
+        if e.is_step_failure and not any(name in e.step_key for name in failed)
+    ]
+
+
+def failed_checks(result) -> list:
+    """The check evaluations of `result` that did not pass."""
+    return [e for e in result.get_asset_check_evaluations() if not e.passed]

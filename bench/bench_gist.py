@@ -9,7 +9,7 @@ import torch
 
 
 def rows(cfg, pool_size: int = 2, steps: int = 3) -> list[dict]:
-    from mcx_core.compression.gistnet import Gister, profile
+    from mcx_core.compression.gistnet import Gister, profile_gister
     from mcx_core.eval import gists as gist_eval
     from mcx_core.eval import nll as E
     from mcx_core.model.base import load_base_model
@@ -20,7 +20,7 @@ def rows(cfg, pool_size: int = 2, steps: int = 3) -> list[dict]:
     C, H, K = cfg.dataset.context_tokens, cfg.dataset.horizon, cfg.dataset.block_size
     torch.manual_seed(cfg.seed)
     gister = Gister(lm.d_model, cfg.gistnet.model).to(lm.device)
-    prof = profile(gister, n_blocks=64, repeats=5)
+    prof = profile_gister(gister, n_blocks=64, repeats=5)
     out = [
         {"bench": "GistNet parameters", "value": prof[M.GISTNET_PARAMETERS] / 1e6, "unit": "M",
          "note": f"hidden {cfg.gistnet.model.hidden_size}, {cfg.gistnet.model.num_layers} layers"},

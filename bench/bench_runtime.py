@@ -71,8 +71,8 @@ def runtime_rows(cfg, steps: int = 24, long_steps: int = 12) -> list[dict]:
     from mcx_core.compression.gistnet import Gister
     from mcx_core.eval.nll import MeanPoolGister
     from mcx_core.focus.engine import run_engine
-    from mcx_core.focus.policies import RecencyPolicy
     from mcx_core.focus.lensnet import LensNet, LensNetPolicy
+    from mcx_core.focus.policies import RecencyPolicy
     from mcx_core.model.base import load_base_model
     from mcx_core.telemetry import metrics as M
 

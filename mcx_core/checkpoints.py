@@ -23,6 +23,7 @@ import torch
 from mcx_core.artifacts import ArtifactPaths, read_json, write_json
 from mcx_core.config import MegaContextConfig
 from mcx_core.telemetry import metrics as M
+from mcx_core.training import distributed
 
 TRAINER_STATE_FILE = "trainer_state.json"
 OPTIMIZER_FILE = "optimizer.pt"
@@ -195,8 +196,6 @@ def save_jt_checkpoint(
     the optimizer, `config.yaml`, and `trainer_state.json` last — its presence marks it complete.
     With several processes only the main one writes; every rank returns once it is written (collective:
     every rank must call it)."""
-    from mcx_core.training import distributed
-
     def write(tmp: Path) -> None:
         for subdir, save in parts.items():
             save(tmp / subdir)

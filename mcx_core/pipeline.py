@@ -10,10 +10,13 @@ from pathlib import Path
 
 from mcx_core import checkpoints, data
 from mcx_core.artifacts import ArtifactPaths, datasets_dir, load_stage, save_stage, stage_fingerprint
+from mcx_core.compression.gistnet import load_gister
 from mcx_core.config import MegaContextConfig
+from mcx_core.focus import deltas
 from mcx_core.model.base import BaseLM, load_base_model, load_tokenizer, tokenizer_id
 from mcx_core.telemetry.sinks import NullSink, TelemetrySink
 from mcx_core.telemetry.tables import log_delta_tables
+from mcx_core.training import distributed
 
 # A passage every run scores, so a base-model materialization carries one comparable number.
 PROBE_PASSAGE = (
@@ -83,10 +86,6 @@ def prepare_base_model(cfg: MegaContextConfig) -> tuple[BaseLM, dict]:
 def generate_deltas(cfg: MegaContextConfig, lm: BaseLM, sink: TelemetrySink | None = None, cycle: int = 0,
                     progress: bool = True, force: bool = False) -> tuple[Path, dict[str, float], Path]:
     """On-policy counterfactual labels from the newest JT1 checkpoint: (table, stats, checkpoint)."""
-    from mcx_core.compression.gistnet import load_gister
-    from mcx_core.focus import deltas
-    from mcx_core.training import distributed
-
     ck = checkpoints.jt1_checkpoint(cfg, cycle)
     fp = stage_fingerprint(
         cfg, ["dataset", "base_model", "working_context", "deltas", "seed"],
@@ -108,10 +107,8 @@ def generate_deltas(cfg: MegaContextConfig, lm: BaseLM, sink: TelemetrySink | No
         return path, stats, ck
 
 
-def delta_table(cfg: MegaContextConfig, cycle: int | None = None) -> Path:
+def cycle_delta_table(cfg: MegaContextConfig, cycle: int | None = None) -> Path:
     """The delta table labelled by the newest JT1 checkpoint of `cycle` (default: the final cycle)."""
-    from mcx_core.focus import deltas
-
     cycle = checkpoints.final_cycle(cfg) if cycle is None else cycle
     path = deltas.delta_table_path(ArtifactPaths.from_config(cfg).deltas, cycle, checkpoints.jt1_checkpoint(cfg, cycle))
     if not path.is_file():

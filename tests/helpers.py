@@ -1,5 +1,6 @@
 """Builders the test modules share: the tiny random Llama, random token ids, tiny experiment configs, a toy
-embedding and gist for trees without a model, a smoke-config checkpoint, a run interrupted part-way."""
+embedding and gist for trees without a model, an untrained smoke-config checkpoint and a play to read, and
+functions that interrupt a run or return a NaN loss part-way."""
 
 from pathlib import Path
 
@@ -76,7 +77,7 @@ def untrained_checkpoint(root: Path, cfg_path: Path, lensnet: bool = False) -> P
 
 
 def shakespeare_play(chars: int | None = None) -> str:
-    """The first play of the embedded Shakespeare corpus (its first `chars` characters)."""
+    """The embedded Shakespeare corpus's first play by file name (its first `chars` characters)."""
     src = min(p for p in shakespeare_texts_dir().glob("*.txt") if p.name != "metadata.txt")
     return src.read_text(encoding="utf-8", errors="replace")[:chars]
 

@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 
-from mcx_core.compression.gistnet import CONFIG_FILE, WEIGHTS_FILE, Gister, num_parameters, profile
+from mcx_core.compression.gistnet import CONFIG_FILE, WEIGHTS_FILE, Gister, num_parameters, profile_gister
 from mcx_core.config import GistNetModelConfig
 from mcx_core.eval.nll import MeanPoolGister
 from mcx_core.telemetry import metrics as M
@@ -121,7 +121,7 @@ def test_save_load_round_trip(tmp_path, kw):
 
 def test_profile_reports_parameters_and_latency():
     gister = Gister(D, _cfg())
-    p = profile(gister, n_blocks=4, repeats=1)
+    p = profile_gister(gister, n_blocks=4, repeats=1)
     assert p[M.GISTNET_PARAMETERS] == num_parameters(gister) > 0
     assert p[M.GISTNET_LATENCY_MS] > 0 and p[M.GISTNET_LATENCY_SINGLE_MS] > 0
     assert gister.training  # profiling leaves the mode as it found it

@@ -17,8 +17,8 @@ from mcx_cli.telemetry import analyze, compare, profile
 from mcx_core.compression.gistnet import Gister
 from mcx_core.config import load_config
 from mcx_core.focus.engine import run_engine
-from mcx_core.focus.policies import RandomPolicy
 from mcx_core.focus.lensnet import LensNet
+from mcx_core.focus.policies import RandomPolicy
 from mcx_core.model.base import load_base_model
 from mcx_core.telemetry import metrics as M
 from mcx_core.telemetry.mlflow_sink import MLflowSink

@@ -27,39 +27,16 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
 from mcx_core import checkpoints
 from mcx_core.config import GistNetModelConfig
+from mcx_core.model.attention import Attention
 from mcx_core.telemetry import metrics as M
 
 WEIGHTS_FILE = "gistnet.safetensors"
 CONFIG_FILE = "config.json"
-
-
-class Attention(nn.Module):
-    """Multi-head attention with no mask: queries from `x_q`, keys/values from `x_kv`."""
-
-    def __init__(self, dim: int, num_heads: int, dropout: float):
-        super().__init__()
-        assert dim % num_heads == 0, f"hidden size {dim} must be divisible by num_heads {num_heads}"
-        self.num_heads = num_heads
-        self.q = nn.Linear(dim, dim)
-        self.kv = nn.Linear(dim, 2 * dim)
-        self.out = nn.Linear(dim, dim)
-        self.dropout = dropout
-
-    def forward(self, x_q: torch.Tensor, x_kv: torch.Tensor) -> torch.Tensor:  # [B, Q, h], [B, S, h] -> [B, Q, h]
-        B, Q, h = x_q.shape
-        S = x_kv.shape[1]
-        q = self.q(x_q).view(B, Q, self.num_heads, -1).transpose(1, 2)  # [B, nh, Q, hd]
-        k, v = self.kv(x_kv).view(B, S, 2, self.num_heads, -1).permute(2, 0, 3, 1, 4)  # 2 x [B, nh, S, hd]
-        y = F.scaled_dot_product_attention(
-            q, k, v, is_causal=False, dropout_p=self.dropout if self.training else 0.0
-        )  # bidirectional
-        return self.out(y.transpose(1, 2).reshape(B, Q, h))
 
 
 class EncoderBlock(nn.Module):
@@ -160,7 +137,7 @@ class Gister(nn.Module):
         return d
 
     @classmethod
-    def from_pretrained(cls, directory: str | Path, device: str | torch.device = "cpu") -> "Gister":
+    def from_pretrained(cls, directory: str | Path, device: str | torch.device = "cpu") -> Gister:
         """A `save_pretrained` directory, or the `gistnet/` of a JT checkpoint, in eval mode."""
         d = checkpoints.module_dir(directory, checkpoints.GISTNET_DIR)
         config = json.loads((d / CONFIG_FILE).read_text())
@@ -179,7 +156,7 @@ def num_parameters(module: nn.Module) -> int:
 
 
 @torch.no_grad()
-def profile(gister: Gister, n_blocks: int = 64, repeats: int = 3) -> dict[str, float]:
+def profile_gister(gister: Gister, n_blocks: int = 64, repeats: int = 3) -> dict[str, float]:
     """Parameter count and per-block latency (ms) of LOD1 gisting, alone and batched; for telemetry."""
     p = gister.nets[0].proj_out.weight
     was_training = gister.training

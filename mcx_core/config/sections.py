@@ -69,7 +69,7 @@ class DatasetConfig(Section):
         return self.context_tokens + self.horizon
 
     @model_validator(mode="after")
-    def _check(self) -> "DatasetConfig":
+    def _check(self) -> DatasetConfig:
         if self.context_tokens % self.block_size:
             raise ValueError(
                 f"context_tokens ({self.context_tokens}) must be a multiple of block_size ({self.block_size})"
@@ -113,7 +113,7 @@ class BaseModelConfig(Section):
     cache_dir: str = ".cache/models"
 
     @model_validator(mode="after")
-    def _check(self) -> "BaseModelConfig":
+    def _check(self) -> BaseModelConfig:
         if self.source == "local" and not self.path:
             raise ValueError("source 'local' needs `path` (a local Hugging Face model directory)")
         return self
@@ -384,7 +384,7 @@ class MegaContextConfig(Section):
         """The project root this config's relative paths resolve against (`load_config(path, root)`)."""
         return self._root if self._root is not None else project_root()
 
-    def with_root(self, root: str | os.PathLike | None) -> "MegaContextConfig":
+    def with_root(self, root: str | os.PathLike | None) -> MegaContextConfig:
         """This config, its relative paths resolving against `root` (None: the working directory)."""
         self._root = project_root(root)
         return self
@@ -401,7 +401,7 @@ class MegaContextConfig(Section):
         return v
 
     @model_validator(mode="after")
-    def _check(self) -> "MegaContextConfig":
+    def _check(self) -> MegaContextConfig:
         block = self.dataset.block_size
         if self.gistnet.model.block_size != block:
             raise ValueError(

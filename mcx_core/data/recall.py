@@ -26,6 +26,7 @@ import numpy as np
 
 from mcx_core import data
 from mcx_core.config import CorpusConfig, MegaContextConfig
+from mcx_core.model.base import tokenizer_id
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +73,6 @@ def narrative_filler(cfg: MegaContextConfig, tokenizer) -> tuple[list[str], list
 
 
 def _block_dataset_filler(cfg: MegaContextConfig, tokenizer, split: str):
-    from mcx_core.model.base import tokenizer_id  # lazy: mcx_core.model.base imports torch
 
     out = cfg.resolve(cfg.dataset.output_dir)
     if not (Path(out) / data.MANIFEST).is_file():

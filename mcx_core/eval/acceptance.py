@@ -84,7 +84,7 @@ def stress_gates(cfg: MegaContextConfig, stress: list[dict]) -> list[Gate]:
     ]
 
 
-def summarize(gates: list[Gate]) -> str:
+def verdict(gates: list[Gate]) -> str:
     """One line: all passed, or each failure's message."""
     failed = [g for g in gates if not g.passed]
     if not failed:

@@ -30,7 +30,7 @@ def acceptance_evidence(cfg: MegaContextConfig) -> dict:
         "passed": all(g.passed for g in gates),
         "cycle": checkpoints.final_cycle(cfg),
         "checkpoints": {"gistnet": str(jt1), "lensnet": str(checkpoints.jt2_checkpoint(cfg)), "lora": str(checkpoints.jt3_checkpoint(cfg))},
-        "summary": acceptance.summarize(gates),
+        "summary": acceptance.verdict(gates),
     }
 
 def promote_champion(cfg: MegaContextConfig, evidence: dict) -> Path:

@@ -4,6 +4,7 @@ of the horizon token and by distance of a single gisted block from the cursor.""
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 
@@ -18,6 +19,7 @@ from mcx_core.artifacts import (
     stage_fingerprint,
     write_atomic,
 )
+from mcx_core.compression.gistnet import load_gister
 from mcx_core.config import MegaContextConfig
 from mcx_core.eval import nll as E
 from mcx_core.model.base import BaseLM
@@ -320,8 +322,6 @@ def run_gist_eval(cfg: MegaContextConfig, lm: BaseLM, checkpoint: Path, sink: Te
     (the stored result when its inputs are unchanged, unless `force`)."""
     import pyarrow.parquet as pq
 
-    from mcx_core.compression.gistnet import load_gister
-    from mcx_core.eval import gists as gist_eval
 
     paths = ArtifactPaths.from_config(cfg)
     fp = stage_fingerprint(
@@ -338,7 +338,7 @@ def run_gist_eval(cfg: MegaContextConfig, lm: BaseLM, checkpoint: Path, sink: Te
     table = pq.read_table(baseline) if baseline.is_file() else None
     # Reuse the baseline scores only when the table has every column (older tables are rescored).
     baseline_rows = E.rows_from_table(table) if table is not None and "context_len" in table.column_names else None
-    result = gist_eval.run(
+    result = run(
         cfg, lm, load_gister(checkpoint, lm), data.load_eval_samples(cfg), paths.root, Path(checkpoint).name,
         sink, progress, baseline_rows,
     )
@@ -350,8 +350,6 @@ def run_gist_eval(cfg: MegaContextConfig, lm: BaseLM, checkpoint: Path, sink: Te
 
 def read_gist_eval(cfg: MegaContextConfig) -> dict:
     """The last gist evaluation's summary (`reports/gist_eval.json`)."""
-    import json
-
     path = ArtifactPaths.from_config(cfg).reports / "gist_eval.json"
     if not path.is_file():
         raise FileNotFoundError(f"{path} is missing; materialize gist_eval_report first")

@@ -55,7 +55,7 @@ def evaluate_lora(
     return {
         M.EVAL_LORA_LOSS_AT_H: M.mean(with_adapter),
         M.EVAL_LORA_LOSS_AT_H_WITHOUT_ADAPTER: M.mean(without),
-        **M.summarize(with_adapter - without, M.EVAL_LORA_DELTA_LOSS),
+        **M.mean_and_p95(with_adapter - without, M.EVAL_LORA_DELTA_LOSS),
         M.EVAL_LORA_SAMPLES: float(len(ids)),
     }
 

@@ -261,11 +261,11 @@ def summarize(rows: list[EvalRow], methods: list[str]) -> list[dict]:
             rec = np.array([by_key[(ds, "recency", w)][s] for s in ids])
             summary = {"dataset": ds, "w_max": w, "n_samples": len(ids), "nll_full": M.mean(nll_full)}
             summary["nll_recency"] = M.mean(rec)
-            summary.update(M.summarize(M.delta_nll(rec, nll_full), "delta_nll_recency"))
+            summary.update(M.mean_and_p95(M.delta_nll(rec, nll_full), "delta_nll_recency"))
             for m in methods:
                 vals = np.array([by_key[(ds, m, w)][s] for s in ids])
                 summary[f"nll_{m}"] = M.mean(vals)
-                summary.update(M.summarize(M.delta_nll(vals, nll_full), f"delta_nll_{m}"))
+                summary.update(M.mean_and_p95(M.delta_nll(vals, nll_full), f"delta_nll_{m}"))
                 summary[f"recovery_{m}"] = M.recovery(M.mean(rec), M.mean(vals), M.mean(nll_full))
             out.append(summary)
     return out
@@ -282,7 +282,7 @@ def summarize_fixed(rows: list[EvalRow], condition: str) -> list[dict]:
         vals = np.array([by_key[(ds, condition, s)].nll for s in ids])
         full = np.array([by_key[(ds, "full", s)].nll for s in ids])
         summary = {"dataset": ds, "condition": condition, "n_samples": len(ids)}
-        summary.update(M.summarize(M.delta_nll(vals, full), "delta_nll"))
+        summary.update(M.mean_and_p95(M.delta_nll(vals, full), "delta_nll"))
         # History tokens per position the model read: 32x for LOD1-only, 1024x for one LOD2 gist.
         ratios = [by_key[(ds, "full", s)].context_len / by_key[(ds, condition, s)].context_len for s in ids]
         summary["compression"] = float(np.mean(ratios))

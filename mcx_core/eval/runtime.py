@@ -17,10 +17,15 @@ from mcx_core.artifacts import (
     save_stage,
     stage_fingerprint,
 )
+from mcx_core.compression.gistnet import load_gister
 from mcx_core.config import MegaContextConfig
+from mcx_core.eval.acceptance import runtime_gates
+from mcx_core.focus import engine as runtime
+from mcx_core.focus.lensnet import LensNetPolicy, load_lensnet
+from mcx_core.focus.policies import standard_policies
 from mcx_core.model.base import BaseLM
 from mcx_core.telemetry import metrics as M
-from mcx_core.telemetry.sinks import NullSink, TelemetrySink
+from mcx_core.telemetry.sinks import NullSink, OffsetSink, TelemetrySink
 from mcx_core.telemetry.tables import log_focus_tables
 
 
@@ -56,11 +61,6 @@ def run_runtime_eval(cfg: MegaContextConfig, lm: BaseLM, sink: TelemetrySink | N
     (per-step telemetry, one JSONL trace per document), then compare policies at the same W_max."""
     import torch
 
-    from mcx_core.compression.gistnet import load_gister
-    from mcx_core.focus import engine as runtime
-    from mcx_core.focus.lensnet import LensNetPolicy, load_lensnet
-    from mcx_core.focus.policies import standard_policies
-    from mcx_core.telemetry.sinks import OffsetSink
 
     sink = sink or NullSink()
     rc, R, H = cfg.runtime, cfg.runtime.refocus_every, cfg.dataset.horizon
@@ -123,7 +123,6 @@ def run_runtime_eval(cfg: MegaContextConfig, lm: BaseLM, sink: TelemetrySink | N
 
 def write_runtime_report(cfg, main: dict, per_doc: list[dict], comparison: list[dict], records: list[dict],
                          out: Path, seconds: float, checkpoints: dict) -> dict:
-    from mcx_core.eval.acceptance import runtime_gates
 
     steps = list(range(1, len(records) + 1))
     timeline = reports.line_plot(

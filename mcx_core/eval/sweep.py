@@ -23,6 +23,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from mcx_core import data
+from mcx_core.checkpoints import checkpoint_id
+from mcx_core.compression.gistnet import load_gister
 from mcx_core.config import MegaContextConfig
 from mcx_core.data import recall
 from mcx_core.eval import nll as E
@@ -258,7 +260,7 @@ def summarize_sweep(table: pa.Table | list[dict], checkpoint: str | None = None)
         for c in CONDITIONS:
             s[f"nll_{c}"] = M.mean(_column(rs, f"nll_{c}"))
         for m in METHODS:
-            s.update(M.summarize(_column(rs, f"delta_nll_{m}"), f"delta_nll_{m}"))
+            s.update(M.mean_and_p95(_column(rs, f"delta_nll_{m}"), f"delta_nll_{m}"))
         for m in RECOVERED:
             s[f"recovery_{m}"] = M.recovery(s["nll_recency"], s[f"nll_{m}"], s["nll_full"])
         if all(r["answer_tokens"] is not None for r in rs):
@@ -292,9 +294,6 @@ def run_partition(
     progress: bool = True,
 ) -> dict:
     """Score one partition with a JT checkpoint's GistNet, upsert its rows, log its summary."""
-    from mcx_core.checkpoints import checkpoint_id
-    from mcx_core.compression.gistnet import load_gister
-
     sink = sink or NullSink()
     w_max, dataset = parse_partition(key)
     ck = checkpoint_id(checkpoint)

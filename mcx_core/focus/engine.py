@@ -117,13 +117,13 @@ class Stopwatch:
         return 1000 * (self.last - self.start)
 
 
-def _jsonable(value: Any) -> Any:
+def _finite_or_none(value: Any) -> Any:
     if isinstance(value, float) and not math.isfinite(value):
         return None
     if isinstance(value, dict):
-        return {k: _jsonable(v) for k, v in value.items()}
+        return {k: _finite_or_none(v) for k, v in value.items()}
     if isinstance(value, list | tuple):
-        return [_jsonable(v) for v in value]
+        return [_finite_or_none(v) for v in value]
     return value
 
 
@@ -141,7 +141,7 @@ class TraceWriter:
 
     def write(self, record: dict[str, Any]) -> None:
         if self._file is not None:
-            self._file.write(json.dumps(_jsonable(record), allow_nan=False) + "\n")
+            self._file.write(json.dumps(_finite_or_none(record), allow_nan=False) + "\n")
 
     def close(self) -> Path | None:
         if self._file is None:

@@ -37,6 +37,7 @@ from torch import nn
 
 from mcx_core import checkpoints
 from mcx_core.config import LensNetModelConfig
+from mcx_core.model.attention import Attention
 from mcx_core.model.tree import EmbedFn, MegaContextTree, Node
 from mcx_core.model.working_context import Entry, WorkingContext
 from mcx_core.telemetry import metrics as M
@@ -166,27 +167,6 @@ def mask_scores(raw: torch.Tensor, masks: dict[str, torch.Tensor]) -> torch.Tens
     scores = torch.where(masks["can_expand"], raw, raw.clamp(max=0))
     scores = torch.where(masks["can_collapse"], scores, scores.clamp(min=0))
     return scores * masks["entry"]
-
-
-class Attention(nn.Module):
-    """Multi-head attention of queries `x_q` over keys/values `x_kv`, masking only padded keys."""
-
-    def __init__(self, dim: int, num_heads: int):
-        super().__init__()
-        assert dim % num_heads == 0, f"hidden size {dim} must be divisible by num_heads {num_heads}"
-        self.num_heads = num_heads
-        self.q = nn.Linear(dim, dim)
-        self.kv = nn.Linear(dim, 2 * dim)
-        self.out = nn.Linear(dim, dim)
-
-    def forward(self, x_q: torch.Tensor, x_kv: torch.Tensor, kv_mask: torch.Tensor) -> torch.Tensor:
-        """[B, Q, h], [B, S, h], kv_mask [B, S] (True = attend) -> [B, Q, h]."""
-        B, Q, h = x_q.shape
-        S = x_kv.shape[1]
-        q = self.q(x_q).view(B, Q, self.num_heads, -1).transpose(1, 2)  # [B, nh, Q, hd]
-        k, v = self.kv(x_kv).view(B, S, 2, self.num_heads, -1).permute(2, 0, 3, 1, 4)  # 2 x [B, nh, S, hd]
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=kv_mask[:, None, None, :], is_causal=False)
-        return self.out(y.transpose(1, 2).reshape(B, Q, h))
 
 
 class LensBlock(nn.Module):

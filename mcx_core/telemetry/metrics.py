@@ -91,7 +91,7 @@ def p99(values) -> float:
     return float(np.percentile(_arr(values), 99))
 
 
-def summarize(values, prefix: str) -> dict[str, float]:
+def mean_and_p95(values, prefix: str) -> dict[str, float]:
     """`{prefix}_mean`, `{prefix}_p95` — the two numbers every ΔNLL is reported with."""
     return {f"{prefix}_mean": mean(values), f"{prefix}_p95": p95(values)}
 

@@ -1,11 +1,8 @@
 """Where telemetry goes. Library code logs through a `TelemetrySink`; the caller decides whether that
-is MLflow, a JSONL archive under `artifacts/`, both, or nothing (tests)."""
+is MLflow (`mlflow_sink.MLflowSink`), memory (tests: `MemorySink`) or nothing (`NullSink`)."""
 
 from __future__ import annotations
 
-import json
-import math
-import time
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -55,45 +52,6 @@ class MemorySink(NullSink):
 
     def last(self, name: str) -> float:
         return self.history[name][-1][1]
-
-
-class JsonlSink(NullSink):
-    """File-based archive: one JSON object per `log_metrics` call (the seed's File-Based Logging)."""
-
-    def __init__(self, path: str | Path) -> None:
-        self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-
-    def log_metrics(self, metrics, step=None):
-        row = {"time": round(time.time(), 3), "step": step}
-        row.update({k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in metrics.items()})
-        with self.path.open("a", encoding="utf-8") as f:
-            f.write(json.dumps(row) + "\n")
-
-
-class MultiSink(NullSink):
-    def __init__(self, *sinks: TelemetrySink) -> None:
-        self.sinks = [s for s in sinks if s is not None]
-
-    def log_metrics(self, metrics, step=None):
-        for s in self.sinks:
-            s.log_metrics(metrics, step)
-
-    def log_params(self, params):
-        for s in self.sinks:
-            s.log_params(params)
-
-    def set_tags(self, tags):
-        for s in self.sinks:
-            s.set_tags(tags)
-
-    def log_artifact(self, path, artifact_path=None):
-        for s in self.sinks:
-            s.log_artifact(path, artifact_path)
-
-    def log_table(self, rows, artifact_file):
-        for s in self.sinks:
-            s.log_table(rows, artifact_file)
 
 
 class OffsetSink(NullSink):

@@ -7,6 +7,8 @@ from pathlib import Path
 
 import numpy as np
 
+from mcx_core.eval.nll import rows_from_table
+from mcx_core.focus import engine as runtime
 from mcx_core.telemetry.sinks import TelemetrySink
 
 TABLE_ROWS_MAX = 2000  # rows per MLflow table (a sample: the full data is in the Parquet/JSONL artifacts)
@@ -17,8 +19,6 @@ def columns(rows: list[dict]) -> dict[str, list]:
 
 def log_focus_tables(sink: TelemetrySink, records: list[dict], residencies: list[int]) -> None:
     """Focus actions and the residency distribution as MLflow tables."""
-    from mcx_core.focus import engine as runtime
-
     actions = [
         {"step": r["step"], **{k: a[k] for k in ("kind", "level", "start", "end", "score", "forced", "residency")}}
         for r in records for a in r.get("actions", [])
@@ -43,7 +43,6 @@ def log_eval_distribution(sink: TelemetrySink, table_path: Path, name: str) -> N
     """Per-sample ΔNLL of every condition vs the full history (the distribution behind mean/p95)."""
     import pyarrow.parquet as pq
 
-    from mcx_core.eval.nll import rows_from_table
 
     rows = rows_from_table(pq.read_table(table_path))
     full = {(r.dataset, r.sample_id): r.nll for r in rows if r.condition == "full"}

@@ -32,6 +32,7 @@ import numpy as np
 
 from mcx_core.config import AlertsConfig
 from mcx_core.telemetry import metrics as M
+from mcx_core.telemetry.mlflow_sink import _client
 
 log = logging.getLogger(__name__)
 
@@ -288,8 +289,6 @@ def mlflow_alerts(tracking_uri: str, experiment: str, cfg: AlertsConfig, since_m
                   max_runs: int = 10) -> tuple[list[tuple[str, list[Alert]]], int]:
     """Alerts of the experiment's newest runs that are still running or ended after `since_ms`, from
     their logged metric histories: ([(run_id, alerts)], the newest end time seen, ms)."""
-    from mcx_core.telemetry.mlflow_sink import _client
-
     client = _client(tracking_uri)
     exp = client.get_experiment_by_name(experiment)
     if exp is None:

@@ -29,11 +29,16 @@ from pathlib import Path
 import numpy as np
 
 from mcx_core import artifacts, reports
+from mcx_core.artifacts import ArtifactPaths
+from mcx_core.compression.drift import gist_drift, probe_blocks
+from mcx_core.compression.gistnet import load_gister
 from mcx_core.config import MegaContextConfig
+from mcx_core.eval.gists import compression_points
+from mcx_core.eval.nll import MeanPoolGister, rows_from_table
 from mcx_core.telemetry import metrics as M
 from mcx_core.telemetry.sinks import TelemetrySink
 from mcx_core.tools.boundary import boundary_analysis, position_grid, synthetic_boundary_test
-from mcx_core.tools.findings import AnalysisResult, MissingInput, finish, nanmean, output_dir, pearson
+from mcx_core.tools.findings import AnalysisResult, MissingInput, nanmean, output_dir, pearson, write_findings
 from mcx_core.tools.traces import (
     busiest_spans,
     connect_traces,
@@ -109,14 +114,12 @@ def residency_analysis(rows: list[dict], out: Path, min_residency: float,
         f"![residency]({plot.name})",
         reports.markdown_table(table, ["residency", "chosen", "forced"]),
     ]
-    return finish("residency", out, summary, metrics, {"plot": plot}, sections, {"histogram": table}, sink)
+    return write_findings("residency", out, summary, metrics, {"plot": plot}, sections, {"histogram": table}, sink)
 
 
 def compression_analysis(rows, out: Path, threshold: float, horizon: int,
                          sink: TelemetrySink | None = None) -> AnalysisResult:
     """ΔNLL vs compression ratio for every scored (sample, condition), with the acceptance line."""
-    from mcx_core.eval.gists import compression_points
-
     points = compression_points(rows)
     if not points:
         raise MissingInput("the evaluation table holds no condition besides the full history")
@@ -143,7 +146,7 @@ def compression_analysis(rows, out: Path, threshold: float, horizon: int,
         f"![compression]({plot.name})",
         reports.markdown_table(table, list(table[0])),
     ]
-    return finish("compression", out, summary, metrics, {"plot": plot}, sections, {"series": table}, sink)
+    return write_findings("compression", out, summary, metrics, {"plot": plot}, sections, {"series": table}, sink)
 
 
 def latency_analysis(stages: dict[str, dict[str, float]], out: Path,
@@ -175,7 +178,7 @@ def latency_analysis(stages: dict[str, dict[str, float]], out: Path,
         f"![latency]({plot.name})",
         reports.markdown_table(stage_rows, ["stage", "part", "mean_ms", "p50_ms", "p95_ms", "share"]),
     ]
-    return finish("latency", out, summary, metrics, {"plot": plot}, sections,
+    return write_findings("latency", out, summary, metrics, {"plot": plot}, sections,
                    {"stages": stage_rows, "parts": part_rows}, sink)
 
 
@@ -204,7 +207,7 @@ def oscillation_analysis(events: list[dict], timeline: list[dict], out: Path, wi
         reports.markdown_table(table, ["trace", "span", "level", "steps"]) if table else "No ping-pong span found.",
         f"![oscillation]({plot.name})",
     ]
-    return finish("oscillation", out, summary, metrics, {"plot": plot}, sections,
+    return write_findings("oscillation", out, summary, metrics, {"plot": plot}, sections,
                    {"events": [{k: v for k, v in e.items()} for e in events]}, sink)
 
 
@@ -248,7 +251,7 @@ def spikes_analysis(steps: list[dict], out: Path, ratio: float, sink: TelemetryS
         f"![spikes]({plot.name})",
         reports.markdown_table(table, ["trace", "step", "latency_ms", "x_median", "actions"]) if table else "No spike.",
     ]
-    return finish("spikes", out, summary, metrics, {"plot": plot}, sections, {"spikes": table}, sink)
+    return write_findings("spikes", out, summary, metrics, {"plot": plot}, sections, {"spikes": table}, sink)
 
 
 def jt1_checkpoints(checkpoints_dir: Path) -> list[Path]:
@@ -263,9 +266,6 @@ def jt1_checkpoints(checkpoints_dir: Path) -> list[Path]:
 
 def drift_rows(checkpoints: Sequence[Path], lm, probes) -> list[dict]:
     """Per checkpoint: mean cosine of its probe gists to the first checkpoint's and the previous one's."""
-    from mcx_core.compression.drift import gist_drift
-    from mcx_core.compression.gistnet import load_gister
-
     gisters = [load_gister(c, lm) for c in checkpoints]
     return [
         {"checkpoint": c.name, "cosine_to_first": gist_drift(gisters[0], g, probes),
@@ -296,7 +296,7 @@ def drift_analysis(rows: list[dict], out: Path, sink: TelemetrySink | None = Non
         reports.markdown_table(rows, ["checkpoint", "cosine_to_first", "cosine_to_previous"]),
         f"![drift]({plot.name})",
     ]
-    return finish("drift", out, summary, metrics, {"plot": plot}, sections, {"rows": rows}, sink)
+    return write_findings("drift", out, summary, metrics, {"plot": plot}, sections, {"rows": rows}, sink)
 
 
 # ---------------------------------------------------------------------------------------------- from a config
@@ -305,8 +305,6 @@ def drift_analysis(rows: list[dict], out: Path, sink: TelemetrySink | None = Non
 def _eval_rows(cfg: MegaContextConfig):
     import pyarrow.parquet as pq
 
-    from mcx_core.artifacts import ArtifactPaths
-    from mcx_core.eval.nll import rows_from_table
 
     ev = ArtifactPaths.from_config(cfg).eval
     for name in ("gist_eval.parquet", "baseline_eval.parquet"):
@@ -316,9 +314,6 @@ def _eval_rows(cfg: MegaContextConfig):
 
 
 def _newest_gister(cfg: MegaContextConfig, lm):
-    from mcx_core.artifacts import ArtifactPaths
-    from mcx_core.compression.gistnet import load_gister
-    from mcx_core.eval.nll import MeanPoolGister
 
     cks = jt1_checkpoints(ArtifactPaths.from_config(cfg).checkpoints)
     if cks:
@@ -330,8 +325,6 @@ def run_analysis(cfg: MegaContextConfig, name: str, sink: TelemetrySink | None =
                  synthetic: bool = True, progress: bool = False) -> AnalysisResult:
     """One analysis over the artifacts of `cfg`. `lm` (loaded when needed and not given) serves the
     synthetic boundary test and drift. Raises `MissingInput` when an input is not there yet."""
-    from mcx_core.artifacts import ArtifactPaths
-
     if name not in ANALYSES:
         raise ValueError(f"unknown analysis {name!r} (known: {', '.join(ANALYSES)})")
     paths = ArtifactPaths.from_config(cfg)
@@ -378,7 +371,6 @@ def run_analysis(cfg: MegaContextConfig, name: str, sink: TelemetrySink | None =
             found = synthetic_boundary_test(cfg, model(), gister, progress=progress)
             found["gister"] = label
         return boundary_analysis(grids, out, K, source, found, sink)
-    from mcx_core.compression.drift import probe_blocks
 
     cks = jt1_checkpoints(paths.checkpoints)
     if not cks:

@@ -18,7 +18,7 @@ from mcx_core import reports
 from mcx_core.config import MegaContextConfig
 from mcx_core.telemetry import metrics as M
 from mcx_core.telemetry.sinks import TelemetrySink
-from mcx_core.tools.findings import AnalysisResult, MissingInput, finish, nanmean
+from mcx_core.tools.findings import AnalysisResult, MissingInput, nanmean, write_findings
 
 # Stdlib modules the synthetic boundary test takes function definitions from (any Python has them).
 BOUNDARY_MODULES = ("textwrap.py", "shlex.py", "fnmatch.py", "posixpath.py", "glob.py", "string.py",
@@ -171,4 +171,4 @@ def boundary_analysis(grids: dict[str, np.ndarray], out: Path, block_size: int, 
     summary = f"edge − interior ΔNLL {excess:+.4f}" + (
         f"; synthetic aligned {metrics[M.ANALYSIS_BOUNDARY_ALIGNED]:.3f} vs shifted "
         f"{metrics[M.ANALYSIS_BOUNDARY_SHIFTED]:.3f}" if synthetic else "")
-    return finish("boundary", out, summary, metrics, {"plot": plot}, sections, data, sink)
+    return write_findings("boundary", out, summary, metrics, {"plot": plot}, sections, data, sink)

@@ -22,6 +22,7 @@ import html
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from tqdm.auto import tqdm
 
@@ -205,8 +206,6 @@ coarser (collapse); saturation relative to max |score| = {scale:.3f}. Dashed out
 def write_heatmap(result: dict[str, Any], path: Path) -> Path:
     """Top: score over the token axis (one bar per entry, as wide as its span). Bottom: a levels × entries
     heatmap of the scores (blank where an entry is at another level)."""
-    import numpy as np
-
     plt = reports._plt()
     entries = result["entries"]
     scale = _scale(result)

@@ -35,7 +35,7 @@ def output_dir(cfg: MegaContextConfig) -> Path:
     return ArtifactPaths.from_config(cfg).reports / "analysis"
 
 
-def finish(name: str, out: Path, summary: str, metrics: dict[str, float], plots: dict[str, Path],
+def write_findings(name: str, out: Path, summary: str, metrics: dict[str, float], plots: dict[str, Path],
             sections: list[str], data: dict[str, Any], sink: TelemetrySink | None) -> AnalysisResult:
     """Write `<name>.md` and `<name>.json` next to the plots; log finite metrics and the files."""
     md = artifacts.write_text(out / f"{name}.md", "\n\n".join(sections) + "\n")

@@ -14,7 +14,6 @@ and writes a small markdown report with the top operators and the memory numbers
 from __future__ import annotations
 
 import contextlib
-import json
 import threading
 import time
 import tracemalloc
@@ -27,6 +26,7 @@ import torch
 
 from mcx_core import artifacts, reports
 from mcx_core.config import MegaContextConfig
+from mcx_core.focus.engine import MegaContextEngine
 from mcx_core.telemetry import metrics as M
 from mcx_core.telemetry.sinks import NullSink, TelemetrySink
 
@@ -165,8 +165,6 @@ def profile_runtime_step(
     """Profile `MegaContextEngine.step` on `token_ids` after `prefill` tokens (default
     `runtime.prefill_tokens`, fewer when the text is short). Traces go to `out_dir`, the report (and the
     CPU memory plot) to `report_dir`."""
-    from mcx_core.focus.engine import MegaContextEngine
-
     R, H = cfg.runtime.refocus_every, cfg.dataset.horizon
     ids = torch.as_tensor(token_ids, dtype=torch.long).flatten()
     need = (warmup_steps + 2) * R + H  # warm-up, profiled and memory steps
@@ -287,8 +285,3 @@ def _cumulative(laps: dict[str, float]) -> dict[str, float]:
         total += v
         out[k] = total
     return out
-
-
-def chrome_trace_events(path: Path) -> list[dict]:
-    """The events of an exported Chrome trace (for checks and tests)."""
-    return json.loads(Path(path).read_text(encoding="utf-8"))["traceEvents"]

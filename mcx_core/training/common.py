@@ -70,6 +70,15 @@ SAMPLING_RULE = "step s draws with torch.Generator().manual_seed(seed * 1_000_00
 
 
 @dataclass
+class Run:
+    """A step-counted trainer's progress (JT2, JT3); `trainer_state.json` holds it under `run`."""
+
+    step: int = 0
+    nan_free: bool = True
+    history: list[dict[str, float]] = field(default_factory=list)
+
+
+@dataclass
 class TrainResult:
     """What a trainer returns."""
 

@@ -11,15 +11,24 @@ cycles and, inside an interrupted one, each trainer resumes from its newest comp
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from mcx_core import artifacts, checkpoints, data, pipeline
+from mcx_core.compression.gistnet import load_gister
 from mcx_core.config import MegaContextConfig
+from mcx_core.focus.lensnet import load_lensnet
 from mcx_core.model.base import BaseLM
 from mcx_core.telemetry import metrics as M
+from mcx_core.telemetry.mlflow_sink import MLflowSink, git_commit, store
 from mcx_core.telemetry.sinks import NullSink, TelemetrySink
+from mcx_core.tools.profiling import PhaseMemory
+from mcx_core.training import distributed
+from mcx_core.training.gistnet import train_gistnet
+from mcx_core.training.lensnet import train_lensnet
+from mcx_core.training.lora import train_lora
 
 log = logging.getLogger(__name__)
 
@@ -53,8 +62,6 @@ def cycle_record_path(cfg: MegaContextConfig, cycle: int) -> Path:
 def completed_cycle(cfg: MegaContextConfig, cycle: int) -> dict | None:
     """The stored summary of `cycle` when it finished and its checkpoints are still the ones it wrote
     (same names, same trainer states); None otherwise."""
-    import json
-
     path = cycle_record_path(cfg, cycle)
     if not path.is_file():
         return None
@@ -87,8 +94,6 @@ def init_checkpoint(cfg: MegaContextConfig, phase: str, cycle: int) -> Path | No
 
 def _measured(sink: TelemetrySink, lm: BaseLM, fn: Callable[[], object]):
     """Run one phase; log its wall time and peak memory (`phase/*`) to its sink. (result, metrics)."""
-    from mcx_core.tools.profiling import PhaseMemory
-
     with PhaseMemory(lm.device) as mem:
         result = fn()
     metrics = mem.metrics()
@@ -99,8 +104,6 @@ def _measured(sink: TelemetrySink, lm: BaseLM, fn: Callable[[], object]):
 def phase_jt1(cfg: MegaContextConfig, lm: BaseLM, cycle: int, sink: TelemetrySink, progress: bool = True):
     """JT1 of `cycle`: GistNet on every corpus's train split, initialised from cycle − 1's GistNet;
     (TrainResult, phase metrics)."""
-    from mcx_core.training.gistnet import train_gistnet
-
     init = init_checkpoint(cfg, "jt1", cycle)
     return _measured(sink, lm, lambda: train_gistnet(
         cfg, lm, data.train_ids(cfg), _checkpoints_dir(cfg), sink, cycle=cycle, init_from=init, progress=progress,
@@ -117,12 +120,9 @@ def phase_deltas(cfg: MegaContextConfig, lm: BaseLM, cycle: int, sink: Telemetry
 def phase_jt2(cfg: MegaContextConfig, lm: BaseLM, cycle: int, sink: TelemetrySink, progress: bool = True):
     """JT2 of `cycle`: LensNet on this cycle's delta table (labelled by this cycle's GistNet), initialised
     from cycle − 1's LensNet; (TrainResult, phase metrics)."""
-    from mcx_core.compression.gistnet import load_gister
-    from mcx_core.training.lensnet import train_lensnet
-
     init, gist_ck = init_checkpoint(cfg, "jt2", cycle), checkpoints.jt1_checkpoint(cfg, cycle)
     return _measured(sink, lm, lambda: train_lensnet(
-        cfg, lm, load_gister(gist_ck, lm), [pipeline.delta_table(cfg, cycle)], _checkpoints_dir(cfg), sink,
+        cfg, lm, load_gister(gist_ck, lm), [pipeline.cycle_delta_table(cfg, cycle)], _checkpoints_dir(cfg), sink,
         cycle=cycle, progress=progress, init_from=init, gistnet_checkpoint=gist_ck,
     ))
 
@@ -130,10 +130,6 @@ def phase_jt2(cfg: MegaContextConfig, lm: BaseLM, cycle: int, sink: TelemetrySin
 def phase_jt3(cfg: MegaContextConfig, lm: BaseLM, cycle: int, sink: TelemetrySink, progress: bool = True):
     """JT3 of `cycle`: a LoRA adapter trained on Loss@H with working contexts chosen by this cycle's
     (frozen) GistNet + LensNet and the allocator, carrying cycle − 1's adapter over; (TrainResult, phase metrics)."""
-    from mcx_core.compression.gistnet import load_gister
-    from mcx_core.focus.lensnet import load_lensnet
-    from mcx_core.training.lora import train_lora
-
     init = init_checkpoint(cfg, "jt3", cycle)
     gister = load_gister(checkpoints.jt1_checkpoint(cfg, cycle), lm)
     lensnet = load_lensnet(checkpoints.jt2_checkpoint(cfg, cycle), lm.device)
@@ -162,7 +158,7 @@ def write_cycle_record(cfg: MegaContextConfig, cycle: int, memory: dict[str, dic
         "checkpoints": {k: str(v) for k, v in found.items()},
         "checkpoint_ids": {k: checkpoints.checkpoint_id(v) for k, v in found.items()},
         "init_from": {k: (str(v) if v is not None else None) for k, v in init.items()},
-        "delta_table": str(pipeline.delta_table(cfg, cycle)),
+        "delta_table": str(pipeline.cycle_delta_table(cfg, cycle)),
         "delta_gistnet_checkpoint": str(found["jt1"]),
         # default: each trainer's last logged step, from its checkpoint
         "metrics": metrics if metrics is not None else {p: _floats(st.get("metrics", {})) for p, st in states.items()},
@@ -206,7 +202,6 @@ def run_cycle(cfg: MegaContextConfig, lm: BaseLM, cycle: int, sink_factory: Sink
         "jt2": _floats(results["jt2"].metrics),
         "jt3": _floats(results["jt3"].metrics),
     }
-    from mcx_core.training import distributed
 
     summary = write_cycle_record(cfg, cycle, memory, metrics) if distributed.is_main_process() else None
     distributed.wait_for_everyone()  # data-parallel: every rank sees the record rank 0 wrote
@@ -245,8 +240,6 @@ def training_loop_parent(cfg: MegaContextConfig, root: Path, tracking_uri: str |
     """(parent, created): the MLflow parent run of this config's training loop, found by its
     `mcx.training_loop` key (`cycles.training_loop_key`), else created with the config as params. The
     Dagster phase assets and `mcx train-cycles` attach their phase runs to the same one."""
-    from mcx_core.telemetry.mlflow_sink import MLflowSink, git_commit, store
-
     uri, artifacts = store(cfg, root, tracking_uri, artifact_location)
     parent, created = MLflowSink.parent(
         uri, cfg.mlflow.experiment or cfg.name, training_loop_key(cfg), f"training-loop-{cfg.name}",
@@ -263,8 +256,6 @@ def training_loop_parent(cfg: MegaContextConfig, root: Path, tracking_uri: str |
 def mlflow_sinks(cfg: MegaContextConfig, root: Path) -> tuple[SinkFactory, TelemetrySink]:
     """(factory, parent): the training loop's parent run (`training_loop_parent`) and one child run per
     (phase, cycle)."""
-    from mcx_core.telemetry.mlflow_sink import MLflowSink, git_commit, store
-
     uri, artifacts = store(cfg, root)
     parent, _ = training_loop_parent(cfg, root)
     tags = {"mcx.config_name": cfg.name, "mcx.git_commit": git_commit(root)}

@@ -54,7 +54,7 @@ import torch
 from tqdm.auto import tqdm
 
 from mcx_core import checkpoints
-from mcx_core.compression.gistnet import Gister, load_gister, mean_pool, profile
+from mcx_core.compression.gistnet import Gister, load_gister, mean_pool, profile_gister
 from mcx_core.config import MegaContextConfig, PhaseConfig
 from mcx_core.eval.nll import ConditionInput, horizon_nll, horizon_nll_grad
 from mcx_core.model.base import BaseLM
@@ -266,7 +266,7 @@ def delta_nll_loss(
         loss = loss + phase.lod2_weight * stress_nll.mean()
         tokens += stress_tokens
         lod2_delta = M.delta_nll(stress_nll.detach().mean(1).cpu().numpy(), teacher.mean(1).cpu().numpy())
-        metrics.update(M.summarize(lod2_delta, M.TRAIN_LOD2_DELTA_NLL))
+        metrics.update(M.mean_and_p95(lod2_delta, M.TRAIN_LOD2_DELTA_NLL))
     metrics[M.TRAIN_TOKENS_PER_S] = tokens  # divided by the step time by the caller
     return loss, metrics
 
@@ -363,7 +363,7 @@ def train_gistnet(
     distributed.broadcast_parameters(gister.parameters())  # every rank starts from rank 0's weights
     gister.train()
 
-    gist_profile = profile(gister)
+    gist_profile = profile_gister(gister)
     sink.log_metrics(gist_profile, step=run.global_step)
     sink.log_params({"jt1.gistnet_parameters": int(gist_profile[M.GISTNET_PARAMETERS])})
 

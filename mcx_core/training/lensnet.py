@@ -222,10 +222,7 @@ def evaluate_lensnet(lensnet: LensNet, examples: list[ContextExample]) -> dict[s
 
 
 @dataclass
-class _Run:
-    step: int = 0
-    nan_free: bool = True
-    history: list[dict[str, float]] = field(default_factory=list)
+class _Run(common.Run):
     initial: dict[str, float] = field(default_factory=dict)  # held-out metrics before step 1
 
 

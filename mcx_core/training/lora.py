@@ -36,7 +36,7 @@ import logging
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -182,13 +182,6 @@ def module_checksum(module) -> str:
     return h.hexdigest()
 
 
-@dataclass
-class _Run:
-    step: int = 0
-    nan_free: bool = True
-    history: list[dict[str, float]] = field(default_factory=list)
-
-
 def _save(checkpoints_dir, cycle, adapter, gister, lensnet, opt, sched, cfg, state) -> Path:
     parts = {checkpoints.LORA_DIR: lambda d: save_adapter(adapter, d), checkpoints.LENSNET_DIR: lensnet.save_pretrained}
     if isinstance(gister, torch.nn.Module) and hasattr(gister, "save_pretrained"):
@@ -244,12 +237,12 @@ def train_lora(
     sink, rank, world = distributed.main_sink(sink), distributed.process_index(), distributed.world_size()
     progress = progress and distributed.is_main_process()
 
-    run = _Run()
+    run = common.Run()
     resume_dir, state = common.resume_point(checkpoints_dir, JT, cycle, resume, base_checksum)
     if state is not None:
         if state["frozen"] != frozen:
             raise ValueError(f"{resume_dir} was trained with another GistNet/LensNet ({state['frozen']})")
-        run = _Run(**state["run"])
+        run = common.Run(**state["run"])
 
     with eval_mode(gister, lensnet), lora_adapter(lm, cfg.lora, cfg.seed) as adapter:
         if resume_dir is not None:
@@ -341,7 +334,7 @@ def train_lora(
                          checkpoint=checkpoint)
 
 
-def _summary(run: _Run, window: int = 10) -> dict[str, float]:
+def _summary(run: common.Run, window: int = 10) -> dict[str, float]:
     """Run-level numbers beyond steps, wall time and NaN-freedom: Loss@H at the start and end (mean of
     the first / last `window` logged steps)."""
     out = {}

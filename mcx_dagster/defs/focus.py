@@ -48,7 +48,7 @@ def delta_table_schema(context: dg.AssetCheckExecutionContext, settings: MegaCon
     from mcx_core import pipeline
     from mcx_core.focus.delta_tables import validate_delta_table
 
-    path = pipeline.delta_table(settings.load(), cycle_of(context))
+    path = pipeline.cycle_delta_table(settings.load(), cycle_of(context))
     return problems_result(validate_delta_table(path), "schema and contents valid", table=dg.MetadataValue.path(str(path)))
 
 

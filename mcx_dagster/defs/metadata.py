@@ -37,7 +37,7 @@ def problems_result(problems: list[str], passed_text: str, **metadata) -> dg.Ass
 def gates_result(gates, **metadata) -> dg.AssetCheckResult:
     """A check result from `mcx_core.eval.acceptance` gates: value, threshold and margin of each as float
     metadata; the description names every miss and by how much."""
-    from mcx_core.eval.acceptance import summarize
+    from mcx_core.eval.acceptance import verdict
 
     meta = {}
     for g in gates:
@@ -46,7 +46,7 @@ def gates_result(gates, **metadata) -> dg.AssetCheckResult:
         meta[f"{g.name}/margin"] = dg.MetadataValue.float(g.margin if math.isfinite(g.margin) else float("nan"))
     meta["details"] = dg.MetadataValue.md("\n".join(f"- {'✅' if g.passed else '❌'} {g.message}" for g in gates))
     return dg.AssetCheckResult(
-        passed=all(g.passed for g in gates), metadata={**meta, **metadata}, description=summarize(gates)
+        passed=all(g.passed for g in gates), metadata={**meta, **metadata}, description=verdict(gates)
     )
 
 

@@ -11,9 +11,9 @@ import torch
 
 def rows(cfg, n_samples: int = 2, steps: int = 3) -> list[dict]:
     from mcx_core.compression.gistnet import Gister
-    from mcx_core.focus.engine import peak_rss_mb
     from mcx_core.focus.lensnet import LensNet
     from mcx_core.model.base import load_base_model
+    from mcx_core.telemetry.memory import peak_rss_mb
     from mcx_core.training import common
     from mcx_core.training import lora as jt3
 

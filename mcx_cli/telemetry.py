@@ -1,6 +1,5 @@
-"""`mcx analyze …`, `mcx profile`, `mcx compare`, `mcx explain`: the telemetry tools on the command line. Registered on
-the `mcx` group in `cli.py`; every command calls `mcx_core` (analysis, alerts, schemas, profiling,
-compare, explain). Exit codes: 0 fine, 2 a usage problem (one line, no traceback), 3 the tool found problems
+"""`mcx analyze …`, `mcx profile`, `mcx compare`, `mcx explain`: the telemetry tools on the command line;
+every command calls `mcx_core` (analysis, alerts, schemas, profiling, compare, explain). Exit codes: 0 fine, 2 a usage problem (one line, no traceback), 3 the tool found problems
 (alerts fired, invalid telemetry)."""
 
 from __future__ import annotations
@@ -181,22 +180,16 @@ def _default_checkpoint(cfg) -> Path:
 
 def _profile_tokens(cfg, lm, text_path: str | None, need: int):
     """Token ids of `--text`, else of the first document of the config's corpora with `need` tokens."""
-    import torch
-
     from mcx_core import data
-    from mcx_core.eval import gists as gist_eval
 
     if text_path:
-        try:
-            texts = [gist_eval.read_text_file(Path(text_path))]
-        except gist_eval.TextError as err:
-            fail(str(err))
+        texts = [read_text(text_path)]
     else:
         texts = (d.text for name, c in cfg.dataset.corpora.items() for d in data.iter_documents(name, c, root=cfg.root))
     for text in texts:
-        ids = lm.tokenizer(text, add_special_tokens=False)["input_ids"]
+        ids = tokens(lm, text)
         if len(ids) >= need:
-            return torch.as_tensor(ids, dtype=torch.long)
+            return ids
     fail(f"no {'--text' if text_path else 'corpus document'} with the {need} tokens profiling needs")
 
 

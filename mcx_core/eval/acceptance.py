@@ -93,7 +93,7 @@ def verdict(gates: list[Gate]) -> str:
 
 
 def runtime_gates(cfg: MegaContextConfig, row: dict) -> dict[str, list[Gate]]:
-    """SPEC §8 focus criteria from a runtime summary row (`runtime.compare_policies` form), grouped
+    """SPEC §8 focus criteria from a runtime summary row (`focus.engine.compare_policies` form), grouped
     by the check that reports them."""
     a = cfg.acceptance
     steps = f"over {row['steps']} steps"

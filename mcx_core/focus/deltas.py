@@ -5,7 +5,7 @@ each legal collapse) is scored by
 
     delta_nll = NLL(horizon | context after the action) − NLL(horizon | context before)
 
-(mean over the H horizon tokens, `evaluation.horizon_nll`), so a negative delta is an action that helps.
+(mean over the H horizon tokens, `eval.nll.horizon_nll`), so a negative delta is an action that helps.
 Both the labels (`generate_delta_table`) and `OraclePolicy` go through `evaluate_candidates`, which
 runs one forward per group of up to `batch_size` equal-length contexts.
 
@@ -55,7 +55,6 @@ from tqdm.auto import tqdm
 
 from mcx_core.artifacts import write_arrow, write_atomic
 from mcx_core.config import MegaContextConfig
-from mcx_core.eval.nll import ConditionInput, horizon_nll
 from mcx_core.focus.delta_tables import (
     CONTEXT_SCHEMA,
     DELTA_SCHEMA,
@@ -66,6 +65,7 @@ from mcx_core.focus.delta_tables import (
 )
 from mcx_core.focus.lensnet import AGE_SCALE
 from mcx_core.model.base import BaseLM
+from mcx_core.model.scoring import ConditionInput, horizon_nll
 from mcx_core.model.tree import EmbedFn, GistFn, MegaContextTree
 from mcx_core.model.working_context import Entry, WorkingContext
 from mcx_core.telemetry import metrics as M

@@ -37,8 +37,6 @@ import json
 import logging
 import math
 import os
-import resource
-import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -50,14 +48,15 @@ import torch
 from tqdm.auto import tqdm
 
 from mcx_core.config import MegaContextConfig
-from mcx_core.eval.nll import ConditionInput, horizon_nll
 from mcx_core.focus.allocator import FocusAllocator, StepStats
 from mcx_core.focus.lensnet import LensNetPolicy
 from mcx_core.focus.policies import Policy, PolicyFactory
 from mcx_core.model.base import BaseLM
+from mcx_core.model.scoring import ConditionInput, horizon_nll
 from mcx_core.model.tree import GistFn, MegaContextTree
 from mcx_core.model.working_context import WorkingContext
 from mcx_core.telemetry import metrics as M
+from mcx_core.telemetry.memory import memory_metrics
 from mcx_core.telemetry.sinks import NullSink, TelemetrySink
 
 log = logging.getLogger(__name__)
@@ -78,21 +77,6 @@ def residency_histogram(residencies: Sequence[int]) -> dict[str, int]:
     for r in residencies:
         counts[bisect.bisect_right(edges, r) - 1] += 1
     return dict(zip(labels, counts))
-
-
-def peak_rss_mb() -> float:
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return rss / 2**20 if sys.platform == "darwin" else rss / 1024  # bytes on macOS, KiB on Linux
-
-
-def memory_metrics(device: torch.device) -> dict[str, float]:
-    """Peak accelerator memory (allocated, reserved) since the run began, or the process's peak RSS."""
-    if device.type == "cuda":
-        return {
-            M.GPU_MEMORY_ALLOCATED_GB: torch.cuda.max_memory_allocated(device) / 1e9,
-            M.GPU_MEMORY_RESERVED_GB: torch.cuda.max_memory_reserved(device) / 1e9,
-        }
-    return {M.PEAK_RSS_MB: peak_rss_mb()}
 
 
 class Stopwatch:

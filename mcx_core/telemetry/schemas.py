@@ -3,7 +3,7 @@ errors", the seed's per-commit checklist.)
 
 - traces (`traces/**/*.jsonl`): every line a JSON object with the SPEC §6 keys and types, steps
   increasing within a file; the runtime engine's extra keys, when present, with their types;
-- delta tables (`deltas/**/*.parquet`): `deltas.validate_delta_table`;
+- delta tables (`deltas/**/*.parquet`): `focus.delta_tables.validate_delta_table`;
 - report JSONs (`reports/**/*.json`): parseable, and the known reports with their top-level keys.
 
 Each problem names the file and, for line-oriented files, the 1-based line: `path:line: message`.
@@ -32,7 +32,7 @@ TRACE_REQUIRED: dict[str, str] = {
     "latency_ms": "number",
     "budget_utilization": "number",
 }
-# What `runtime.run_engine` adds; checked when present (traces written by other tools may lack them).
+# What `focus.engine.run_engine` adds; checked when present (traces written by other tools may lack them).
 TRACE_OPTIONAL: dict[str, str] = {
     "policy": "str",
     "position": "int",

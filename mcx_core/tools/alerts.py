@@ -7,7 +7,7 @@
     latency               median step latency > `alerts.latency_ratio_max` × the median frozen-baseline step
                           (profile the runtime)
 
-Inputs are trace records (one dict per runtime step, as `runtime.run_engine` writes them, including
+Inputs are trace records (one dict per runtime step, as `focus.engine.run_engine` writes them, including
 the hidden `.tmp` trace of a run still in progress) or metric histories (`{name: [(step, value)]}`,
 as MLflow and `MemorySink` keep them). `dispatch` hands fired alerts to `alerts.command` (the JSON on
 stdin) and/or POSTs them to `alerts.webhook_url`; a failing hook is logged, never raised. `new_alerts`

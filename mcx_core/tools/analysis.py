@@ -51,7 +51,7 @@ from mcx_core.tools.traces import (
 ANALYSES = ("residency", "compression", "boundary", "latency", "oscillation", "spikes", "drift")
 
 # The seed's "Latency Breakdown → Target allocation" (shares of one block's time), and which engine
-# stage (`runtime.MegaContextEngine.step`) belongs to which part. Invariant checks are debugging cost
+# stage (`focus.engine.MegaContextEngine.step`) belongs to which part. Invariant checks are debugging cost
 # the seed's split has no share for.
 TARGET_SPLIT = {
     "LensNet scoring": 0.30,

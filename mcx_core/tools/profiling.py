@@ -1,6 +1,6 @@
 """Profiling one runtime step (the seed's Performance Profiling and Memory Profiling).
 
-`profile_runtime_step` builds a `runtime.MegaContextEngine` with a prefilled history, runs untimed
+`profile_runtime_step` builds a `focus.engine.MegaContextEngine` with a prefilled history, runs untimed
 warm-up steps, then
 1. one step under `torch.profiler` (CPU, and CUDA on a GPU), each engine stage wrapped in a
    `record_function("mcx/<stage>")` range, exported as a Chrome trace (`chrome://tracing`, Perfetto);
@@ -14,13 +14,11 @@ and writes a small markdown report with the top operators and the memory numbers
 from __future__ import annotations
 
 import contextlib
-import threading
-import time
 import tracemalloc
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Self
+from typing import Any
 
 import torch
 
@@ -28,6 +26,7 @@ from mcx_core import artifacts, reports
 from mcx_core.config import MegaContextConfig
 from mcx_core.focus.engine import MegaContextEngine
 from mcx_core.telemetry import metrics as M
+from mcx_core.telemetry.memory import RssSampler
 from mcx_core.telemetry.sinks import NullSink, TelemetrySink
 
 STAGES = ("ingest", "fit", "lensnet", "allocator", "checks", "assemble", "forward")
@@ -74,62 +73,6 @@ def stage_ranges(engine) -> Iterator[None]:
     finally:
         for obj, name in patched:
             delattr(obj, name)
-
-
-class RssSampler:
-    """Resident set size of this process every `interval_s`, in a background thread: [(ms, MB)]."""
-
-    def __init__(self, interval_s: float = 0.001):
-        import psutil
-
-        self.process = psutil.Process()
-        self.interval_s = interval_s
-        self.samples: list[tuple[float, float]] = []
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self) -> None:
-        t0 = time.perf_counter()
-        while not self._stop.is_set():
-            self.samples.append((1000 * (time.perf_counter() - t0), self.process.memory_info().rss / 2**20))
-            time.sleep(self.interval_s)
-
-    def __enter__(self) -> Self:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._thread.join()
-
-
-class PhaseMemory:
-    """Wall time and peak memory of one training phase: RSS sampled every `interval_s` in a thread (the
-    process-lifetime `ru_maxrss` cannot tell phases apart) and, on CUDA, the peak allocated memory
-    since the phase began. `metrics()` gives the `phase/*` metrics."""
-
-    def __init__(self, device: torch.device | None = None, interval_s: float = 0.05):
-        self.device = device
-        self.sampler = RssSampler(interval_s)
-        self.seconds = 0.0
-
-    def __enter__(self) -> Self:
-        if self.device is not None and self.device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(self.device)
-        self._t0 = time.perf_counter()
-        self.sampler.__enter__()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.sampler.__exit__(*exc)
-        self.seconds = time.perf_counter() - self._t0
-
-    def metrics(self) -> dict[str, float]:
-        rss = [mb for _, mb in self.sampler.samples] or [self.sampler.process.memory_info().rss / 2**20]
-        out = {M.PHASE_SECONDS: self.seconds, M.PHASE_PEAK_RSS_MB: max(rss), M.PHASE_RSS_GROWTH_MB: max(rss) - rss[0]}
-        if self.device is not None and self.device.type == "cuda":
-            out[M.PHASE_GPU_PEAK_ALLOCATED_GB] = torch.cuda.max_memory_allocated(self.device) / 1e9
-        return out
 
 
 def _top_ops(prof, cuda: bool, n: int = 15) -> list[dict[str, Any]]:

@@ -22,9 +22,9 @@ from mcx_core.config import MegaContextConfig
 from mcx_core.focus.lensnet import load_lensnet
 from mcx_core.model.base import BaseLM
 from mcx_core.telemetry import metrics as M
+from mcx_core.telemetry.memory import PhaseMemory
 from mcx_core.telemetry.mlflow_sink import MLflowSink, git_commit, store
 from mcx_core.telemetry.sinks import NullSink, TelemetrySink
-from mcx_core.tools.profiling import PhaseMemory
 from mcx_core.training import distributed
 from mcx_core.training.gistnet import train_gistnet
 from mcx_core.training.lensnet import train_lensnet

@@ -56,8 +56,8 @@ from tqdm.auto import tqdm
 from mcx_core import checkpoints
 from mcx_core.compression.gistnet import Gister, load_gister, mean_pool, profile_gister
 from mcx_core.config import MegaContextConfig, PhaseConfig
-from mcx_core.eval.nll import ConditionInput, horizon_nll, horizon_nll_grad
 from mcx_core.model.base import BaseLM
+from mcx_core.model.scoring import ConditionInput, horizon_nll, horizon_nll_grad
 from mcx_core.model.tree import MegaContextTree
 from mcx_core.model.working_context import WorkingContext, entry_for
 from mcx_core.telemetry import metrics as M

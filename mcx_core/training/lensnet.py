@@ -20,7 +20,7 @@ Loss (weights from `lensnet.training`):
 Held-out evaluation (sample_ids held out, `holdout_fraction`): pairwise ranking accuracy of a against
 ta within contexts (pairs with distinct targets; chance 0.5) and Spearman of a against ta over all
 held-out rows. Targets are the legality-clamped ones: orderings LensNet's masked output can express.
-The same metrics of the LensNet before its first step are logged at step 0 (`JT2Result.initial_metrics`):
+The same metrics of the LensNet before its first step are logged at step 0 (`TrainResult.initial_metrics`):
 the baseline a trained LensNet must beat. The ranking accuracy on a fixed subset of *training* contexts
 is logged too: within one history a gist always sits at the same distance from the cursor, so with few
 histories LensNet can fit its labels from gist content alone, and a large train/held-out gap is how that

@@ -45,7 +45,6 @@ from tqdm.auto import tqdm
 
 from mcx_core import checkpoints
 from mcx_core.config import MegaContextConfig
-from mcx_core.eval.nll import ConditionInput, horizon_nll_grad
 from mcx_core.focus.allocator import FocusAllocator
 from mcx_core.focus.lensnet import LensNet, LensNetPolicy
 from mcx_core.model.base import BaseLM
@@ -56,6 +55,7 @@ from mcx_core.model.lora import (
     lora_parameters,
     save_adapter,
 )
+from mcx_core.model.scoring import ConditionInput, horizon_nll_grad
 from mcx_core.model.tree import GistFn, MegaContextTree
 from mcx_core.model.working_context import WorkingContext
 from mcx_core.telemetry import metrics as M

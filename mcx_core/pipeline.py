@@ -12,7 +12,7 @@ from mcx_core import checkpoints, data
 from mcx_core.artifacts import ArtifactPaths, datasets_dir, load_stage, save_stage, stage_fingerprint
 from mcx_core.compression.gistnet import load_gister
 from mcx_core.config import MegaContextConfig
-from mcx_core.focus import deltas
+from mcx_core.focus import delta_tables, deltas
 from mcx_core.model.base import BaseLM, load_base_model, load_tokenizer, tokenizer_id
 from mcx_core.telemetry.sinks import NullSink, TelemetrySink
 from mcx_core.telemetry.tables import log_delta_tables
@@ -102,7 +102,7 @@ def generate_deltas(cfg: MegaContextConfig, lm: BaseLM, sink: TelemetrySink | No
             cfg, lm, load_gister(ck, lm), ck, data.train_ids(cfg), ArtifactPaths.from_config(cfg).deltas,
             sink or NullSink(), progress, cycle=cycle,
         )
-        save_stage(cfg, f"deltas_cycle{cycle}", fp, {"path": path, "stats": stats}, [path, deltas.contexts_path(path)])
+        save_stage(cfg, f"deltas_cycle{cycle}", fp, {"path": path, "stats": stats}, [path, delta_tables.contexts_path(path)])
         log_delta_tables(sink or NullSink(), path)
         return path, stats, ck
 

@@ -11,6 +11,7 @@ import pytest
 import torch
 import yaml
 
+from mcx_core import checkpoints
 from mcx_core.compression.gistnet import Gister
 from mcx_core.config import GistNetModelConfig, load_config
 from mcx_core.eval.nll import EvalRow
@@ -222,7 +223,7 @@ def test_gist_drift_across_checkpoints(tmp_path):
             p.add_(0.5 * torch.randn_like(p))
     _checkpoint(tmp_path, "JT1_cycle1_step2", g)
     (tmp_path / "JT1_cycle2_step1").mkdir()  # incomplete: no trainer state
-    cks = A.jt1_checkpoints(tmp_path)
+    cks = checkpoints.list_checkpoints(tmp_path, 1)
     assert [c.name for c in cks] == ["JT1_cycle0_step3", "JT1_cycle0_step10", "JT1_cycle1_step2"]
     lm = SimpleNamespace(device=torch.device("cpu"))
     rows = A.drift_rows(cks, lm, torch.randn(6, K, 64))

@@ -43,7 +43,7 @@ def git_commit(root: Path) -> str:
         return "unknown"
 
 
-def _client(tracking_uri: str):
+def mlflow_client(tracking_uri: str):
     from mlflow import MlflowClient
 
     if tracking_uri.startswith("sqlite:///"):  # a local store: create its folder (not for http:// servers)
@@ -52,7 +52,7 @@ def _client(tracking_uri: str):
 
 
 def ensure_experiment(tracking_uri: str, name: str, artifact_location: str | None) -> str:
-    client = _client(tracking_uri)
+    client = mlflow_client(tracking_uri)
     exp = client.get_experiment_by_name(name)
     if exp is not None:
         return exp.experiment_id
@@ -66,7 +66,7 @@ class MLflowSink(NullSink):
     def __init__(self, tracking_uri: str, run_id: str) -> None:
         self.tracking_uri = tracking_uri
         self.run_id = run_id
-        self.client = _client(tracking_uri)
+        self.client = mlflow_client(tracking_uri)
         self._system = None
         self.parent_run_id: str | None = None
 
@@ -85,7 +85,7 @@ class MLflowSink(NullSink):
         tags = dict(tags or {})
         if parent_run_id:
             tags["mlflow.parentRunId"] = parent_run_id
-        run = _client(tracking_uri).create_run(exp_id, tags=tags, run_name=run_name)
+        run = mlflow_client(tracking_uri).create_run(exp_id, tags=tags, run_name=run_name)
         sink = cls(tracking_uri, run.info.run_id)
         sink.parent_run_id = parent_run_id
         if system_metrics:
@@ -105,7 +105,7 @@ class MLflowSink(NullSink):
         """The parent run tagged `mcx.training_loop = key` (the newest), else a new one: (sink, created).
         Every phase of every cycle of one training loop is a child of it, whichever process runs it."""
         exp_id = ensure_experiment(tracking_uri, experiment, artifact_location)
-        found = _client(tracking_uri).search_runs(
+        found = mlflow_client(tracking_uri).search_runs(
             [exp_id], filter_string=f"tags.`mcx.training_loop` = '{key}'", max_results=1,
             order_by=["attributes.start_time DESC"],
         )

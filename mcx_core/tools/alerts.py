@@ -30,9 +30,10 @@ from typing import Any
 
 import numpy as np
 
+from mcx_core import checkpoints
 from mcx_core.config import AlertsConfig
 from mcx_core.telemetry import metrics as M
-from mcx_core.telemetry.mlflow_sink import _client
+from mcx_core.telemetry.mlflow_sink import mlflow_client
 
 log = logging.getLogger(__name__)
 
@@ -201,17 +202,10 @@ def trace_files(traces_dir: Path, in_progress: bool = True) -> list[Path]:
 def cycle_delta_nll(checkpoints_dir: Path) -> list[tuple[int, float]]:
     """(cycle, final `train/delta_nll_mean`) of the newest complete JT1 checkpoint of every cycle that
     logged one (pooling-only checkpoints have none)."""
-    newest: dict[int, tuple[int, Path]] = {}
-    for d in Path(checkpoints_dir).glob("JT1_cycle*_step*"):
-        m = re.fullmatch(r"JT1_cycle(\d+)_step(\d+)", d.name)
-        if m and (d / "trainer_state.json").is_file():
-            c, s = int(m.group(1)), int(m.group(2))
-            if c not in newest or s > newest[c][0]:
-                newest[c] = (s, d)
+    newest = checkpoints.newest_per_cycle(checkpoints_dir, 1)
     out = []
     for c in sorted(newest):
-        state = json.loads((newest[c][1] / "trainer_state.json").read_text(encoding="utf-8"))
-        v = (state.get("metrics") or {}).get(M.TRAIN_DELTA_NLL_MEAN)
+        v = (checkpoints.read_state(newest[c]).get("metrics") or {}).get(M.TRAIN_DELTA_NLL_MEAN)
         if isinstance(v, int | float) and math.isfinite(v):
             out.append((c, float(v)))
     return out
@@ -289,7 +283,7 @@ def mlflow_alerts(tracking_uri: str, experiment: str, cfg: AlertsConfig, since_m
                   max_runs: int = 10) -> tuple[list[tuple[str, list[Alert]]], int]:
     """Alerts of the experiment's newest runs that are still running or ended after `since_ms`, from
     their logged metric histories: ([(run_id, alerts)], the newest end time seen, ms)."""
-    client = _client(tracking_uri)
+    client = mlflow_client(tracking_uri)
     exp = client.get_experiment_by_name(experiment)
     if exp is None:
         return [], since_ms
@@ -320,7 +314,7 @@ def alert_key(a: Alert) -> str:
 
 def telemetry_files(traces_dir: Path, checkpoints_dir: Path) -> dict[str, int]:
     """Every trace (in-progress ones included) and JT1 trainer state → its modification time (ns)."""
-    files = trace_files(traces_dir) + sorted(Path(checkpoints_dir).glob("JT1_cycle*_step*/trainer_state.json"))
+    files = trace_files(traces_dir) + [ck / checkpoints.TRAINER_STATE_FILE for ck in checkpoints.list_checkpoints(checkpoints_dir, 1)]
     out = {}
     for f in files:
         try:
@@ -348,7 +342,7 @@ def new_alerts(cfg: AlertsConfig, traces_dir: Path, checkpoints_dir: Path, curso
     seen, raised = cursor.get("files", {}), set(cursor.get("raised", []))
     state = telemetry_files(traces_dir, checkpoints_dir)
     changed = [Path(f) for f, t in state.items() if seen.get(f) != t]
-    traces = [f for f in changed if f.name != "trainer_state.json"]
+    traces = [f for f in changed if f.name != checkpoints.TRAINER_STATE_FILE]
     found = [(None, a) for f in traces
              for a in evaluate_records(read_trace(f, partial=f.name.endswith(".tmp")), cfg, str(f))]
     if len(traces) < len(changed):  # a JT1 checkpoint changed: ΔNLL across cycles

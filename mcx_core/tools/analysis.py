@@ -28,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
-from mcx_core import artifacts, reports
+from mcx_core import artifacts, checkpoints, reports
 from mcx_core.artifacts import ArtifactPaths
 from mcx_core.compression.drift import gist_drift, probe_blocks
 from mcx_core.compression.gistnet import load_gister
@@ -254,16 +254,6 @@ def spikes_analysis(steps: list[dict], out: Path, ratio: float, sink: TelemetryS
     return write_findings("spikes", out, summary, metrics, {"plot": plot}, sections, {"spikes": table}, sink)
 
 
-def jt1_checkpoints(checkpoints_dir: Path) -> list[Path]:
-    """Complete JT1 checkpoints in training order (cycle, step)."""
-    found = []
-    for d in Path(checkpoints_dir).glob("JT1_cycle*_step*"):
-        m = re.fullmatch(r"JT1_cycle(\d+)_step(\d+)", d.name)
-        if m and (d / "trainer_state.json").is_file():
-            found.append(((int(m.group(1)), int(m.group(2))), d))
-    return [d for _, d in sorted(found)]
-
-
 def drift_rows(checkpoints: Sequence[Path], lm, probes) -> list[dict]:
     """Per checkpoint: mean cosine of its probe gists to the first checkpoint's and the previous one's."""
     gisters = [load_gister(c, lm) for c in checkpoints]
@@ -315,7 +305,7 @@ def _eval_rows(cfg: MegaContextConfig):
 
 def _newest_gister(cfg: MegaContextConfig, lm):
 
-    cks = jt1_checkpoints(ArtifactPaths.from_config(cfg).checkpoints)
+    cks = checkpoints.list_checkpoints(ArtifactPaths.from_config(cfg).checkpoints, 1)
     if cks:
         return load_gister(cks[-1], lm), f"learned (`{cks[-1].name}`)"
     return MeanPoolGister(), "mean-pool (no JT1 checkpoint yet)"
@@ -372,7 +362,7 @@ def run_analysis(cfg: MegaContextConfig, name: str, sink: TelemetrySink | None =
             found["gister"] = label
         return boundary_analysis(grids, out, K, source, found, sink)
 
-    cks = jt1_checkpoints(paths.checkpoints)
+    cks = checkpoints.list_checkpoints(paths.checkpoints, 1)
     if not cks:
         raise MissingInput(f"no complete JT1 checkpoint under {paths.checkpoints}: materialize gistnet_checkpoint first")
     return drift_analysis(drift_rows(cks, model(), probe_blocks(cfg, model())), out, sink)

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from mcx_core import artifacts, reports
-from mcx_core.telemetry.mlflow_sink import _client
+from mcx_core.telemetry.mlflow_sink import mlflow_client
 
 RUN_ID = re.compile(r"[0-9a-f]{32}")
 
@@ -98,7 +98,7 @@ def compare_runs(tracking_uri: str, ref_a: str, ref_b: str, out_dir: Path, max_c
     store = Path(tracking_uri.removeprefix("sqlite:///"))
     if tracking_uri.startswith("sqlite:///") and not store.is_file():
         raise RunNotFound(f"no MLflow store at {store} (nothing was tracked there yet)")
-    client = _client(tracking_uri)
+    client = mlflow_client(tracking_uri)
     (run_a, note_a), (run_b, note_b) = resolve_run(client, ref_a), resolve_run(client, ref_b)
     a, b = run_info(client, run_a), run_info(client, run_b)
     params = param_diff(a.params, b.params)

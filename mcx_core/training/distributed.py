@@ -1,5 +1,5 @@
 """Data-parallel training through accelerate: the same trainer code on CPU, one GPU or several
-(`accelerate launch --num_processes N -m mcx_core.training.cycles ...`).
+(`accelerate launch --num_processes N -m mcx_cli train-cycles ...`).
 
 One process-wide `accelerate.Accelerator` (`get_accelerator`, created on first use: `cpu=True` when CUDA
 is absent, `mixed_precision="no"`: precision is the config's `base_model.torch_dtype`). The trainers do

@@ -17,7 +17,7 @@ def lora_checkpoint(
     with working contexts chosen by the cycle's LensNet + allocator (cycle c > 0 carries c − 1's adapter
     over); the base weights' checksum is verified unchanged. Closes the cycle: writes
     `cycles/cycle{c}.json` and logs the cycle's wall time and peak memory per phase to the loop's parent run."""
-    from mcx_core import pipeline
+    from mcx_core import checkpoints, pipeline
     from mcx_core.eval.lora import run_lora_eval
     from mcx_core.telemetry.mlflow_sink import MLflowSink
     from mcx_core.training import cycles
@@ -27,7 +27,7 @@ def lora_checkpoint(
     with mlflow.cycle_run(context, cfg, settings.root_dir(), "jt3") as sink:
         lm, _ = pipeline.prepare_base_model(cfg)
         result, phase = cycles.phase_jt3(cfg, lm, cycle, sink)
-        sink.log_artifact(result.checkpoint / "trainer_state.json", "checkpoint")
+        sink.log_artifact(result.checkpoint / checkpoints.TRAINER_STATE_FILE, "checkpoint")
         held_out = run_lora_eval(cfg, lm, result.checkpoint, sink, cycle=cycle)
         memory = {**_earlier_phases(context, cycle), "jt3": phase}
         record = cycles.write_cycle_record(cfg, cycle, memory)

@@ -23,7 +23,7 @@ def gistnet_checkpoint(
     """JT1 of one cycle (partition = cycle): GistNet trained through the config's phases (pooling_mse
     warm start, then ΔNLL substitution through the frozen base model); cycle c > 0 starts from cycle
     c − 1's GistNet. Resumes from the newest complete checkpoint of the cycle."""
-    from mcx_core import pipeline
+    from mcx_core import checkpoints, pipeline
     from mcx_core.compression.drift import drift_from_previous
     from mcx_core.training import cycles
 
@@ -34,7 +34,7 @@ def gistnet_checkpoint(
         drift, previous = drift_from_previous(cfg, lm, result.checkpoint)
         if drift is not None:
             sink.log_metrics({"jt1/gist_drift_cosine": drift}, step=result.steps)
-        sink.log_artifact(result.checkpoint / "trainer_state.json", "checkpoint")
+        sink.log_artifact(result.checkpoint / checkpoints.TRAINER_STATE_FILE, "checkpoint")
     return dg.MaterializeResult(
         metadata={
             **trained_metadata(result, phase),

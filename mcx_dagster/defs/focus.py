@@ -59,14 +59,14 @@ def lensnet_checkpoint(
     """JT2: LensNet trained on the delta table (regression + ranking + budget + legality), GistNet
     frozen; held-out ranking accuracy and score–utility rank correlation, before and after. Cycle c > 0
     starts from cycle c − 1's LensNet."""
-    from mcx_core import pipeline
+    from mcx_core import checkpoints, pipeline
     from mcx_core.training import cycles
 
     cfg = settings.load()
     with mlflow.cycle_run(context, cfg, settings.root_dir(), "jt2") as sink:
         lm, _ = pipeline.prepare_base_model(cfg)
         result, phase = cycles.phase_jt2(cfg, lm, cycle_of(context), sink)
-        sink.log_artifact(result.checkpoint / "trainer_state.json", "checkpoint")
+        sink.log_artifact(result.checkpoint / checkpoints.TRAINER_STATE_FILE, "checkpoint")
     return dg.MaterializeResult(
         metadata={**trained_metadata(result, phase), **floats(result.initial_metrics, prefix="untrained/")}
     )

@@ -67,7 +67,10 @@ def print_summary(values: dict, as_json: bool, title: str, float_format: str) ->
     table.add_column("metric")
     table.add_column("value")
     for k, v in values.items():
-        table.add_row(k, float_format.format(v) if isinstance(v, float) else str(v))
+        if isinstance(v, list) and all(isinstance(x, float) for x in v):  # an interval
+            table.add_row(k, "[" + ", ".join(float_format.format(x) for x in v) + "]")
+        else:
+            table.add_row(k, float_format.format(v) if isinstance(v, float) else str(v))
     Console().print(table)
 
 

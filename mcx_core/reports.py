@@ -19,6 +19,20 @@ def fmt(v: Any) -> str:
     return str(v)
 
 
+def with_intervals(rows: Sequence[dict], prefixes: Sequence[str]) -> list[dict]:
+    """Rows for a table whose cells read `value [lo, hi]`: for each prefix, the column `{prefix}` shows the
+    row's `{prefix}_mean` (else `{prefix}`) with its interval `{prefix}_ci_lo/hi`."""
+    out = []
+    for r in rows:
+        cells = dict(r)
+        for p in prefixes:
+            key = f"{p}_mean" if f"{p}_mean" in r else p
+            lo, hi = r.get(f"{p}_ci_lo"), r.get(f"{p}_ci_hi")
+            cells[p] = fmt(r[key]) + (f" [{fmt(lo)}, {fmt(hi)}]" if lo is not None and hi is not None else "")
+        out.append(cells)
+    return out
+
+
 def markdown_table(rows: Sequence[dict], columns: Sequence[str], headers: Sequence[str] | None = None) -> str:
     headers = headers or columns
     lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(columns)]

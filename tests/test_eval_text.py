@@ -13,7 +13,7 @@ from mcx_cli.main import main
 ROOT = Path(__file__).resolve().parents[1]
 KEYS = {
     "nll_full", "nll_recency", "nll_meanpool", "nll_gist", "delta_nll", "delta_nll_p95", "recovery",
-    "n_samples", "w_max", "horizon", "history_tokens",
+    "n_samples", "w_max", "horizon", "history_tokens", "delta_nll_ci", "recovery_ci", "beats_recency",
 }
 
 
@@ -44,6 +44,9 @@ def test_eval_text_prints_one_json_object(project):
     assert set(out) == KEYS
     assert out["n_samples"] == 2 and out["w_max"] == 96 and out["horizon"] == 8 and out["history_tokens"] == 256
     assert out["delta_nll"] == pytest.approx(out["nll_gist"] - out["nll_full"], abs=1e-5)
+    lo, hi = out["delta_nll_ci"]
+    assert lo <= out["delta_nll"] + 1e-6 and out["delta_nll"] <= hi + 1e-6  # the paired interval holds the mean
+    assert isinstance(out["beats_recency"], bool)
     assert out["recovery"] == pytest.approx(
         (out["nll_recency"] - out["nll_gist"]) / (out["nll_recency"] - out["nll_full"]), rel=1e-4
     )

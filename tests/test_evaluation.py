@@ -81,8 +81,36 @@ def test_evaluate_and_summarize(lm):
     assert s64["delta_nll_recency_mean"] == pytest.approx((rec - full).mean())
     assert s64["delta_nll_meanpool_p95"] == pytest.approx(np.percentile(mp - full, 95))
     assert s64["recovery_meanpool"] == pytest.approx((rec.mean() - mp.mean()) / (rec.mean() - full.mean()))
+    # Every ΔNLL and recovery carries its paired interval; "beats" is decided by the paired difference.
+    for prefix, point in [("delta_nll_recency", "delta_nll_recency_mean"), ("delta_nll_meanpool", "delta_nll_meanpool_mean"),
+                          ("recovery_meanpool", "recovery_meanpool")]:
+        assert s64[f"{prefix}_ci_lo"] <= s64[point] <= s64[f"{prefix}_ci_hi"], prefix
+    assert s64["meanpool_minus_recency_mean"] == pytest.approx((mp - rec).mean())
+    assert s64["meanpool_beats_recency"] == (s64["meanpool_minus_recency_ci_hi"] < 0)
+    assert [x.tolist() for x in E.condition_nlls(rows, "narr", 64, ["recency", "full"])] == [rec.tolist(), full.tolist()]
     table = E.rows_to_table(rows)
     assert table.num_rows == len(rows) and table.column("token_nll").type.value_type.bit_width == 32
+
+
+def test_paired_intervals_decide_who_beats_whom():
+    rng = np.random.default_rng(0)
+    base = rng.normal(3.0, 0.5, 40)  # per-sample NLLs: samples differ far more than the methods do
+    better = base - 0.05 + rng.normal(0, 0.01, 40)
+    noisy = base + rng.normal(0, 0.2, 40)
+    lo, hi = M.mean_ci(base)
+    assert lo < base.mean() < hi and hi - lo < 0.5  # the mean's interval is wide (sample spread) ...
+    d_lo, d_hi = M.difference_ci(better, base)
+    assert d_lo < -0.05 < d_hi < 0  # ... but the paired difference is narrow and excludes 0
+    assert M.beats(better, base) and not M.beats(base, better)
+    assert not M.beats(noisy, base) and not M.beats(base, base)
+    assert M.difference_ci(better, base) == M.difference_ci(better, base)  # seeded: the same interval twice
+    full = base - 1.0
+    r = M.recovery(base.mean(), better.mean(), full.mean())
+    r_lo, r_hi = M.recovery_ci(base, better, full)
+    assert r_lo <= r <= r_hi
+    assert np.isnan(M.mean_ci([1.0])[0]) and M.mean_ci([2.0, 2.0]) == (2.0, 2.0)
+    with pytest.raises(ValueError, match="differ in length"):
+        M.difference_ci([1.0, 2.0], [1.0])
 
 
 def test_metric_definitions():

@@ -22,6 +22,7 @@ class Gate:
     value: float
     threshold: float
     op: str  # "<=" or ">="
+    ci: tuple[float, float] | None = None  # paired bootstrap 95 % interval of `value`, where it is a mean over samples
 
     @property
     def passed(self) -> bool:
@@ -38,17 +39,18 @@ class Gate:
     def message(self) -> str:
         if not math.isfinite(self.value):
             return f"{self.label}: {self.value} is not finite (threshold {self.op} {self.threshold:g})"
+        ci = f" [95% CI {self.ci[0]:.4g}, {self.ci[1]:.4g}]" if self.ci is not None else ""
         if self.passed:
-            return f"{self.label}: {self.value:.4g} {self.op} {self.threshold:g} (margin {self.margin:.4g})"
+            return f"{self.label}: {self.value:.4g}{ci} {self.op} {self.threshold:g} (margin {self.margin:.4g})"
         bad = ">" if self.op == "<=" else "<"
-        return f"{self.label}: {self.value:.4g} {bad} {self.threshold:g}, misses by {-self.margin:.4g}"
+        return f"{self.label}: {self.value:.4g}{ci} {bad} {self.threshold:g}, misses by {-self.margin:.4g}"
 
     def to_dict(self) -> dict:
         return {**asdict(self), "passed": self.passed, "margin": self.margin, "message": self.message}
 
 
-def at_most(name: str, label: str, value: float, threshold: float) -> Gate:
-    return Gate(name, label, float(value), float(threshold), "<=")
+def at_most(name: str, label: str, value: float, threshold: float, ci: tuple[float, float] | None = None) -> Gate:
+    return Gate(name, label, float(value), float(threshold), "<=", ci)
 
 
 def at_least(name: str, label: str, value: float, threshold: float) -> Gate:
@@ -66,10 +68,16 @@ def gist_delta_nll_gates(cfg: MegaContextConfig, summary: list[dict], w_max: int
     return [
         at_most(
             f"{s['dataset']}/w{w}/delta_nll_gist_mean", f"{s['dataset']} ΔNLL@{H} at W_max={w}",
-            s["delta_nll_gist_mean"], cfg.acceptance.delta_nll_max,
+            s["delta_nll_gist_mean"], cfg.acceptance.delta_nll_max, _ci(s, "delta_nll_gist"),
         )
         for s in sorted(rows, key=lambda s: s["dataset"])
     ]
+
+
+def _ci(row: dict, prefix: str) -> tuple[float, float] | None:
+    """The row's `{prefix}_ci_lo/hi` interval (rows stored before intervals existed have none)."""
+    lo, hi = row.get(f"{prefix}_ci_lo"), row.get(f"{prefix}_ci_hi")
+    return (float(lo), float(hi)) if lo is not None and hi is not None else None
 
 
 def stress_gates(cfg: MegaContextConfig, stress: list[dict]) -> list[Gate]:
@@ -78,7 +86,7 @@ def stress_gates(cfg: MegaContextConfig, stress: list[dict]) -> list[Gate]:
     return [
         at_most(
             f"{s['dataset']}/stress1024/delta_nll_mean", f"{s['dataset']} ΔNLL@{H} at 1024× compression",
-            s["delta_nll_mean"], cfg.acceptance.delta_nll_1024x_max,
+            s["delta_nll_mean"], cfg.acceptance.delta_nll_1024x_max, _ci(s, "delta_nll"),
         )
         for s in sorted(stress, key=lambda s: s["dataset"])
     ]

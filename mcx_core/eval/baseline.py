@@ -83,7 +83,7 @@ def write_baseline_report(cfg: MegaContextConfig, summary: list[dict], out: Path
     )
     cols = [
         "dataset", "w_max", "n_samples", "nll_full", "nll_recency", "nll_meanpool",
-        "delta_nll_recency_mean", "delta_nll_recency_p95", "delta_nll_meanpool_mean", "delta_nll_meanpool_p95",
+        "delta_nll_recency", "delta_nll_recency_p95", "delta_nll_meanpool", "delta_nll_meanpool_p95",
         "recovery_meanpool",
     ]
     md = "\n\n".join(
@@ -92,8 +92,11 @@ def write_baseline_report(cfg: MegaContextConfig, summary: list[dict], out: Path
             f"Base model `{cfg.base_model.name}` ({cfg.base_model.source}); histories of "
             f"{cfg.dataset.context_tokens} tokens, horizon H = {cfg.dataset.horizon}, block {cfg.dataset.block_size}; "
             f"held-out split `{cfg.evaluation.split}`. ΔNLL = NLL(condition) − NLL(full history), nats per horizon "
-            f"token; recovery = share of the recency gap won back (negative: worse than dropping history).",
-            reports.markdown_table(summary, cols),
+            f"token; recovery = share of the recency gap won back (negative: worse than dropping history). "
+            "Brackets: paired bootstrap 95 % intervals over the samples.",
+            reports.markdown_table(
+                reports.with_intervals(summary, ["delta_nll_recency", "delta_nll_meanpool", "recovery_meanpool"]), cols
+            ),
             "![ΔNLL by condition](baseline_eval.png)",
             f"{n_rows} scored (sample, condition, W_max) rows in {seconds:.1f} s. "
             "Per-token NLLs: `artifacts/eval/baseline_eval.parquet`.",

@@ -23,6 +23,7 @@ from mcx_core.compression.gistnet import load_gister
 from mcx_core.config import MegaContextConfig
 from mcx_core.eval import nll as E
 from mcx_core.model.base import BaseLM
+from mcx_core.telemetry import metrics as M
 from mcx_core.telemetry.sinks import NullSink, TelemetrySink
 from mcx_core.telemetry.tables import log_eval_distribution
 
@@ -75,9 +76,9 @@ def evaluate_gists(
         probe_rows += [r for r in rows if r.condition == "full"]
     seconds = time.perf_counter() - t0
     summary = E.summarize(rows, methods=["meanpool", "gist"])
-    for s in summary:
-        s["gist_beats_recency"] = s["delta_nll_gist_mean"] < s["delta_nll_recency_mean"]
-        s["gist_beats_meanpool"] = s["delta_nll_gist_mean"] < s["delta_nll_meanpool_mean"]
+    for s in summary:  # paired: the gists' NLL against mean-pool's on the same samples
+        gist, pool = E.condition_nlls(rows, s["dataset"], s["w_max"], ["gist", "meanpool"])
+        s["gist_beats_meanpool"] = M.beats(gist, pool)
     stress = E.summarize_fixed(rows, STRESS) if STRESS in conds else []
     distance = [
         {"distance_blocks": d, **s} for d in distances for s in E.summarize_fixed(probe_rows, f"gist_d{d}")
@@ -181,12 +182,15 @@ def write_report(cfg: MegaContextConfig, result: dict, out: Path, checkpoint: st
         f"# Gist evaluation — config `{cfg.name}`, checkpoint `{checkpoint}`",
         f"ΔNLL@{H} = NLL(condition) − NLL(full {cfg.dataset.context_tokens}-token history), nats per horizon "
         f"token, held-out split `{cfg.evaluation.split}`. recovery = share of the recency gap won back. "
+        "Brackets: paired bootstrap 95 % intervals over the samples; \"beats\" = the interval of the paired "
+        "NLL difference lies below 0. "
         f"Acceptance: ΔNLL ≤ {thr} at W_max = {cfg.working_context.w_max}; ≤ {cfg.acceptance.delta_nll_1024x_max} "
         "at 1024×.",
         reports.markdown_table(
-            summary,
-            ["dataset", "w_max", "n_samples", "nll_full", "delta_nll_recency_mean", "delta_nll_meanpool_mean",
-             "delta_nll_gist_mean", "delta_nll_gist_p95", "recovery_gist", "gist_beats_recency",
+            reports.with_intervals(summary, ["delta_nll_recency", "delta_nll_meanpool", "delta_nll_gist", "recovery_gist",
+                                             "gist_minus_recency"]),
+            ["dataset", "w_max", "n_samples", "nll_full", "delta_nll_recency", "delta_nll_meanpool",
+             "delta_nll_gist", "delta_nll_gist_p95", "recovery_gist", "gist_minus_recency", "gist_beats_recency",
              "gist_beats_meanpool"],
         ),
         f"![ΔNLL by condition]({bar.name})",
@@ -195,7 +199,8 @@ def write_report(cfg: MegaContextConfig, result: dict, out: Path, checkpoint: st
         sections += [
             "## Maximum compression (1024×)",
             "The oldest whole 1024-token spans are one LOD2 gist each, the horizon starts at the span boundary.",
-            reports.markdown_table(result["stress"], ["dataset", "n_samples", "compression", "delta_nll_mean", "delta_nll_p95"]),
+            reports.markdown_table(reports.with_intervals(result["stress"], ["delta_nll"]),
+                                   ["dataset", "n_samples", "compression", "delta_nll", "delta_nll_p95"]),
         ]
     sections += ["## ΔNLL vs compression", f"![scatter]({scatter.name})"]
     sections += ["## Boundary artifacts: ΔNLL by horizon position", f"![by position]({position.name})"]
@@ -288,8 +293,11 @@ def evaluate_text(
         "nll_meanpool": s["nll_meanpool"],
         "nll_gist": s["nll_gist"],
         "delta_nll": s["delta_nll_gist_mean"],
+        "delta_nll_ci": [s["delta_nll_gist_ci_lo"], s["delta_nll_gist_ci_hi"]],
         "delta_nll_p95": s["delta_nll_gist_p95"],
         "recovery": s["recovery_gist"],
+        "recovery_ci": [s["recovery_gist_ci_lo"], s["recovery_gist_ci_hi"]],
+        "beats_recency": s["gist_beats_recency"],
         "n_samples": s["n_samples"],
         "w_max": w_max,
         "horizon": horizon,

@@ -198,8 +198,18 @@ def _same_length_groups(inputs: list[ConditionInput]) -> list[list[int]]:
     return list(groups.values())
 
 
+def condition_nlls(rows: list[EvalRow], dataset: str, w_max: int, conditions: list[str]) -> list[np.ndarray]:
+    """Per condition, the horizon NLL of each of `dataset`'s samples at `w_max`, aligned by sample id
+    (the paired arrays the intervals resample); a W_max-independent condition (`full`) is read at W_max 0."""
+    by = {(r.condition, r.w_max, r.sample_id): r.nll for r in rows if r.dataset == dataset and r.w_max in (0, w_max)}
+    ids = sorted({s for c, w, s in by if c == conditions[0]})
+    return [np.array([by.get((c, w_max, s), by.get((c, 0, s))) for s in ids], dtype=np.float64) for c in conditions]
+
+
 def summarize(rows: list[EvalRow], methods: list[str]) -> list[dict]:
-    """Per dataset × W_max: NLL of each condition, ΔNLL@H (mean, p95) and recovery of each method."""
+    """Per dataset × W_max: NLL of each condition, ΔNLL@H (mean, p95, paired 95 % interval) and recovery
+    (with its interval) of each method, and whether each method beats recency (`{m}_beats_recency`: the
+    interval of the paired NLL difference lies below 0, `{m}_minus_recency_ci_*`)."""
     by_key: dict[tuple[str, str, int], dict[str, float]] = {}
     for r in rows:
         by_key.setdefault((r.dataset, r.condition, r.w_max), {})[r.sample_id] = r.nll
@@ -215,11 +225,18 @@ def summarize(rows: list[EvalRow], methods: list[str]) -> list[dict]:
             summary = {"dataset": ds, "w_max": w, "n_samples": len(ids), "nll_full": M.mean(nll_full)}
             summary["nll_recency"] = M.mean(rec)
             summary.update(M.mean_and_p95(M.delta_nll(rec, nll_full), "delta_nll_recency"))
+            summary.update(M.with_ci("delta_nll_recency", M.mean_ci(M.delta_nll(rec, nll_full))))
             for m in methods:
                 vals = np.array([by_key[(ds, m, w)][s] for s in ids])
                 summary[f"nll_{m}"] = M.mean(vals)
                 summary.update(M.mean_and_p95(M.delta_nll(vals, nll_full), f"delta_nll_{m}"))
+                summary.update(M.with_ci(f"delta_nll_{m}", M.mean_ci(M.delta_nll(vals, nll_full))))
                 summary[f"recovery_{m}"] = M.recovery(M.mean(rec), M.mean(vals), M.mean(nll_full))
+                summary.update(M.with_ci(f"recovery_{m}", M.recovery_ci(rec, vals, nll_full)))
+                diff = M.difference_ci(vals, rec)
+                summary[f"{m}_minus_recency_mean"] = M.mean(vals - rec)
+                summary.update(M.with_ci(f"{m}_minus_recency", diff))
+                summary[f"{m}_beats_recency"] = bool(diff[1] < 0)
             out.append(summary)
     return out
 
@@ -236,6 +253,7 @@ def summarize_fixed(rows: list[EvalRow], condition: str) -> list[dict]:
         full = np.array([by_key[(ds, "full", s)].nll for s in ids])
         summary = {"dataset": ds, "condition": condition, "n_samples": len(ids)}
         summary.update(M.mean_and_p95(M.delta_nll(vals, full), "delta_nll"))
+        summary.update(M.with_ci("delta_nll", M.mean_ci(M.delta_nll(vals, full))))
         # History tokens per position the model read: 32x for LOD1-only, 1024x for one LOD2 gist.
         ratios = [by_key[(ds, "full", s)].context_len / by_key[(ds, condition, s)].context_len for s in ids]
         summary["compression"] = float(np.mean(ratios))

@@ -108,6 +108,73 @@ def recovery(nll_recency: float, nll_method: float, nll_full: float) -> float:
     return float((nll_recency - nll_method) / gap)
 
 
+# ---------------------------------------------------------------------------------------------- intervals
+# Every ΔNLL and recovery is reported with a paired bootstrap interval over samples: the conditions are
+# scored on the same held-out samples, so a resample draws sample indices once for all of them. "A beats
+# B" means the interval of the paired difference NLL_A − NLL_B lies entirely below 0.
+
+CI_LEVEL = 0.95
+BOOTSTRAP_RESAMPLES = 2000
+
+
+def bootstrap_ci(statistic, *samples, n_resamples: int = BOOTSTRAP_RESAMPLES, level: float = CI_LEVEL,
+                 seed: int = 0) -> tuple[float, float]:
+    """Paired percentile-bootstrap interval of `statistic(*samples, axis=-1)` (vectorized over resamples);
+    the samples are equal-length per-sample arrays resampled together. (nan, nan) below 2 samples."""
+    from scipy.stats import bootstrap
+
+    arrays = [_arr(s) for s in samples]
+    if len({len(a) for a in arrays}) != 1:
+        raise ValueError(f"paired samples differ in length: {[len(a) for a in arrays]}")
+    if len(arrays[0]) < 2:
+        return float("nan"), float("nan")
+    if all(np.ptp(a) == 0 for a in arrays):  # no spread: every resample gives the same value
+        v = float(statistic(*[a[None] for a in arrays], axis=-1)[0])
+        return v, v
+    res = bootstrap(arrays, statistic, paired=True, vectorized=True, n_resamples=n_resamples,
+                    confidence_level=level, method="percentile", rng=np.random.default_rng(seed))
+    return float(res.confidence_interval.low), float(res.confidence_interval.high)
+
+
+def _mean_stat(x, axis=-1):
+    return x.mean(axis=axis)
+
+
+def _difference_stat(a, b, axis=-1):
+    return (a - b).mean(axis=axis)
+
+
+def _recovery_stat(rec, method, full, axis=-1):
+    gap = rec.mean(axis=axis) - full.mean(axis=axis)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.where(np.abs(gap) < 1e-9, np.nan, (rec.mean(axis=axis) - method.mean(axis=axis)) / gap)
+
+
+def mean_ci(values) -> tuple[float, float]:
+    """Interval of the mean of per-sample values (a ΔNLL@H)."""
+    return bootstrap_ci(_mean_stat, values)
+
+
+def difference_ci(nll_a, nll_b) -> tuple[float, float]:
+    """Interval of mean(NLL_a − NLL_b) over paired samples: below 0 everywhere = a beats b."""
+    return bootstrap_ci(_difference_stat, nll_a, nll_b)
+
+
+def recovery_ci(nll_recency, nll_method, nll_full) -> tuple[float, float]:
+    """Interval of `recovery` (a ratio of means), resampling the samples of all three conditions together."""
+    return bootstrap_ci(_recovery_stat, nll_recency, nll_method, nll_full)
+
+
+def beats(nll_a, nll_b) -> bool:
+    """Whether a beats b: the paired interval of mean(NLL_a − NLL_b) lies entirely below 0."""
+    return bool(difference_ci(nll_a, nll_b)[1] < 0)
+
+
+def with_ci(prefix: str, interval: tuple[float, float]) -> dict[str, float]:
+    """`{prefix}_ci_lo`, `{prefix}_ci_hi` — the flat form intervals take in summaries, Parquet and MLflow."""
+    return {f"{prefix}_ci_lo": interval[0], f"{prefix}_ci_hi": interval[1]}
+
+
 def swap_rate(num_expands: int, num_collapses: int, num_lod1_nodes: int) -> float:
     """(expands + collapses) in one allocator step / number of LOD1 nodes in the tree."""
     return (num_expands + num_collapses) / num_lod1_nodes if num_lod1_nodes else 0.0

@@ -44,6 +44,8 @@ def gates_result(gates, **metadata) -> dg.AssetCheckResult:
         meta[f"{g.name}"] = dg.MetadataValue.float(g.value if math.isfinite(g.value) else float("nan"))
         meta[f"{g.name}/threshold"] = dg.MetadataValue.float(g.threshold)
         meta[f"{g.name}/margin"] = dg.MetadataValue.float(g.margin if math.isfinite(g.margin) else float("nan"))
+        if g.ci is not None:
+            meta[f"{g.name}/ci_lo"], meta[f"{g.name}/ci_hi"] = (dg.MetadataValue.float(v) for v in g.ci)
     meta["details"] = dg.MetadataValue.md("\n".join(f"- {'✅' if g.passed else '❌'} {g.message}" for g in gates))
     return dg.AssetCheckResult(
         passed=all(g.passed for g in gates), metadata={**meta, **metadata}, description=verdict(gates)

@@ -52,7 +52,8 @@ def test_entries_cover_the_history_up_to_the_cursor_contiguously(project, result
     assert [e["start"] for e in result["entries"]] == ends[:-1]  # no gap, no overlap
     assert ends[-1] == result["cursor"]  # nothing past the cursor, nothing missing before it
     assert all(e["end"] <= result["cursor"] for e in result["entries"])
-    assert result["cost"] == sum(e["cost"] for e in result["entries"]) <= result["w_max"] == 96
+    assert result["cost"] == result["sink_tokens"] + sum(e["cost"] for e in result["entries"]) <= result["w_max"] == 96
+    assert result["sink_tokens"] == cfg.working_context.sink_tokens  # the attention sink is counted in the budget
     assert any(e["level"] > 0 for e in result["entries"])  # 984 tokens in 96 positions: gists exist
     assert result["causality_violations"] == 0
 

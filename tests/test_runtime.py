@@ -88,7 +88,8 @@ def test_streaming_4x_wmax_keeps_full_coverage_and_invariants(lm, tmp_path, make
     for s, r in enumerate(res.records):
         assert r["position"] == refocus_every * (s + 1)
         assert _coverage(r["working_context"]) == r["position"]  # nothing truncated
-        assert r[M.ACTIVE_TOKENS] == sum(v for k, v in r["working_context"].items()) <= W
+        assert r[M.ACTIVE_TOKENS] == r["sink_tokens"] + sum(v for k, v in r["working_context"].items()) <= W
+        assert r["sink_tokens"] == min(_cfg(refocus_every).working_context.sink_tokens, r["position"])
         assert r[M.UTILIZATION] == M.budget_utilization(r[M.ACTIVE_TOKENS], W) <= 1.0
     assert res.summary[M.NUM_FORCED_COLLAPSES] > 0
     assert res.summary[M.CAUSALITY_VIOLATIONS_TOTAL] == 0
@@ -192,7 +193,7 @@ def test_loss_at_h_is_the_next_h_tokens_given_the_working_context(lm):
         cursor = r["position"]
         tree = MegaContextTree(lm.d_model, lm.embed, MeanPoolGister(), block_size=K)
         tree.ingest(ids[:cursor])
-        wc = WorkingContext.initial(tree, W, recent_tokens=32)
+        wc = WorkingContext.initial(tree, W, recent_tokens=32, sink_tokens=_cfg().working_context.sink_tokens)
         embeds, positions, _ = wc.assemble(lm.embed)
         nll = horizon_nll(lm, [ConditionInput(embeds, positions, cursor)], ids[cursor : cursor + H][None])
         assert r[M.RUNTIME_LOSS_AT_H] == pytest.approx(nll.mean().item(), rel=1e-5)

@@ -38,7 +38,7 @@ def cfg(tmp_path_factory, tokenizer):
             output_dir=str(root / "datasets"),
         ),
         gistnet={"model": {"num_layers": 1}},
-        working_context={"w_max": 96, "eval_w_max": [64, 96], "recent_tokens": 32, "sink_tokens": 32},
+        working_context={"w_max": 96, "eval_w_max": [64, 96], "recent_tokens": 32, "sink_tokens": 4},
         evaluation={"batch_size": 2},
         sweep={"w_max": [64, 96], "datasets": ["narrative", "code", "recall"], "samples": 2},
     )

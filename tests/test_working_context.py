@@ -31,7 +31,7 @@ def assert_context_ok(wc: WorkingContext) -> None:
     every assembled row is the token embedding or tree gist of exactly the span its entry covers."""
     wc.check_invariants()
     tree, K = wc.tree, wc.tree.block_size
-    assert wc.cost <= wc.w_max
+    assert wc.cost == min(wc.sink_tokens, tree.cursor) + sum(e.cost for e in wc.entries) <= wc.w_max
     covered = [t for e in wc.entries for t in range(e.start, e.end)]
     assert covered == list(range(tree.cursor))
     for e in wc.entries:
@@ -44,6 +44,12 @@ def assert_context_ok(wc: WorkingContext) -> None:
     embeds, positions, entry_of_position = wc.assemble(embed)
     assert positions.dtype == entry_of_position.dtype == torch.long
     rows, pos, owner = [torch.empty(0, D)], [], []
+    s = min(wc.sink_tokens, tree.cursor)
+    if s and not (wc.entries[0].level == 0 and wc.entries[0].start == 0):
+        # the attention sink: the first raw tokens lead at positions 0.., outside the cover
+        rows.append(embed(tree.tokens[:s].long()))
+        pos += range(s)
+        owner += [-1] * s
     for i, e in enumerate(wc.entries):
         if e.level == 0:
             rows.append(embed(tree.tokens[e.start : e.end].long()))
@@ -112,6 +118,36 @@ def test_initial_raises_when_even_the_coarsest_context_does_not_fit():
 
 
 # ---------------------------------------------------------------------------------------------- assembly
+
+
+@pytest.mark.parametrize("scheme", ["center", "compact"])
+def test_the_sink_leads_every_context_and_is_counted_in_the_budget(scheme):
+    tree = make_tree(1024)
+    wc = WorkingContext.initial(tree, 128, recent_tokens=64, position_scheme=scheme, sink_tokens=4)
+    plain = WorkingContext.initial(tree, 128, recent_tokens=64, position_scheme=scheme)
+    assert wc.cost <= 128 and wc.sink_cost == 4 and wc.entries[0].level > 0  # block 0 is a gist: the sink leads
+    assert plain.cost <= 128 and sum(e.cost for e in wc.entries) <= 128 - 4
+    embeds, positions, owner = wc.assemble(embed)
+    assert embeds.shape[0] == wc.cost  # every reserved position is used
+    assert torch.equal(embeds[:4], embed(tree.tokens[:4].long())) and positions[:4].tolist() == [0, 1, 2, 3]
+    assert owner[:4].tolist() == [-1] * 4 and (owner[4:] >= 0).all()
+    if scheme == "compact":
+        assert positions.tolist() == list(range(wc.cost))
+    assert_context_ok(wc) if scheme == "center" else wc.check_invariants()
+    # Coverage is over the entries: still every history token exactly once.
+    assert [t for e in wc.entries for t in range(e.start, e.end)] == list(range(1024))
+
+
+def test_the_sink_is_not_repeated_while_block_0_is_raw():
+    tree = make_tree(100)  # fits uncompressed: block 0 is LOD0 and is its own sink
+    wc = WorkingContext.initial(tree, 128, recent_tokens=64, sink_tokens=4)
+    assert wc.entries[0] == entry_for(tree, 0, 0) and wc.cost == 4 + 100
+    embeds, positions, _ = wc.assemble(embed)
+    assert embeds.shape[0] == 100 and positions.tolist() == list(range(100))  # no token twice
+    with pytest.raises(BudgetError, match="4 sink tokens"):
+        WorkingContext.initial(make_tree(4096), 70, recent_tokens=64, sink_tokens=4)
+    with pytest.raises(InvariantViolation, match="sink"):
+        WorkingContext.initial(tree, 200, recent_tokens=64, sink_tokens=33).check_invariants()
 
 
 def test_positions_center_and_compact():
@@ -323,11 +359,12 @@ class WorkingContextMachine(RuleBasedStateMachine):
     """Random ingest / expand / collapse sequences: every invariant holds after every single action."""
 
     BLOCK, MAX_LEVEL, W_MAX, RECENT, MAX_TOKENS, MAX_INGEST = 4, 3, 40, 8, 600, 40
+    SINK = 0
 
     def __init__(self):
         super().__init__()
         self.tree = MegaContextTree(D, embed, mean_gist, block_size=self.BLOCK, max_level=self.MAX_LEVEL)
-        self.wc = WorkingContext(self.tree, self.W_MAX, self.RECENT)
+        self.wc = WorkingContext(self.tree, self.W_MAX, self.RECENT, sink_tokens=self.SINK)
 
     def _draw(self, data, ok) -> int | None:
         """An entry index drawn from those where `ok(i)`; None where there is none."""
@@ -354,7 +391,7 @@ class WorkingContextMachine(RuleBasedStateMachine):
             assert wc.entries == before
             return
         children = wc.expand(i)
-        assert sum(e.cost for e in wc.entries) == sum(e.cost for e in before) + extra == wc.cost
+        assert sum(e.cost for e in wc.entries) == sum(e.cost for e in before) + extra == wc.cost - wc.sink_cost
         assert all(c.level == entry.level - 1 for c in children)
         assert (children[0].start, children[-1].end) == (entry.start, entry.end)
         assert wc.cost <= wc.w_max
@@ -408,7 +445,19 @@ class WorkingContextMachineK32(WorkingContextMachine):
     BLOCK, MAX_LEVEL, W_MAX, RECENT, MAX_TOKENS, MAX_INGEST = 32, 2, 160, 64, 5000, 400
 
 
+class WorkingContextMachineSink(WorkingContextMachine):
+    SINK = 2
+
+
+class WorkingContextMachineK32Sink(WorkingContextMachineK32):
+    SINK = 4
+
+
 TestWorkingContextMachine = WorkingContextMachine.TestCase
 TestWorkingContextMachine.settings = settings(max_examples=40, stateful_step_count=40, deadline=None)
 TestWorkingContextMachineK32 = WorkingContextMachineK32.TestCase
 TestWorkingContextMachineK32.settings = settings(max_examples=25, stateful_step_count=40, deadline=None)
+TestWorkingContextMachineSink = WorkingContextMachineSink.TestCase
+TestWorkingContextMachineSink.settings = settings(max_examples=25, stateful_step_count=40, deadline=None)
+TestWorkingContextMachineK32Sink = WorkingContextMachineK32Sink.TestCase
+TestWorkingContextMachineK32Sink.settings = settings(max_examples=15, stateful_step_count=40, deadline=None)

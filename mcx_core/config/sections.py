@@ -222,7 +222,10 @@ class WorkingContextConfig(Section):
     eval_w_max: list[int] = Field(default_factory=lambda: [128, 256])
     recent_tokens: int = Field(default=64, ge=0)
     position_scheme: Literal["center", "compact"] = "center"
-    sink_tokens: int = Field(default=32, ge=0, description="recency baseline keeps this many first tokens")
+    sink_tokens: int = Field(
+        default=4, ge=0,
+        description="the history's first tokens that lead every working context and the recency baseline (attention sink)",
+    )
 
     @field_validator("eval_w_max")
     @classmethod

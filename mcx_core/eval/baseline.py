@@ -35,7 +35,8 @@ def run_baseline_eval(cfg: MegaContextConfig, lm: BaseLM, sink: TelemetrySink | 
         "full": evaluation.full_condition(lm),
         "recency": evaluation.recency_condition(lm, wc.sink_tokens, wc.position_scheme),
         "meanpool": evaluation.working_context_condition(
-            lm, evaluation.MeanPoolGister(), cfg.dataset.block_size, wc.recent_tokens, wc.position_scheme
+            lm, evaluation.MeanPoolGister(), cfg.dataset.block_size, wc.recent_tokens, wc.position_scheme,
+            wc.sink_tokens,
         ),
     }
     t0 = time.perf_counter()

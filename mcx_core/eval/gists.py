@@ -36,8 +36,9 @@ def conditions(cfg: MegaContextConfig, lm: BaseLM, gister) -> dict[str, E.Condit
     return {
         "full": E.full_condition(lm),
         "recency": E.recency_condition(lm, wc.sink_tokens, wc.position_scheme),
-        "meanpool": E.working_context_condition(lm, E.MeanPoolGister(), K, wc.recent_tokens, wc.position_scheme),
-        "gist": E.working_context_condition(lm, gister, K, wc.recent_tokens, wc.position_scheme),
+        "meanpool": E.working_context_condition(lm, E.MeanPoolGister(), K, wc.recent_tokens, wc.position_scheme,
+                                                wc.sink_tokens),
+        "gist": E.working_context_condition(lm, gister, K, wc.recent_tokens, wc.position_scheme, wc.sink_tokens),
     }
 
 
@@ -57,7 +58,8 @@ def evaluate_gists(
     conds = conditions(cfg, lm, gister)
     fixed = {"full"}
     if C >= K * K:
-        conds[STRESS] = E.max_compression_condition(lm, gister, K, cfg.working_context.position_scheme)
+        conds[STRESS] = E.max_compression_condition(lm, gister, K, cfg.working_context.position_scheme,
+                                                    cfg.working_context.sink_tokens)
         fixed.add(STRESS)
     t0 = time.perf_counter()
     reused = _covered(baseline_rows or [], samples, cfg.working_context.eval_w_max)
@@ -71,7 +73,9 @@ def evaluate_gists(
     probe_rows: list[E.EvalRow] = []
     if ev.distance_probe_samples and distances:
         few = {ds: (ids[: ev.distance_probe_samples], x[: ev.distance_probe_samples]) for ds, (ids, x) in samples.items()}
-        probes = {f"gist_d{d}": E.single_gist_condition(lm, gister, K, d) for d in distances}
+        wc = cfg.working_context
+        probes = {f"gist_d{d}": E.single_gist_condition(lm, gister, K, d, wc.position_scheme, wc.sink_tokens)
+                  for d in distances}
         probe_rows = E.evaluate(lm, few, probes, [], C, H, ev.batch_size, progress, frozenset(probes))
         probe_rows += [r for r in rows if r.condition == "full"]
     seconds = time.perf_counter() - t0

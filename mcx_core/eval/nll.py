@@ -63,16 +63,16 @@ class MeanPoolGister:
 
 
 def working_context_condition(
-    lm: BaseLM, gist_fn, block_size: int, recent_tokens: int, position_scheme: str = "center"
+    lm: BaseLM, gist_fn, block_size: int, recent_tokens: int, position_scheme: str = "center", sink_tokens: int = 0,
 ) -> Condition:
     """Ingest the history into a MegaContext tree built with `gist_fn`; read the most detailed working
-    context that fits W_max (newest blocks raw, older ones as gists)."""
+    context that fits W_max (the sink, then older spans as gists, the newest blocks raw)."""
 
     @torch.no_grad()
     def build(history: torch.Tensor, w_max: int) -> ConditionInput:
         tree = MegaContextTree(lm.d_model, embed_fn=lm.embed, gist_fn=gist_fn, block_size=block_size)
         tree.ingest(history)
-        wc = WorkingContext.initial(tree, w_max, recent_tokens=recent_tokens, position_scheme=position_scheme)
+        wc = WorkingContext.initial(tree, w_max, recent_tokens, position_scheme, sink_tokens)
         wc.check_invariants()
         embeds, positions, _ = wc.assemble(lm.embed)
         start = history.numel() if position_scheme == "center" else positions.numel()
@@ -87,15 +87,16 @@ def _tree(lm: BaseLM, gist_fn, block_size: int, history: torch.Tensor) -> MegaCo
     return tree
 
 
-def _read(lm: BaseLM, tree: MegaContextTree, entries, position_scheme: str) -> ConditionInput:
+def _read(lm: BaseLM, tree: MegaContextTree, entries, position_scheme: str, sink_tokens: int) -> ConditionInput:
     # recent_tokens=0: probes place gists anywhere, the legality rule for live contexts does not apply.
-    wc = WorkingContext(tree, w_max=tree.cursor, recent_tokens=0, position_scheme=position_scheme, entries=entries)
+    wc = WorkingContext(tree, tree.cursor + sink_tokens, 0, position_scheme, entries, sink_tokens)
     wc.check_invariants()
     embeds, positions, _ = wc.assemble(lm.embed)
     return ConditionInput(embeds, positions, tree.cursor if position_scheme == "center" else positions.numel())
 
 
-def max_compression_condition(lm: BaseLM, gist_fn, block_size: int, position_scheme: str = "center") -> Condition:
+def max_compression_condition(lm: BaseLM, gist_fn, block_size: int, position_scheme: str = "center",
+                              sink_tokens: int = 0) -> Condition:
     """The 1024× stress test: every whole LOD2 span of the history (oldest first) is one LOD2 gist,
     the rest stays raw, and the horizon starts right after a span boundary (samples are block-aligned).
     With a 1024-token history the model reads a single vector. Independent of W_max."""
@@ -109,13 +110,13 @@ def max_compression_condition(lm: BaseLM, gist_fn, block_size: int, position_sch
         first_raw = n2 * block_size  # LOD0 block index after the last LOD2 span
         entries = [entry_for(tree, 2, i) for i in range(n2)]
         entries += [entry_for(tree, 0, b) for b in range(first_raw, tree.num_nodes(0))]
-        return _read(lm, tree, entries, position_scheme)
+        return _read(lm, tree, entries, position_scheme, sink_tokens)
 
     return build
 
 
 def single_gist_condition(
-    lm: BaseLM, gist_fn, block_size: int, distance_blocks: int, position_scheme: str = "center"
+    lm: BaseLM, gist_fn, block_size: int, distance_blocks: int, position_scheme: str = "center", sink_tokens: int = 0,
 ) -> Condition:
     """The full history with exactly one LOD1 block replaced by its gist, `distance_blocks` blocks
     before the cursor: the marginal cost of gisting a block as a function of its distance."""
@@ -127,7 +128,7 @@ def single_gist_condition(
         if not 0 <= target < tree.num_nodes(1):
             raise ValueError(f"no complete block {distance_blocks} blocks before the cursor")
         entries = [entry_for(tree, 1 if b == target else 0, b) for b in range(tree.num_nodes(0))]
-        return _read(lm, tree, entries, position_scheme)
+        return _read(lm, tree, entries, position_scheme, sink_tokens)
 
     return build
 

@@ -62,6 +62,7 @@ CONTEXT_SCHEMA = pa.schema(
         ("kind", pa.string()),  # "recency" (WorkingContext.initial) | "perturbed"
         ("w_max", pa.int32()),
         ("recent_tokens", pa.int32()),
+        ("sink_tokens", pa.int32()),
         ("position_scheme", pa.string()),
         ("block_size", pa.int32()),
         ("max_level", pa.int32()),
@@ -125,7 +126,8 @@ def rebuild_context(
     ):
         raise ValueError(f"context {row['context_id']}: the given tree holds another history")
     entries = [Entry(**e) for e in json.loads(row["entries"])]
-    wc = WorkingContext(tree, row["w_max"], row["recent_tokens"], row["position_scheme"], entries)
+    wc = WorkingContext(tree, row["w_max"], row["recent_tokens"], row["position_scheme"], entries,
+                        row.get("sink_tokens") or 0)
     wc.check_invariants()
     return wc, list(row["ages"])
 

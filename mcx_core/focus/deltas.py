@@ -82,7 +82,7 @@ class Candidate:
 
 
 def copy_context(wc: WorkingContext) -> WorkingContext:
-    return WorkingContext(wc.tree, wc.w_max, wc.recent_tokens, wc.position_scheme, wc.entries)
+    return WorkingContext(wc.tree, wc.w_max, wc.recent_tokens, wc.position_scheme, wc.entries, wc.sink_tokens)
 
 
 def _run(wc: WorkingContext, j: int) -> range:
@@ -281,7 +281,7 @@ def generate_delta_table(
         history, horizon = row_ids[:C], row_ids[C : C + H]
         tree = MegaContextTree(lm.d_model, lm.embed, gister, block_size=K)
         tree.ingest(history)
-        recency = WorkingContext.initial(tree, wcc.w_max, wcc.recent_tokens, wcc.position_scheme)
+        recency = WorkingContext.initial(tree, wcc.w_max, wcc.recent_tokens, wcc.position_scheme, wcc.sink_tokens)
         contexts = [(recency, "recency", [0] * len(recency.entries))]
         for _ in range(dcfg.contexts_per_sample - 1):
             wc, ages = perturbed_context(recency, rng, dcfg.perturb_moves)
@@ -304,6 +304,7 @@ def generate_delta_table(
                     "kind": kind,
                     "w_max": wc.w_max,
                     "recent_tokens": wc.recent_tokens,
+                    "sink_tokens": wc.sink_tokens,
                     "position_scheme": wc.position_scheme,
                     "block_size": K,
                     "max_level": tree.max_level,

@@ -212,9 +212,11 @@ class MegaContextEngine:
         )  # fmt: skip
         if prefill_ids is not None and len(prefill_ids):
             self.tree.ingest(prefill_ids)
-            self.wc = WorkingContext.initial(self.tree, self.w_max, wcc.recent_tokens, wcc.position_scheme)
+            self.wc = WorkingContext.initial(self.tree, self.w_max, wcc.recent_tokens, wcc.position_scheme,
+                                             wcc.sink_tokens)
         else:
-            self.wc = WorkingContext(self.tree, self.w_max, wcc.recent_tokens, wcc.position_scheme)
+            self.wc = WorkingContext(self.tree, self.w_max, wcc.recent_tokens, wcc.position_scheme,
+                                     sink_tokens=wcc.sink_tokens)
         self.allocator = FocusAllocator(cfg.allocator, self.w_max)
         if isinstance(policy, LensNetPolicy):
             policy.ages_fn = self.allocator.ages  # LensNet's age feature is the allocator's
@@ -310,7 +312,7 @@ def run_engine(
         lo = prefill + s * R
         horizon = ids[lo + R : lo + R + H]
         out = engine.step(ids[lo : lo + R], horizon)
-        baseline_ms = baseline_step_ms(lm, ids[: lo + R], wc.cost, horizon)
+        baseline_ms = baseline_step_ms(lm, ids[: lo + R], wc.assembled_positions, horizon)
         stats = out.stats
         residencies += stats.residencies
         util = M.budget_utilization(wc.cost, w_max)
@@ -338,6 +340,7 @@ def run_engine(
             "expanded": [a.span_id for a in stats.actions if a.kind == "expand"],
             "collapsed": [a.span_id for a in stats.actions if a.kind == "collapse"],
             "working_context": wc.level_counts(),
+            "sink_tokens": wc.sink_cost,  # the attention sink's positions, in `active_tokens` beside the levels
             "latency_ms": out.latency_ms,
             "budget_utilization": util,
             # detail for replay and debugging

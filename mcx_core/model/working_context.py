@@ -14,6 +14,13 @@ Positions (`position_scheme`): "center" keeps each LOD0 token's absolute positio
 the position of the middle token of its span, (start + end - 1) // 2 (the lower middle for even
 spans, so it always lies inside the span: [0, 32) -> 15, [0, 1024) -> 511); "compact" numbers the
 assembled positions 0..T-1.
+
+Attention sink (SPEC §2.7): the first `sink_tokens` raw tokens of the history lead what the base model
+reads, at positions 0…, because a frozen model rests attention on its first input. The sink is a
+fixed prefix *outside* the cover: the entries still cover [0, cursor) exactly once (coverage is checked
+over them), and the sink's positions are always reserved in the budget (`cost` includes them), so every
+expand and collapse still changes the cost by K − 1. While the first entry is block 0 at LOD0 its own
+first tokens are the sink, and the prefix is not repeated (the reserved positions stay unused).
 """
 
 from __future__ import annotations
@@ -70,23 +77,28 @@ class WorkingContext:
         recent_tokens: int = 64,
         position_scheme: str = "center",
         entries: list[Entry] | None = None,
+        sink_tokens: int = 0,
     ):
         """`entries=None` gives the full-detail cover (every block LOD0), which may exceed `w_max`;
         `initial` gives the most detailed one that fits. Hand-built entries are taken as given (so
         `check_invariants` can be tested on broken ones)."""
         if position_scheme not in POSITION_SCHEMES:
             raise ValueError(f"position_scheme must be one of {POSITION_SCHEMES}, got {position_scheme!r}")
+        if sink_tokens < 0:
+            raise ValueError(f"sink_tokens must be >= 0, got {sink_tokens}")
         self.tree = tree
         self.w_max = w_max
         self.recent_tokens = recent_tokens
         self.position_scheme = position_scheme
+        self.sink_tokens = sink_tokens
         self.entries: list[Entry] = list(entries) if entries is not None else []
         if entries is None:
             self.sync()
 
     @classmethod
     def initial(
-        cls, tree: MegaContextTree, w_max: int, recent_tokens: int = 64, position_scheme: str = "center"
+        cls, tree: MegaContextTree, w_max: int, recent_tokens: int = 64, position_scheme: str = "center",
+        sink_tokens: int = 0,
     ) -> WorkingContext:
         """The most detailed context within budget: the newest blocks LOD0, older ones LOD1, the oldest
         LOD2 (and so on up to max_level) when LOD1 alone does not fit. Built directly, but equal to
@@ -95,7 +107,7 @@ class WorkingContext:
         # Only complete blocks that end before the newest `recent_tokens` may become gists.
         gistable_end = K * min(tree.num_nodes(1), max(tree.cursor - recent_tokens, 0) // K)
         taken = [0] * (tree.max_level + 1)  # taken[L]: level-L nodes, counted from token 0, made gists
-        cost = tree.cursor
+        cost = tree.cursor + min(sink_tokens, tree.cursor)
         for level in range(1, tree.max_level + 1):
             if cost <= w_max:
                 break
@@ -106,8 +118,8 @@ class WorkingContext:
         if cost > w_max:
             raise BudgetError(
                 f"a history of {tree.cursor} tokens cannot fit w_max={w_max}: its coarsest legal working "
-                f"context (newest {recent_tokens} tokens LOD0, the rest gists up to LOD{tree.max_level}) "
-                f"costs {cost}"
+                f"context ({min(sink_tokens, tree.cursor)} sink tokens, newest {recent_tokens} tokens LOD0, the "
+                f"rest gists up to LOD{tree.max_level}) costs {cost}"
             )
         entries: list[Entry] = []
         pos = 0  # tokens covered so far, oldest first: coarsest level first
@@ -116,13 +128,29 @@ class WorkingContext:
             entries += [entry_for(tree, level, i) for i in range(pos // span, taken[level])]
             pos = max(pos, taken[level] * span)
         entries += [entry_for(tree, 0, b) for b in range(pos // K, tree.num_nodes(0))]
-        return cls(tree, w_max, recent_tokens, position_scheme, entries)
+        return cls(tree, w_max, recent_tokens, position_scheme, entries, sink_tokens)
 
     # ------------------------------------------------------------------------------------------ state
 
     @property
+    def sink_cost(self) -> int:
+        """Positions reserved for the attention sink (the history's first `sink_tokens` tokens)."""
+        return min(self.sink_tokens, self.tree.cursor)
+
+    @property
+    def sink_assembled(self) -> bool:
+        """Whether `assemble` prepends the sink: not while block 0 is LOD0 (its own first tokens are the sink)."""
+        return self.sink_cost > 0 and not (self.entries and self.entries[0].level == 0 and self.entries[0].start == 0)
+
+    @property
     def cost(self) -> int:
-        return sum(e.cost for e in self.entries)
+        """Positions this context takes of `w_max`: the sink's plus every entry's."""
+        return self.sink_cost + sum(e.cost for e in self.entries)
+
+    @property
+    def assembled_positions(self) -> int:
+        """Positions `assemble` returns: `cost`, less the sink's while block 0 is raw and is its own sink."""
+        return self.cost - (0 if self.sink_assembled else self.sink_cost)
 
     @property
     def utilization(self) -> float:
@@ -271,7 +299,9 @@ class WorkingContext:
         tree = self.tree
         cost = self.cost
         if cost > self.w_max:
-            raise InvariantViolation(f"budget: cost {cost} > w_max {self.w_max}")
+            raise InvariantViolation(f"budget: cost {cost} > w_max {self.w_max} (sink {self.sink_cost} included)")
+        if self.sink_tokens > tree.block_size:
+            raise InvariantViolation(f"sink: {self.sink_tokens} sink tokens reach past the first block ({tree.block_size})")
         expected_start = 0
         for i, e in enumerate(self.entries):
             where = f"entry {i} ({e.span_id} [{e.start}, {e.end}))"
@@ -314,7 +344,8 @@ class WorkingContext:
     def assemble(
         self, embed_fn: EmbedFn, gist_override: GistOverride | None = None
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """-> inputs_embeds [T, d], position_ids [T] long, entry_of_position [T] long, with T = cost.
+        """-> inputs_embeds [T, d], position_ids [T] long, entry_of_position [T] long (-1 for sink slots),
+        with T = cost (T = cost − sink_cost while block 0 is LOD0 and is its own sink).
 
         `embed_fn` gets CPU long token ids and sets the device and dtype of the result; gists are cast
         to them. `gist_override(level, indices)` supplies gists with grad (training); default: the tree's.
@@ -349,6 +380,11 @@ class WorkingContext:
             ids = index[entry_of_position[slots]]
             gists = gist_override(L, ids) if gist_override is not None else tree.gists(L, ids)  # [n, d]
             out = out.index_copy(0, slots.to(out.device), gists.to(out.device, out.dtype))
+        if self.sink_assembled:  # the first raw tokens lead, at positions 0.. (both position schemes)
+            s = self.sink_cost
+            out = torch.cat([embed_fn(tree.tokens[:s].long()).to(out.dtype), out])
+            position_ids = torch.cat([torch.arange(s), position_ids + (s if self.position_scheme == "compact" else 0)])
+            entry_of_position = torch.cat([torch.full((s,), -1, dtype=torch.long), entry_of_position])
         return out, position_ids.to(out.device), entry_of_position.to(out.device)
 
     # ------------------------------------------------------------------------------------------ traces
@@ -358,6 +394,7 @@ class WorkingContext:
             "w_max": self.w_max,
             "recent_tokens": self.recent_tokens,
             "position_scheme": self.position_scheme,
+            "sink_tokens": self.sink_tokens,
             "cursor": self.tree.cursor,
             "cost": self.cost,
             "level_counts": self.level_counts(),
@@ -367,7 +404,8 @@ class WorkingContext:
     @classmethod
     def from_dict(cls, data: dict[str, Any], tree: MegaContextTree) -> WorkingContext:
         entries = [Entry(**e) for e in data["entries"]]
-        return cls(tree, data["w_max"], data["recent_tokens"], data["position_scheme"], entries)
+        return cls(tree, data["w_max"], data["recent_tokens"], data["position_scheme"], entries,
+                   data.get("sink_tokens", 0))
 
     def __repr__(self) -> str:
         levels = ", ".join(f"{k}={v}" for k, v in self.level_counts().items())

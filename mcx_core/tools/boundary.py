@@ -115,7 +115,7 @@ def synthetic_boundary_test(cfg: MegaContextConfig, lm, gister, n_samples: int |
         layouts[name] = ([f"{name}/{i:03d}" for i in range(n)], ids)
     conditions = {
         "full": E.full_condition(lm),
-        "gist": E.working_context_condition(lm, gister, K, wc.recent_tokens, wc.position_scheme),
+        "gist": E.working_context_condition(lm, gister, K, wc.recent_tokens, wc.position_scheme, wc.sink_tokens),
     }
     rows = E.evaluate(lm, layouts, conditions, [wc.w_max], C, H, cfg.evaluation.batch_size, progress)
     by_pos = delta_by_position(rows, "gist", wc.w_max)

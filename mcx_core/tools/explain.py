@@ -96,6 +96,7 @@ def explain_text(
         "tokens": len(ids),
         "w_max": wc.w_max,
         "cost": wc.cost,
+        "sink_tokens": wc.sink_cost,
         "steps": len(starts),
         "levels": wc.level_counts(),
         "causality_violations": policy.causality_violations,

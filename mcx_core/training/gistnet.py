@@ -204,7 +204,7 @@ def _condition(wc: WorkingContext, embed_fn, override, history_len: int) -> Cond
     return ConditionInput(embeds, positions, start)
 
 
-def lod2_stress_context(tree: MegaContextTree, position_scheme: str) -> WorkingContext | None:
+def lod2_stress_context(tree: MegaContextTree, position_scheme: str, sink_tokens: int = 0) -> WorkingContext | None:
     """Every complete K²-token span as one LOD2 gist, the rest LOD0: maximum (1024x) compression.
     Not a legal runtime context (no recent LOD0 tokens when the history is a multiple of 1024), so it
     is built by hand with recent_tokens = 0; None when the history has no complete LOD2 span."""
@@ -213,8 +213,8 @@ def lod2_stress_context(tree: MegaContextTree, position_scheme: str) -> WorkingC
         return None
     entries = [entry_for(tree, 2, j) for j in range(n2)]
     entries += [entry_for(tree, 0, b) for b in range(n2 * tree.block_size, tree.num_nodes(0))]
-    cost = sum(e.cost for e in entries)
-    return WorkingContext(tree, cost, recent_tokens=0, position_scheme=position_scheme, entries=entries)
+    cost = sum(e.cost for e in entries) + min(sink_tokens, tree.cursor)
+    return WorkingContext(tree, cost, 0, position_scheme, entries, sink_tokens)
 
 
 def delta_nll_loss(
@@ -241,9 +241,9 @@ def delta_nll_loss(
         tree = MegaContextTree(lm.d_model, lm.embed, lambda L, x: mean_pool(x), block_size=K, max_level=2)
         tree.ingest(ids[b, :C])
         override = _gist_override(gister, g1[b], K)
-        wc = WorkingContext.initial(tree, w_maxes[b], wcc.recent_tokens, wcc.position_scheme)
+        wc = WorkingContext.initial(tree, w_maxes[b], wcc.recent_tokens, wcc.position_scheme, wcc.sink_tokens)
         contexts.append(_condition(wc, lm.embed, override, C))
-        stress_wc = lod2_stress_context(tree, wcc.position_scheme) if phase.lod2_weight > 0 else None
+        stress_wc = lod2_stress_context(tree, wcc.position_scheme, wcc.sink_tokens) if phase.lod2_weight > 0 else None
         if stress_wc is not None:
             stress.append(_condition(stress_wc, lm.embed, override, C))
 

@@ -98,9 +98,9 @@ def focused_context(
     tree = MegaContextTree(lm.d_model, lm.embed, gister, cfg.dataset.block_size, max_level=lensnet.max_level)
     if prefill:
         tree.ingest(history[:prefill])
-        wc = WorkingContext.initial(tree, w_max, wcc.recent_tokens, wcc.position_scheme)
+        wc = WorkingContext.initial(tree, w_max, wcc.recent_tokens, wcc.position_scheme, wcc.sink_tokens)
     else:
-        wc = WorkingContext(tree, w_max, wcc.recent_tokens, wcc.position_scheme)
+        wc = WorkingContext(tree, w_max, wcc.recent_tokens, wcc.position_scheme, sink_tokens=wcc.sink_tokens)
     allocator = FocusAllocator(cfg.allocator, w_max)
     policy = LensNetPolicy(lensnet, lm.embed, ages_fn=allocator.ages)
     actions = 0

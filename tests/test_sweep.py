@@ -172,6 +172,7 @@ def test_summary_means_and_p95_per_cell(rows):
         assert s["n_samples"] == len(cell)
         assert s["delta_nll_gist_mean"] == pytest.approx(gist.mean())
         assert s["delta_nll_gist_p95"] == pytest.approx(np.percentile(gist, 95))
+        assert s["delta_nll_gist_ci_lo"] <= s["delta_nll_gist_mean"] <= s["delta_nll_gist_ci_hi"]
         assert ("answer_acc_gist" in s) == (s["dataset"] == "recall")
     assert sweep.summarize_sweep(table, checkpoint="nope") == []
     metrics = sweep.sweep_metrics(summary)

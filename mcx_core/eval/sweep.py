@@ -242,7 +242,8 @@ def write_sweep_table(rows: list[dict] | pa.Table, path: str | os.PathLike) -> p
 
 def summarize_sweep(table: pa.Table | list[dict], checkpoint: str | None = None) -> list[dict]:
     """Per (checkpoint, W_max, dataset): mean NLL of each condition, ΔNLL (mean, p95) of each method,
-    recovery (of the means) and, for recall, mean answer NLL and accuracy per condition."""
+    recovery (of the means), each with its paired bootstrap 95 % interval (`_ci_lo/_ci_hi`), and, for
+    recall, mean answer NLL and accuracy per condition."""
     rows = table.to_pylist() if isinstance(table, pa.Table) else list(table)
     groups: dict[tuple[str, int, str], list[dict]] = {}
     for r in rows:
@@ -261,8 +262,11 @@ def summarize_sweep(table: pa.Table | list[dict], checkpoint: str | None = None)
             s[f"nll_{c}"] = M.mean(_column(rs, f"nll_{c}"))
         for m in METHODS:
             s.update(M.mean_and_p95(_column(rs, f"delta_nll_{m}"), f"delta_nll_{m}"))
+            s.update(M.with_ci(f"delta_nll_{m}", M.mean_ci(_column(rs, f"delta_nll_{m}"))))
         for m in RECOVERED:
             s[f"recovery_{m}"] = M.recovery(s["nll_recency"], s[f"nll_{m}"], s["nll_full"])
+            s.update(M.with_ci(f"recovery_{m}", M.recovery_ci(
+                _column(rs, "nll_recency"), _column(rs, f"nll_{m}"), _column(rs, "nll_full"))))
         if all(r["answer_tokens"] is not None for r in rs):
             for c in CONDITIONS:
                 s[f"answer_nll_{c}"] = M.mean(_column(rs, f"answer_nll_{c}"))

@@ -278,3 +278,12 @@ def test_cycle_plan_orders_runs_by_cycle(smoke_project):
     assert {"poc_acceptance", "runtime_eval", "gist_eval_report"} <= plan[2][1] - plan[0][1]
     assert not any("eval_sweep" in keys or "telemetry_analysis" in keys for _, keys in plan)
     assert cycle_plan(defs(), ["runtime_eval"], cfg) == [(None, {dg.AssetKey("runtime_eval")})]
+
+
+def test_a_failed_problems_check_says_what_failed():
+    from mcx_dagster.defs.metadata import problems_result
+
+    failed = problems_result([f"problem {i}" for i in range(5)], "all good")
+    assert not failed.passed and failed.description == "problem 0; problem 1; problem 2 (+2 more)"
+    passed = problems_result([], "all good")
+    assert passed.passed and passed.description == "all good"

@@ -31,7 +31,10 @@ def problems_result(problems: list[str], passed_text: str, **metadata) -> dg.Ass
         meta["details"] = dg.MetadataValue.md("\n".join(f"- {p}" for p in problems[:20]))
     else:
         meta["details"] = dg.MetadataValue.text(passed_text)
-    return dg.AssetCheckResult(passed=not problems, metadata=meta)
+    description = passed_text if not problems else "; ".join(problems[:3]) + (
+        f" (+{len(problems) - 3} more)" if len(problems) > 3 else ""
+    )
+    return dg.AssetCheckResult(passed=not problems, metadata=meta, description=description)
 
 
 def gates_result(gates, **metadata) -> dg.AssetCheckResult:

@@ -59,6 +59,6 @@ def rows(cfg, pool_size: int = 2, steps: int = 3) -> list[dict]:
     conds = gist_eval.conditions(cfg, lm, gister)
     t = time.perf_counter()
     E.evaluate(lm, samples, conds, [cfg.working_context.w_max], C, H, cfg.evaluation.batch_size, False)
-    out.append({"bench": "evaluation (4 conditions)", "value": (time.perf_counter() - t) / pool_size,
-                "unit": "s/sample", "note": f"full, recency, mean-pool, gist at W_max={cfg.working_context.w_max}"})
+    out.append({"bench": f"evaluation ({len(conds)} conditions)", "value": (time.perf_counter() - t) / pool_size,
+                "unit": "s/sample", "note": f"{', '.join(conds)} at W_max={cfg.working_context.w_max}"})
     return out

@@ -67,10 +67,12 @@ def print_summary(values: dict, as_json: bool, title: str, float_format: str) ->
     table.add_column("metric")
     table.add_column("value")
     for k, v in values.items():
-        if isinstance(v, list) and all(isinstance(x, float) for x in v):  # an interval
-            table.add_row(k, "[" + ", ".join(float_format.format(x) for x in v) + "]")
-        else:
-            table.add_row(k, float_format.format(v) if isinstance(v, float) else str(v))
+        for name, x in (v.items() if isinstance(v, dict) else [(None, v)]):  # a dict: one row per entry
+            label = k if name is None else f"{k}.{name}"
+            if isinstance(x, list) and all(isinstance(y, float) for y in x):  # an interval
+                table.add_row(label, "[" + ", ".join(float_format.format(y) for y in x) + "]")
+            else:
+                table.add_row(label, float_format.format(x) if isinstance(x, float) else str(x))
     Console().print(table)
 
 

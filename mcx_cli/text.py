@@ -19,7 +19,8 @@ from mcx_cli._common import config_option, fail, focus_policy, load, print_summa
 @click.option("--samples", type=click.IntRange(min=1), default=8, show_default=True, help="At most this many samples.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object (default: a table).")
 def eval_text(config_path, checkpoint, text_path, w_max, horizon, samples, as_json):
-    """ΔNLL@H of a checkpoint's gists vs full history, recency and mean-pool on any text file."""
+    """ΔNLL@H of a checkpoint's gists vs full history, recency, mean-pool and the fixed-budget peers
+    (`evaluation.peers`) on any text file."""
     from mcx_core.eval import gists as gist_eval
 
     cfg = load(config_path)

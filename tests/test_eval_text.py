@@ -9,11 +9,13 @@ from click.testing import CliRunner
 from helpers import shakespeare_play, untrained_checkpoint
 
 from mcx_cli.main import main
+from mcx_core.config.sections import PEER_NAMES
 
 ROOT = Path(__file__).resolve().parents[1]
 KEYS = {
     "nll_full", "nll_recency", "nll_meanpool", "nll_gist", "delta_nll", "delta_nll_p95", "recovery",
-    "n_samples", "w_max", "horizon", "history_tokens", "delta_nll_ci", "recovery_ci", "beats_recency",
+    "n_samples", "w_max", "horizon", "history_tokens", "delta_nll_ci", "recovery_ci", "beats_recency", "peers",
+    "beats_peers",
 }
 
 
@@ -50,6 +52,28 @@ def test_eval_text_prints_one_json_object(project):
     assert out["recovery"] == pytest.approx(
         (out["nll_recency"] - out["nll_gist"]) / (out["nll_recency"] - out["nll_full"]), rel=1e-4
     )
+    lo, hi = out["recovery_ci"]
+    assert lo <= out["recovery"] + 1e-6 and out["recovery"] <= hi + 1e-6
+    # Every peer by name, scored like the rest; StreamingLLM is the recency selection, so the same NLL.
+    assert set(out["peers"]) == set(out["beats_peers"]) == set(PEER_NAMES)
+    assert all(isinstance(v, float) for v in out["peers"].values())
+    assert all(isinstance(v, bool) for v in out["beats_peers"].values())
+    assert out["peers"]["streaming_llm"] == pytest.approx(out["nll_recency"], abs=1e-6)
+    assert out["peers"]["newest"] != pytest.approx(out["nll_recency"], abs=1e-6)  # no sink: another context
+
+
+def test_eval_text_table_lists_each_peer(project):
+    root, cfg = project
+    text = root / "hamlet.txt"
+    text.write_text(shakespeare_play(), encoding="utf-8")
+    res = _run(
+        ["eval-text", "--config", str(cfg), "--checkpoint", str(root / "ck"), "--text", str(text),
+         "--samples", "1", "--w-max", "96", "--horizon", "8"],
+        root,
+    )
+    assert res.exit_code == 0, res.output
+    for name in PEER_NAMES:
+        assert f"peers.{name}" in res.output and f"beats_peers.{name}" in res.output
 
 
 @pytest.mark.parametrize(

@@ -7,7 +7,7 @@ import hashlib
 import json
 import os
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator, model_validator
@@ -267,6 +267,10 @@ class RuntimeConfig(Section):
     compare_steps: int = Field(default=24, ge=0, description="steps per document for the comparison (0: skip)")
 
 
+PeerName = Literal["newest", "streaming_llm", "tova", "h2o", "block_select"]
+PEER_NAMES: tuple[str, ...] = get_args(PeerName)
+
+
 class EvaluationConfig(Section):
     samples_per_dataset: int = Field(default=16, gt=0)
     batch_size: int = Field(default=4, gt=0)
@@ -276,6 +280,21 @@ class EvaluationConfig(Section):
         description="gist one block this many blocks before the cursor (boundary/distance probe)",
     )
     distance_probe_samples: int = Field(default=4, ge=0)
+    peers: list[PeerName] = Field(
+        default_factory=lambda: list(PEER_NAMES),
+        description="fixed-budget peers scored beside the baselines at every W_max (mcx_core.eval.peers)",
+    )
+    h2o_recent_share: float = Field(
+        default=0.5, ge=0, le=1,
+        description="H2O: share of the budget left after the sink that goes to the newest tokens; the rest to heavy hitters",
+    )
+
+    @field_validator("peers")
+    @classmethod
+    def _distinct_peers(cls, v: list[str]) -> list[str]:
+        if len(set(v)) != len(v):
+            raise ValueError(f"names a peer twice: {v}")
+        return v
 
 
 class SweepConfig(Section):
@@ -324,6 +343,11 @@ class AcceptanceConfig(Section):
     causality_violations_max: int = 0
     nan_free_steps: int = 100
     split_min_samples: int = Field(default=1, ge=0, description="each split must hold at least this many")
+    gist_minus_peer_max: float = Field(
+        default=0.0,
+        description="learned gists beat a peer when the upper end of the paired 95 % interval of NLL_gist − NLL_peer "
+        "at working_context.w_max lies below this (nats/token); a non-blocking check, not part of the SPEC §8 gate",
+    )
 
 
 class AlertsConfig(Section):

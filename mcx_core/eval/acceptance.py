@@ -12,7 +12,9 @@ from mcx_core.config import MegaContextConfig
 _OPS = {
     "<=": lambda v, t: v <= t,
     ">=": lambda v, t: v >= t,
+    "<": lambda v, t: v < t,
 }
+_MISSED = {"<=": ">", ">=": "<", "<": ">="}
 
 
 @dataclass(frozen=True)
@@ -21,7 +23,7 @@ class Gate:
     label: str  # what a person reads, e.g. "narrative ΔNLL@64 at W_max=128"
     value: float
     threshold: float
-    op: str  # "<=" or ">="
+    op: str  # "<=", ">=" or "<"
     ci: tuple[float, float] | None = None  # paired bootstrap 95 % interval of `value`, where it is a mean over samples
 
     @property
@@ -33,7 +35,7 @@ class Gate:
         """How far inside the threshold the value is (negative: by how much it misses)."""
         if not math.isfinite(self.value):
             return float("-inf")
-        return self.threshold - self.value if self.op == "<=" else self.value - self.threshold
+        return self.value - self.threshold if self.op == ">=" else self.threshold - self.value
 
     @property
     def message(self) -> str:
@@ -42,7 +44,7 @@ class Gate:
         ci = f" [95% CI {self.ci[0]:.4g}, {self.ci[1]:.4g}]" if self.ci is not None else ""
         if self.passed:
             return f"{self.label}: {self.value:.4g}{ci} {self.op} {self.threshold:g} (margin {self.margin:.4g})"
-        bad = ">" if self.op == "<=" else "<"
+        bad = _MISSED[self.op]
         return f"{self.label}: {self.value:.4g}{ci} {bad} {self.threshold:g}, misses by {-self.margin:.4g}"
 
     def to_dict(self) -> dict:
@@ -78,6 +80,29 @@ def _ci(row: dict, prefix: str) -> tuple[float, float] | None:
     """The row's `{prefix}_ci_lo/hi` interval (rows stored before intervals existed have none)."""
     lo, hi = row.get(f"{prefix}_ci_lo"), row.get(f"{prefix}_ci_hi")
     return (float(lo), float(hi)) if lo is not None and hi is not None else None
+
+
+def peer_gates(cfg: MegaContextConfig, summary: list[dict], w_max: int | None = None) -> list[Gate]:
+    """The learned gists beat every peer of `evaluation.peers`: per dataset × peer at `w_max` (default:
+    `working_context.w_max`), the upper end of the paired 95 % interval of NLL_gist − NLL_peer lies below
+    `acceptance.gist_minus_peer_max`. Not a SPEC §8 criterion (the POC gate does not read these)."""
+    w = w_max or cfg.working_context.w_max
+    rows = sorted((s for s in summary if s["w_max"] == w), key=lambda s: s["dataset"])
+    if not rows:
+        raise ValueError(f"the gist evaluation has no rows at W_max={w} (has {sorted({s['w_max'] for s in summary})})")
+    missing = [p for p in cfg.evaluation.peers if f"gist_minus_{p}_ci_hi" not in rows[0]]
+    if missing:
+        raise ValueError(f"the gist evaluation has no scores of the peer(s) {missing}: rematerialize gist_eval_report")
+    return [
+        Gate(
+            f"{s['dataset']}/w{w}/gist_minus_{p}_ci_hi",
+            f"{s['dataset']} W_max={w}: learned gists − {p}, upper end of the 95% interval of the NLL difference",
+            float(s[f"gist_minus_{p}_ci_hi"]), cfg.acceptance.gist_minus_peer_max, "<",
+            _ci(s, f"gist_minus_{p}"),
+        )
+        for s in rows
+        for p in cfg.evaluation.peers
+    ]
 
 
 def stress_gates(cfg: MegaContextConfig, stress: list[dict]) -> list[Gate]:

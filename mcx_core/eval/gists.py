@@ -1,6 +1,7 @@
-"""ΔNLL@H of learned gists against the full history and the two baselines (recency, mean-pool),
-at 32× (LOD1, every W_max) and 1024× (one LOD2 gist), plus where the loss comes from: by position
-of the horizon token and by distance of a single gisted block from the cursor."""
+"""ΔNLL@H of learned gists against the full history, the two baselines (recency, mean-pool) and the
+fixed-budget peers (`mcx_core.eval.peers`), at 32× (LOD1, every W_max) and 1024× (one LOD2 gist), plus
+where the loss comes from: by position of the horizon token and by distance of a single gisted block
+from the cursor."""
 
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ from mcx_core.artifacts import (
 from mcx_core.compression.gistnet import load_gister
 from mcx_core.config import MegaContextConfig
 from mcx_core.eval import nll as E
+from mcx_core.eval import peers as P
 from mcx_core.model.base import BaseLM
 from mcx_core.telemetry import metrics as M
 from mcx_core.telemetry.sinks import NullSink, TelemetrySink
@@ -39,6 +41,7 @@ def conditions(cfg: MegaContextConfig, lm: BaseLM, gister) -> dict[str, E.Condit
         "meanpool": E.working_context_condition(lm, E.MeanPoolGister(), K, wc.recent_tokens, wc.position_scheme,
                                                 wc.sink_tokens),
         "gist": E.working_context_condition(lm, gister, K, wc.recent_tokens, wc.position_scheme, wc.sink_tokens),
+        **P.config_peer_conditions(cfg, lm),
     }
 
 
@@ -51,8 +54,8 @@ def evaluate_gists(
     baseline_rows: list[E.EvalRow] | None = None,
 ) -> dict:
     """All rows and summaries of the gist evaluation (no files written). `baseline_rows` (the
-    `baseline_eval` table) supply full/recency/meanpool scores of the same samples, so they are not
-    recomputed; any sample they miss is scored here."""
+    `baseline_eval` table) supply full/recency/meanpool/peer scores of the same samples, so they are not
+    recomputed; a condition they miss for any sample or W_max is scored here."""
     C, H, K = cfg.dataset.context_tokens, cfg.dataset.horizon, cfg.dataset.block_size
     ev = cfg.evaluation
     conds = conditions(cfg, lm, gister)
@@ -62,7 +65,8 @@ def evaluate_gists(
                                                     cfg.working_context.sink_tokens)
         fixed.add(STRESS)
     t0 = time.perf_counter()
-    reused = _covered(baseline_rows or [], samples, cfg.working_context.eval_w_max)
+    peers = list(ev.peers)
+    reused = _covered(baseline_rows or [], samples, cfg.working_context.eval_w_max, ["full", "recency", "meanpool", *peers])
     rows = [r for r in baseline_rows or [] if r.condition in reused and _wanted(r, samples)]
     rows += E.evaluate(
         lm, samples, {k: v for k, v in conds.items() if k not in reused}, cfg.working_context.eval_w_max,
@@ -79,10 +83,7 @@ def evaluate_gists(
         probe_rows = E.evaluate(lm, few, probes, [], C, H, ev.batch_size, progress, frozenset(probes))
         probe_rows += [r for r in rows if r.condition == "full"]
     seconds = time.perf_counter() - t0
-    summary = E.summarize(rows, methods=["meanpool", "gist"])
-    for s in summary:  # paired: the gists' NLL against mean-pool's on the same samples
-        gist, pool = E.condition_nlls(rows, s["dataset"], s["w_max"], ["gist", "meanpool"])
-        s["gist_beats_meanpool"] = M.beats(gist, pool)
+    summary = summarize(rows, peers)
     stress = E.summarize_fixed(rows, STRESS) if STRESS in conds else []
     distance = [
         {"distance_blocks": d, **s} for d in distances for s in E.summarize_fixed(probe_rows, f"gist_d{d}")
@@ -103,11 +104,26 @@ def _wanted(r: E.EvalRow, samples) -> bool:
     return r.dataset in samples and r.sample_id in set(samples[r.dataset][0])
 
 
-def _covered(rows: list[E.EvalRow], samples, w_values: list[int]) -> set[str]:
-    """Baseline conditions scored in `rows` for every sample and every W_max needed."""
+def summarize(rows: list[E.EvalRow], peers: list[str]) -> list[dict]:
+    """`E.summarize` of mean-pool, the peers and the learned gists, plus the gists' paired difference against
+    mean-pool and every peer on the same samples: `gist_beats_{m}`, and for peers `gist_minus_{p}_mean/_ci_*`."""
+    summary = E.summarize(rows, methods=["meanpool", *peers, "gist"])
+    for s in summary:
+        gist, pool, *others = E.condition_nlls(rows, s["dataset"], s["w_max"], ["gist", "meanpool", *peers])
+        s["gist_beats_meanpool"] = M.beats(gist, pool)
+        for p, nll in zip(peers, others):
+            diff = M.difference_ci(gist, nll)
+            s[f"gist_minus_{p}_mean"] = M.mean(gist - nll)
+            s.update(M.with_ci(f"gist_minus_{p}", diff))
+            s[f"gist_beats_{p}"] = bool(diff[1] < 0)
+    return summary
+
+
+def _covered(rows: list[E.EvalRow], samples, w_values: list[int], conditions: list[str]) -> set[str]:
+    """Of `conditions`, those scored in `rows` for every sample and every W_max needed."""
     have = {(r.dataset, r.condition, r.w_max, r.sample_id) for r in rows}
     out = set()
-    for cond in ("full", "recency", "meanpool"):
+    for cond in conditions:
         ws = [0] if cond == "full" else w_values
         if all((ds, cond, w, s) in have for ds, (ids, _) in samples.items() for s in ids for w in ws):
             out.add(cond)
@@ -150,16 +166,18 @@ def write_report(cfg: MegaContextConfig, result: dict, out: Path, checkpoint: st
     H = cfg.dataset.horizon
     thr = cfg.acceptance.delta_nll_max
     summary = result["summary"]
+    peers = list(cfg.evaluation.peers)
     bar = reports.grouped_bar_plot(
         out / f"{name}.png",
         [f"{s['dataset']} W={s['w_max']}" for s in summary],
         {
             "recency": [s["delta_nll_recency_mean"] for s in summary],
             "mean-pool gists": [s["delta_nll_meanpool_mean"] for s in summary],
+            **{P.PEER_LABELS[p]: [s[f"delta_nll_{p}_mean"] for s in summary] for p in peers},
             "learned gists": [s["delta_nll_gist_mean"] for s in summary],
         },
         ylabel=f"ΔNLL@{H} (nats/token)",
-        title=f"Learned gists vs baselines ({cfg.name})",
+        title=f"Learned gists vs baselines and peers ({cfg.name})",
         hline=thr,
         hline_label=f"acceptance ≤ {thr}",
     )
@@ -199,6 +217,13 @@ def write_report(cfg: MegaContextConfig, result: dict, out: Path, checkpoint: st
         ),
         f"![ΔNLL by condition]({bar.name})",
     ]
+    if peers:
+        sections += [
+            "## Fixed-budget peers",
+            P.report_note(cfg.dataset.block_size) + " \"gist − peer\": the paired NLL difference of the learned "
+            "gists against the peer on the same samples (below 0: the gists are better).",
+            reports.markdown_table(*P.peer_table(summary, peers, versus="gist")),
+        ]
     if result["stress"]:
         sections += [
             "## Maximum compression (1024×)",
@@ -283,14 +308,16 @@ def evaluate_text(
     cfg: MegaContextConfig, lm: BaseLM, gister, text: str, w_max: int, horizon: int, max_samples: int,
     progress: bool = False,
 ) -> dict:
-    """`mcx eval-text`: the gist evaluation on any text, as one flat dict."""
+    """`mcx eval-text`: the gist evaluation on any text, as one dict (numbers, intervals as [lo, hi], and by
+    peer name its NLL and whether the learned gists beat it)."""
     C, K = cfg.dataset.context_tokens, cfg.dataset.block_size
     ids = samples_from_text(text, lm.tokenizer, C + horizon, K, max_samples)
     rows = E.evaluate(
         lm, {"text": ([f"text/{i:04d}" for i in range(len(ids))], ids)}, conditions(cfg, lm, gister), [w_max],
         C, horizon, cfg.evaluation.batch_size, progress,
     )
-    (s,) = E.summarize(rows, methods=["meanpool", "gist"])
+    peers = list(cfg.evaluation.peers)
+    (s,) = summarize(rows, peers)
     return {
         "nll_full": s["nll_full"],
         "nll_recency": s["nll_recency"],
@@ -302,6 +329,8 @@ def evaluate_text(
         "recovery": s["recovery_gist"],
         "recovery_ci": [s["recovery_gist_ci_lo"], s["recovery_gist_ci_hi"]],
         "beats_recency": s["gist_beats_recency"],
+        "peers": {p: s[f"nll_{p}"] for p in peers},
+        "beats_peers": {p: s[f"gist_beats_{p}"] for p in peers},
         "n_samples": s["n_samples"],
         "w_max": w_max,
         "horizon": horizon,

@@ -136,9 +136,9 @@ def run_sweep_partition(
     stands alone."""
     C, H = cfg.dataset.context_tokens, cfg.dataset.horizon
     sample_ids, ids, metas = samples if samples is not None else sweep_samples(cfg, lm.tokenizer, dataset)
+    conds = {k: v for k, v in conditions(cfg, lm, gister).items() if k in CONDITIONS}  # the sweep has no peer columns
     scored = E.evaluate(
-        lm, {dataset: (list(sample_ids), ids)}, conditions(cfg, lm, gister), [w_max], C, H,
-        cfg.evaluation.batch_size, progress,
+        lm, {dataset: (list(sample_ids), ids)}, conds, [w_max], C, H, cfg.evaluation.batch_size, progress,
     )  # fmt: skip
     by = {(r.condition, r.sample_id): r for r in scored}
     run_ts = run_ts or datetime.now(UTC)

@@ -58,6 +58,11 @@ DELTAS_HELPFUL_FRACTION = "deltas/helpful_fraction"  # share of rows with delta_
 DELTAS_EXPAND_DELTA_NLL_MEAN = "deltas/expand_delta_nll_mean"
 DELTAS_COLLAPSE_DELTA_NLL_MEAN = "deltas/collapse_delta_nll_mean"
 TRAIN_LENSNET_TRAIN_RANKING_ACCURACY = "train/lensnet_train_ranking_accuracy"  # training rows: the gap to held-out shows memorisation
+# Evaluation summaries (mcx_core.eval), per dataset × W_max under eval/{dataset}/w{W_max}/: for each method m
+# (meanpool, gist, every peer of mcx_core.eval.peers) nll_{m}, delta_nll_{m}_mean/_p95/_ci_lo/_ci_hi,
+# recovery_{m}(_ci_lo/_ci_hi), {m}_minus_recency_*, {m}_beats_recency; for the learned gists against each
+# peer p also gist_minus_{p}_mean/_ci_lo/_ci_hi and gist_beats_{p} (the paired interval lies below 0).
+EVAL_PEER_SECONDS = "eval/peer_seconds"  # baseline eval: wall time of scoring the peers, attention forwards included
 
 
 def _arr(values: Sequence[float] | np.ndarray) -> np.ndarray:

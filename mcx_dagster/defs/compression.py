@@ -6,6 +6,7 @@ from mcx_dagster.defs.metadata import (
     floats,
     gates_result,
     markdown_file,
+    problems_result,
     trained_metadata,
     training_finite_result,
 )
@@ -109,3 +110,22 @@ def gist_stress_1024x_within_threshold(settings: MegaContextSettings) -> dg.Asse
             description=f"not applicable: {cfg.dataset.context_tokens}-token histories hold no 1024-token span",
         )
     return gates_result(acceptance.stress_gates(cfg, result["stress"]))
+
+
+@dg.asset_check(asset="gist_eval_report")
+def gist_beats_peers(settings: MegaContextSettings) -> dg.AssetCheckResult:
+    """Learned gists beat every fixed-budget peer of `evaluation.peers` (newest-W_max, StreamingLLM, TOVA, H2O,
+    block selection) on every dataset at `working_context.w_max`: the paired 95 % interval of NLL_gist − NLL_peer
+    lies below `acceptance.gist_minus_peer_max`. Not blocking: beating the peers is not a SPEC §8 criterion,
+    so a miss shows here (by how much) without gating `poc_acceptance`."""
+    from mcx_core.eval import acceptance
+    from mcx_core.eval import gists as gist_eval
+
+    cfg = settings.load()
+    if not cfg.evaluation.peers:
+        return dg.AssetCheckResult(passed=True, description="not applicable: evaluation.peers is empty")
+    try:
+        gates = acceptance.peer_gates(cfg, gist_eval.read_gist_eval(cfg)["summary"])
+    except ValueError as err:
+        return problems_result([str(err)], "")
+    return gates_result(gates)

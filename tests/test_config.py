@@ -137,3 +137,24 @@ def test_lora_training_is_its_own_section(tmp_path):
     data["lora"]["training"]["ranking_weight"] = 0.5
     err = _bad(tmp_path, data)
     assert any(p.startswith("lora.training.ranking_weight") for p in err.problems), err.problems
+
+
+def test_peer_w_max_defaults_to_every_eval_w_max_and_must_lie_within_it(tmp_path):
+    cfg = load_config(ROOT / "configs" / "smoke.yaml")
+    assert cfg.evaluation.peer_w_max is None
+    assert cfg.evaluation.peer_w_values(cfg.working_context.eval_w_max) == [64, 96]
+    data = _base()
+    data["evaluation"]["peer_w_max"] = [96]
+    assert parse_config(data).evaluation.peer_w_values([64, 96]) == [96]
+    data["evaluation"]["peer_w_max"] = [96, 80]
+    (problem,) = _bad(tmp_path, data).problems
+    assert "evaluation.peer_w_max values [80] are not in working_context.eval_w_max [64, 96]" in problem
+    data["evaluation"]["peer_w_max"] = [64]  # the peer gates compare at working_context.w_max (96)
+    (problem,) = _bad(tmp_path, data).problems
+    assert "evaluation.peer_w_max [64] must hold working_context.w_max (96)" in problem
+    data["evaluation"]["peers"] = []  # no peers, no gates: any eval_w_max subset will do
+    assert parse_config(data).evaluation.peer_w_max == [64]
+    data["evaluation"]["peer_w_max"] = [96, 96]
+    assert _bad(tmp_path, data).problems == ["evaluation.peer_w_max: names a W_max twice: [96, 96]"]
+    data["evaluation"]["peer_w_max"] = []
+    assert _bad(tmp_path, data).problems[0].startswith("evaluation.peer_w_max:")

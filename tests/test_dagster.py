@@ -148,7 +148,9 @@ def test_materialize_smoke_logs_to_mlflow_and_passes_checks(smoke_project):
     # Files the user reads: the report with its plot, the per-token table.
     reports = root / "artifacts" / "smoke" / "reports"
     baseline_md = (reports / "baseline_eval.md").read_text()
-    assert baseline_md.count("| narrative |") == 2 * (1 + len(PEER_NAMES))  # per W_max: the baselines, each peer
+    # Per W_max: the baselines, each peer; and one row of interval widths at working_context.w_max.
+    assert baseline_md.count("| narrative |") == 2 * (1 + len(PEER_NAMES)) + 1
+    assert "## How wide the intervals are" in baseline_md
     assert "choose after reading the whole history once" in baseline_md
     assert (reports / "baseline_eval.png").stat().st_size > 1000
     assert (root / "artifacts" / "smoke" / "eval" / "baseline_eval.parquet").is_file()

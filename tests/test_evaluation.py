@@ -92,6 +92,32 @@ def test_evaluate_and_summarize(lm):
     assert table.num_rows == len(rows) and table.column("token_nll").type.value_type.bit_width == 32
 
 
+def test_a_method_absent_at_a_w_max_has_no_keys_there_and_widths_are_hi_minus_lo():
+    rng = np.random.default_rng(1)
+    rows = []
+    for i in range(6):
+        full = 3.0 + rng.normal(0, 0.3)
+        rows.append(E.EvalRow("narr", f"s{i}", "full", 0, full, [full], 256))
+        for w in (64, 96):
+            for cond, gap in (("recency", 0.2), ("meanpool", 0.1), ("peer", 0.15)):
+                if cond == "peer" and w == 64:
+                    continue  # scored at W_max 96 only (evaluation.peer_w_max)
+                v = full + gap + rng.normal(0, 0.05)
+                rows.append(E.EvalRow("narr", f"s{i}", cond, w, v, [v], w))
+    s64, s96 = E.summarize(rows, methods=["meanpool", "peer"])
+    assert not [k for k in s64 if "peer" in k] and "nll_meanpool" in s64
+    assert s96["peer_beats_recency"] in (True, False) and np.isfinite(s96["recovery_peer"])
+    for s, methods in ((s64, ["recency", "meanpool"]), (s96, ["recency", "meanpool", "peer"])):
+        assert s["meanpool_minus_recency_ci_width"] == pytest.approx(
+            s["meanpool_minus_recency_ci_hi"] - s["meanpool_minus_recency_ci_lo"])
+        widths = [s[f"delta_nll_{m}_ci_hi"] - s[f"delta_nll_{m}_ci_lo"] for m in methods]
+        assert s["delta_nll_ci_width_median"] == pytest.approx(np.median(widths))
+    assert M.ci_width((-0.25, 0.05)) == pytest.approx(0.3)
+    assert M.decidable_difference(0.3) == pytest.approx(0.15)
+    assert M.median_width({"a_ci_lo": 0.0, "a_ci_hi": 1.0, "b_ci_lo": 0.0, "b_ci_hi": 3.0}, ["a", "b", "c"]) == 2.0
+    assert np.isnan(M.median_width({}, ["a"]))
+
+
 def test_paired_intervals_decide_who_beats_whom():
     rng = np.random.default_rng(0)
     base = rng.normal(3.0, 0.5, 40)  # per-sample NLLs: samples differ far more than the methods do

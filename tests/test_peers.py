@@ -3,6 +3,7 @@ the history fits), chooses from the history alone, and the attention peers choos
 model actually pays; summaries, gates and reports carry every peer."""
 
 import copy
+import json
 
 import numpy as np
 import pytest
@@ -237,3 +238,107 @@ def test_config_peers_default_to_all_and_unknown_names_name_the_field():
         tiny_config("p", evaluation={"peers": ["h2o", "h2o"]})
     with pytest.raises(ConfigError, match=r"evaluation\.h2o_recent_share"):
         tiny_config("p", evaluation={"h2o_recent_share": 1.5})
+
+
+def test_streaming_llm_is_not_scored_but_copies_the_recency_rows(cfg, lm, gister, samples):
+    assert "streaming_llm" not in P.config_peer_conditions(cfg, lm)  # its forwards are saved
+    result = G.evaluate_gists(cfg, lm, gister, samples, progress=False)
+    by = {(r.condition, r.w_max, r.sample_id): r for r in result["rows"]}
+    copies = [r for r in result["rows"] if r.condition == "streaming_llm"]
+    assert len(copies) == 3 * 2  # every sample at both W_max
+    for r in copies:
+        rec = by[("recency", r.w_max, r.sample_id)]
+        assert (r.nll, r.token_nll, r.context_len) == (rec.nll, rec.token_nll, rec.context_len)
+    for s in result["summary"]:
+        assert s["nll_streaming_llm"] == s["nll_recency"]
+        assert s["delta_nll_streaming_llm_mean"] == s["delta_nll_recency_mean"]
+    assert P.copied_rows(result["rows"], ["tova"], [64, 96]) == []
+    assert {r.w_max for r in P.copied_rows(result["rows"], list(PEER_NAMES), [96])} == {96}
+
+
+def test_peer_w_max_restricts_where_the_peers_are_scored(lm, gister, samples, tmp_path):
+    cfg = tiny_config(
+        "peers", context_tokens=C, horizon=8,
+        working_context={"w_max": 96, "eval_w_max": [64, 96], "recent_tokens": 32, "sink_tokens": SINK},
+        evaluation={"distance_probe_samples": 0, "peer_w_max": [96]},
+    )
+    result = G.evaluate_gists(cfg, lm, gister, samples, progress=False)
+    for p in PEER_NAMES:
+        assert {r.w_max for r in result["rows"] if r.condition == p} == {96}, p
+    assert {r.w_max for r in result["rows"] if r.condition == "gist"} == {64, 96}  # the rest at every W_max
+    s64, s96 = sorted(result["summary"], key=lambda s: s["w_max"])
+    assert not [k for k in s64 if any(p in k for p in PEER_NAMES)]  # no peer keys where no peer was scored
+    assert np.isfinite(s64["delta_nll_gist_mean"]) and "gist_minus_recency_ci_width" in s64
+    for p in PEER_NAMES:
+        assert np.isfinite(s96[f"gist_minus_{p}_ci_hi"]) and s96[f"gist_beats_{p}"] in (True, False)
+    md = G.write_report(cfg, result, tmp_path, "ck")["markdown"].read_text()
+    for label in P.PEER_LABELS.values():
+        assert md.count(f"| {label} |") == 1, label  # at W_max 96 only
+    assert "Peers are scored at W_max 96" in md
+    assert len(acceptance.peer_gates(cfg, result["summary"])) == len(PEER_NAMES)
+    with pytest.raises(ValueError, match=r"scored at W_max \[96\] \(evaluation.peer_w_max\), not at W_max=64"):
+        acceptance.peer_gates(cfg, result["summary"], w_max=64)
+    # Baseline rows that hold the peers at W_max 64 too: only the W_max 96 ones are used.
+    extra = [E.EvalRow(r.dataset, r.sample_id, "tova", 64, r.nll, r.token_nll, r.context_len)
+             for r in result["rows"] if r.condition == "recency" and r.w_max == 64]
+    again = G.evaluate_gists(cfg, lm, gister, samples, progress=False, baseline_rows=result["rows"] + extra)
+    assert {r.w_max for r in again["rows"] if r.condition == "tova"} == {96}
+
+
+def test_summaries_and_reports_state_how_wide_the_intervals_are(cfg, lm, gister, samples, tmp_path):
+    result = G.evaluate_gists(cfg, lm, gister, samples, progress=False)
+    for s in result["summary"]:
+        lo, hi = s["gist_minus_recency_ci_lo"], s["gist_minus_recency_ci_hi"]
+        assert s["gist_minus_recency_ci_width"] == pytest.approx(hi - lo)
+        widths = [s[f"gist_minus_{p}_ci_hi"] - s[f"gist_minus_{p}_ci_lo"] for p in PEER_NAMES]
+        assert [s[f"gist_minus_{p}_ci_width"] for p in PEER_NAMES] == pytest.approx(widths)
+        assert s["gist_minus_peer_ci_width_median"] == pytest.approx(np.median(widths))
+        methods = ["recency", "meanpool", *PEER_NAMES, "gist"]
+        assert s["delta_nll_ci_width_median"] == pytest.approx(
+            np.median([s[f"delta_nll_{m}_ci_hi"] - s[f"delta_nll_{m}_ci_lo"] for m in methods]))
+    G.write_report(cfg, result, tmp_path, "ck")
+    stored = json.loads((tmp_path / "gist_eval.json").read_text())["summary"]
+    assert all("gist_minus_recency_ci_width" in s and "gist_minus_peer_ci_width_median" in s for s in stored)
+    md = (tmp_path / "gist_eval.md").read_text()
+    assert "## How wide the intervals are" in md and "with 3 samples per dataset" in md
+    assert "cannot be decided with this many samples" in md
+    (s96,) = [s for s in result["summary"] if s["w_max"] == 96]
+    half = s96["gist_minus_recency_ci_width"] / 2
+    row = next(line for line in md.splitlines() if line.startswith("| narrative | 3 | "))
+    assert f"{s96['gist_minus_recency_ci_width']:.3f}" in row and f"{half:.3f}" in row
+
+
+def test_baseline_eval_scores_the_peers_at_peer_w_max_and_states_its_interval_widths(tmp_path, monkeypatch,
+                                                                                     smoke_config):
+    import pyarrow.parquet as pq
+
+    from mcx_core import pipeline
+    from mcx_core.config import load_config
+    from mcx_core.eval import baseline
+
+    monkeypatch.setenv("MCX_HOME", str(tmp_path))
+    cfg = load_config(smoke_config(tmp_path, artifacts=True), root=tmp_path, overrides={"evaluation.peer_w_max": [96]})
+    pipeline.build_datasets(cfg, progress=False)
+    lm, _ = pipeline.prepare_base_model(cfg)
+    out = baseline.run_baseline_eval(cfg, lm, progress=False)
+    rows = E.rows_from_table(pq.read_table(out["table"]))
+    for p in PEER_NAMES:
+        assert {r.w_max for r in rows if r.condition == p} == {96}, p
+    assert {r.w_max for r in rows if r.condition == "meanpool"} == {64, 96}
+    rec = {(r.dataset, r.sample_id, r.w_max): r.nll for r in rows if r.condition == "recency"}
+    copies = [r for r in rows if r.condition == "streaming_llm"]
+    assert copies and all(r.nll == rec[(r.dataset, r.sample_id, r.w_max)] for r in copies)
+    by_w = {w: [s for s in out["summary"] if s["w_max"] == w] for w in (64, 96)}
+    assert all("nll_tova" not in s and "peer_minus_recency_ci_width_median" not in s for s in by_w[64])
+    for s in by_w[96]:
+        widths = [s[f"{p}_minus_recency_ci_hi"] - s[f"{p}_minus_recency_ci_lo"] for p in PEER_NAMES]
+        assert s["peer_minus_recency_ci_width_median"] == pytest.approx(np.median(widths))
+        assert s["meanpool_minus_recency_ci_width"] == pytest.approx(
+            s["meanpool_minus_recency_ci_hi"] - s["meanpool_minus_recency_ci_lo"])
+        assert np.isfinite(s["delta_nll_ci_width_median"])
+    md = out["report"]["markdown"].read_text()
+    for label in P.PEER_LABELS.values():
+        assert md.count(f"| {label} |") == 2, label  # W_max 96 only, one row per dataset
+    assert "## How wide the intervals are" in md and "decidable mean-pool − recency ≳" in md
+    stored = [s for s in json.loads(out["report"]["json"].read_text()) if s["w_max"] == 96]
+    assert stored and all(s["peer_minus_recency_ci_width_median"] >= 0 for s in stored)

@@ -282,7 +282,12 @@ class EvaluationConfig(Section):
     distance_probe_samples: int = Field(default=4, ge=0)
     peers: list[PeerName] = Field(
         default_factory=lambda: list(PEER_NAMES),
-        description="fixed-budget peers scored beside the baselines at every W_max (mcx_core.eval.peers)",
+        description="fixed-budget peers scored beside the baselines (mcx_core.eval.peers), at peer_w_max",
+    )
+    peer_w_max: list[int] | None = Field(
+        default=None, min_length=1,
+        description="the W_max values the baseline and gist evaluations score the peers at (each one of "
+        "working_context.eval_w_max, working_context.w_max among them); None = every eval_w_max",
     )
     h2o_recent_share: float = Field(
         default=0.5, ge=0, le=1,
@@ -295,6 +300,18 @@ class EvaluationConfig(Section):
         if len(set(v)) != len(v):
             raise ValueError(f"names a peer twice: {v}")
         return v
+
+    @field_validator("peer_w_max")
+    @classmethod
+    def _distinct_peer_w_max(cls, v: list[int] | None) -> list[int] | None:
+        if v is not None and len(set(v)) != len(v):
+            raise ValueError(f"names a W_max twice: {v}")
+        return v
+
+    def peer_w_values(self, eval_w_max: list[int]) -> list[int]:
+        """The W_max values the peers are scored at: `peer_w_max` (None: all of `eval_w_max`), in the order of
+        `eval_w_max`."""
+        return [w for w in eval_w_max if self.peer_w_max is None or w in self.peer_w_max]
 
 
 class SweepConfig(Section):
@@ -445,6 +462,18 @@ class MegaContextConfig(Section):
                 raise ValueError(
                     f"working_context.eval_w_max value {w} leaves no room beyond recent_tokens "
                     f"({wc.recent_tokens}) + one block"
+                )
+        ev = self.evaluation
+        if ev.peer_w_max is not None:
+            stray = [w for w in ev.peer_w_max if w not in wc.eval_w_max]
+            if stray:
+                raise ValueError(
+                    f"evaluation.peer_w_max values {stray} are not in working_context.eval_w_max {wc.eval_w_max}"
+                )
+            if ev.peers and wc.w_max not in ev.peer_w_max:
+                raise ValueError(
+                    f"evaluation.peer_w_max {ev.peer_w_max} must hold working_context.w_max ({wc.w_max}): "
+                    "the peer gates compare the learned gists with the peers there"
                 )
         return self
 

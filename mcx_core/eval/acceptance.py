@@ -87,6 +87,10 @@ def peer_gates(cfg: MegaContextConfig, summary: list[dict], w_max: int | None = 
     `working_context.w_max`), the upper end of the paired 95 % interval of NLL_gist − NLL_peer lies below
     `acceptance.gist_minus_peer_max`. Not a SPEC §8 criterion (the POC gate does not read these)."""
     w = w_max or cfg.working_context.w_max
+    peer_ws = cfg.evaluation.peer_w_values(cfg.working_context.eval_w_max)
+    if cfg.evaluation.peers and w not in peer_ws:
+        raise ValueError(f"the peers are scored at W_max {peer_ws} (evaluation.peer_w_max), not at W_max={w}: "
+                         "no peer gate can run there")
     rows = sorted((s for s in summary if s["w_max"] == w), key=lambda s: s["dataset"])
     if not rows:
         raise ValueError(f"the gist evaluation has no rows at W_max={w} (has {sorted({s['w_max'] for s in summary})})")

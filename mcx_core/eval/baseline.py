@@ -43,6 +43,8 @@ def run_baseline_eval(cfg: MegaContextConfig, lm: BaseLM, sink: TelemetrySink | 
             wc.sink_tokens,
         ),
     }
+    peer_names = list(cfg.evaluation.peers)
+    peer_ws = cfg.evaluation.peer_w_values(wc.eval_w_max)
     peers = P.config_peer_conditions(cfg, lm)
     t0 = time.perf_counter()
     rows = evaluation.evaluate(
@@ -52,19 +54,25 @@ def run_baseline_eval(cfg: MegaContextConfig, lm: BaseLM, sink: TelemetrySink | 
     t1 = time.perf_counter()
     # Scored apart, so the report can say what the peers (and their attention forwards) add.
     rows += evaluation.evaluate(
-        lm, samples, peers, wc.eval_w_max, cfg.dataset.context_tokens, cfg.dataset.horizon,
+        lm, samples, peers, peer_ws, cfg.dataset.context_tokens, cfg.dataset.horizon,
         batch_size=cfg.evaluation.batch_size, progress=progress,
     ) if peers else []
+    copies = P.copied_rows(rows, peer_names, peer_ws)
+    rows += copies
     peer_seconds = time.perf_counter() - t1
     seconds = time.perf_counter() - t0
-    summary = evaluation.summarize(rows, methods=["meanpool", *peers])
+    summary = evaluation.summarize(rows, methods=["meanpool", *peer_names])
+    for s in summary:
+        scored_here = [p for p in peer_names if f"nll_{p}" in s]
+        if scored_here:
+            s["peer_minus_recency_ci_width_median"] = M.median_width(s, [f"{p}_minus_recency" for p in scored_here])
 
     import pyarrow.parquet as pq
 
     table_path = paths.eval / "baseline_eval.parquet"
     artifacts.write_atomic(table_path, lambda tmp: pq.write_table(evaluation.rows_to_table(rows), tmp))
 
-    report = write_baseline_report(cfg, summary, paths.reports, seconds, len(rows), peer_seconds)
+    report = write_baseline_report(cfg, summary, paths.reports, seconds, len(rows), peer_seconds, len(copies))
     _log_baseline(sink, summary, seconds, peer_seconds, len(rows), report.values(), table_path)
     log_eval_distribution(sink, table_path, "baseline_eval")
     result = {"summary": summary, "report": report, "table": table_path, "seconds": seconds,
@@ -83,7 +91,7 @@ def _log_baseline(sink: TelemetrySink, summary, seconds, peer_seconds, n_rows, r
     sink.log_artifact(table_path, "eval")
 
 def write_baseline_report(cfg: MegaContextConfig, summary: list[dict], out: Path, seconds: float, n_rows: int,
-                          peer_seconds: float):
+                          peer_seconds: float, n_copied: int = 0):
     groups = [f"{s['dataset']} W={s['w_max']}" for s in summary]
     peers = list(cfg.evaluation.peers)
     plot = reports.grouped_bar_plot(
@@ -92,7 +100,7 @@ def write_baseline_report(cfg: MegaContextConfig, summary: list[dict], out: Path
         {
             "recency": [s["delta_nll_recency_mean"] for s in summary],
             "mean-pool gists": [s["delta_nll_meanpool_mean"] for s in summary],
-            **{P.PEER_LABELS[p]: [s[f"delta_nll_{p}_mean"] for s in summary] for p in peers},
+            **{P.PEER_LABELS[p]: [s.get(f"delta_nll_{p}_mean", float("nan")) for s in summary] for p in peers},
         },
         ylabel=f"ΔNLL@{cfg.dataset.horizon} (nats/token)",
         title=f"Baselines and peers vs full {cfg.dataset.context_tokens}-token history ({cfg.name})",
@@ -118,13 +126,21 @@ def write_baseline_report(cfg: MegaContextConfig, summary: list[dict], out: Path
     if peers:
         sections += [
             "## Fixed-budget peers",
-            P.report_note(cfg.dataset.block_size),
+            P.report_note(cfg.dataset.block_size, cfg.evaluation.peer_w_values(cfg.working_context.eval_w_max)),
             reports.markdown_table(*P.peer_table(summary, peers)),
         ]
+    sections.append("![ΔNLL by condition](baseline_eval.png)")
+    sections += evaluation.interval_width_section(
+        summary, cfg.working_context.w_max,
+        {"ΔNLL (median)": "delta_nll_ci_width_median", "mean-pool − recency": "meanpool_minus_recency_ci_width",
+         **({"peer − recency (median)": "peer_minus_recency_ci_width_median"} if peers else {})},
+        {"mean-pool − recency": "meanpool_minus_recency_ci_width",
+         **({"peer − recency": "peer_minus_recency_ci_width_median"} if peers else {})},
+    )
     sections += [
-        "![ΔNLL by condition](baseline_eval.png)",
-        (f"{n_rows} scored (sample, condition, W_max) rows in {seconds:.1f} s, of which the peers (with their "
-         f"attention forwards) {peer_seconds:.1f} s. Per-token NLLs: `artifacts/eval/baseline_eval.parquet`."),
+        (f"{n_rows - n_copied} scored (sample, condition, W_max) rows in {seconds:.1f} s, of which the peers (with "
+         f"their attention forwards) {peer_seconds:.1f} s; {n_copied} more copied (StreamingLLM's, from recency). "
+         "Per-token NLLs: `artifacts/eval/baseline_eval.parquet`."),
     ]
     md = "\n\n".join(sections)
     md_path = artifacts.write_text(out / "baseline_eval.md", md + "\n")

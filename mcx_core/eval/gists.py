@@ -55,29 +55,35 @@ def evaluate_gists(
 ) -> dict:
     """All rows and summaries of the gist evaluation (no files written). `baseline_rows` (the
     `baseline_eval` table) supply full/recency/meanpool/peer scores of the same samples, so they are not
-    recomputed; a condition they miss for any sample or W_max is scored here."""
+    recomputed; a condition they miss for any sample or W_max is scored here. Peers are scored at
+    `evaluation.peer_w_max` only; StreamingLLM's rows are recency's (`peers.copied_rows`)."""
     C, H, K = cfg.dataset.context_tokens, cfg.dataset.horizon, cfg.dataset.block_size
-    ev = cfg.evaluation
+    ev, wc = cfg.evaluation, cfg.working_context
     conds = conditions(cfg, lm, gister)
     fixed = {"full"}
     if C >= K * K:
-        conds[STRESS] = E.max_compression_condition(lm, gister, K, cfg.working_context.position_scheme,
-                                                    cfg.working_context.sink_tokens)
+        conds[STRESS] = E.max_compression_condition(lm, gister, K, wc.position_scheme, wc.sink_tokens)
         fixed.add(STRESS)
     t0 = time.perf_counter()
     peers = list(ev.peers)
-    reused = _covered(baseline_rows or [], samples, cfg.working_context.eval_w_max, ["full", "recency", "meanpool", *peers])
-    rows = [r for r in baseline_rows or [] if r.condition in reused and _wanted(r, samples)]
-    rows += E.evaluate(
-        lm, samples, {k: v for k, v in conds.items() if k not in reused}, cfg.working_context.eval_w_max,
-        C, H, ev.batch_size, progress, frozenset(fixed),
-    )
+    peer_ws = ev.peer_w_values(wc.eval_w_max)
+    scored_peers = P.scored(peers)
+    needed = {c: [0] if c in fixed else peer_ws if c in scored_peers else wc.eval_w_max for c in conds}
+    reusable = ["full", "recency", "meanpool", *scored_peers]
+    reused = _covered(baseline_rows or [], samples, {c: needed[c] for c in reusable})
+    rows = [r for r in baseline_rows or []
+            if r.condition in reused and r.w_max in needed[r.condition] and _wanted(r, samples)]
+    todo = {k: v for k, v in conds.items() if k not in reused}
+    for is_peer, ws in ((False, wc.eval_w_max), (True, peer_ws)):
+        group = {k: v for k, v in todo.items() if (k in scored_peers) == is_peer}
+        if group:
+            rows += E.evaluate(lm, samples, group, ws, C, H, ev.batch_size, progress, frozenset(fixed))
+    rows += P.copied_rows(rows, peers, peer_ws)
     # Distance probe: one gisted block at a time, on the first few samples (each costs a full forward).
     distances = [d for d in ev.distance_blocks if d <= C // K]
     probe_rows: list[E.EvalRow] = []
     if ev.distance_probe_samples and distances:
         few = {ds: (ids[: ev.distance_probe_samples], x[: ev.distance_probe_samples]) for ds, (ids, x) in samples.items()}
-        wc = cfg.working_context
         probes = {f"gist_d{d}": E.single_gist_condition(lm, gister, K, d, wc.position_scheme, wc.sink_tokens)
                   for d in distances}
         probe_rows = E.evaluate(lm, few, probes, [], C, H, ev.batch_size, progress, frozenset(probes))
@@ -106,28 +112,34 @@ def _wanted(r: E.EvalRow, samples) -> bool:
 
 def summarize(rows: list[E.EvalRow], peers: list[str]) -> list[dict]:
     """`E.summarize` of mean-pool, the peers and the learned gists, plus the gists' paired difference against
-    mean-pool and every peer on the same samples: `gist_beats_{m}`, and for peers `gist_minus_{p}_mean/_ci_*`."""
+    mean-pool and every peer scored at the row's W_max on the same samples: `gist_beats_{m}`, and for peers
+    `gist_minus_{p}_mean/_ci_*/_ci_width` and `gist_minus_peer_ci_width_median`."""
     summary = E.summarize(rows, methods=["meanpool", *peers, "gist"])
     for s in summary:
-        gist, pool, *others = E.condition_nlls(rows, s["dataset"], s["w_max"], ["gist", "meanpool", *peers])
+        if "nll_gist" not in s:
+            continue
+        here = [p for p in peers if f"nll_{p}" in s]
+        gist, pool, *others = E.condition_nlls(rows, s["dataset"], s["w_max"], ["gist", "meanpool", *here])
         s["gist_beats_meanpool"] = M.beats(gist, pool)
-        for p, nll in zip(peers, others):
+        for p, nll in zip(here, others):
             diff = M.difference_ci(gist, nll)
             s[f"gist_minus_{p}_mean"] = M.mean(gist - nll)
             s.update(M.with_ci(f"gist_minus_{p}", diff))
+            s[f"gist_minus_{p}_ci_width"] = M.ci_width(diff)
             s[f"gist_beats_{p}"] = bool(diff[1] < 0)
+        if here:
+            s["gist_minus_peer_ci_width_median"] = M.median_width(s, [f"gist_minus_{p}" for p in here])
     return summary
 
 
-def _covered(rows: list[E.EvalRow], samples, w_values: list[int], conditions: list[str]) -> set[str]:
-    """Of `conditions`, those scored in `rows` for every sample and every W_max needed."""
+def _covered(rows: list[E.EvalRow], samples, needed: dict[str, list[int]]) -> set[str]:
+    """Of the conditions of `needed` (condition -> its W_max values, [0] for a W_max-independent one), those
+    scored in `rows` for every sample at every W_max it needs."""
     have = {(r.dataset, r.condition, r.w_max, r.sample_id) for r in rows}
-    out = set()
-    for cond in conditions:
-        ws = [0] if cond == "full" else w_values
-        if all((ds, cond, w, s) in have for ds, (ids, _) in samples.items() for s in ids for w in ws):
-            out.add(cond)
-    return out
+    return {
+        cond for cond, ws in needed.items()
+        if all((ds, cond, w, s) in have for ds, (ids, _) in samples.items() for s in ids for w in ws)
+    }
 
 
 def delta_by_position(rows: list[E.EvalRow], condition: str, w_max: int) -> dict[str, list[float]]:
@@ -173,7 +185,7 @@ def write_report(cfg: MegaContextConfig, result: dict, out: Path, checkpoint: st
         {
             "recency": [s["delta_nll_recency_mean"] for s in summary],
             "mean-pool gists": [s["delta_nll_meanpool_mean"] for s in summary],
-            **{P.PEER_LABELS[p]: [s[f"delta_nll_{p}_mean"] for s in summary] for p in peers},
+            **{P.PEER_LABELS[p]: [s.get(f"delta_nll_{p}_mean", float("nan")) for s in summary] for p in peers},
             "learned gists": [s["delta_nll_gist_mean"] for s in summary],
         },
         ylabel=f"ΔNLL@{H} (nats/token)",
@@ -220,10 +232,18 @@ def write_report(cfg: MegaContextConfig, result: dict, out: Path, checkpoint: st
     if peers:
         sections += [
             "## Fixed-budget peers",
-            P.report_note(cfg.dataset.block_size) + " \"gist − peer\": the paired NLL difference of the learned "
-            "gists against the peer on the same samples (below 0: the gists are better).",
+            P.report_note(cfg.dataset.block_size, cfg.evaluation.peer_w_values(cfg.working_context.eval_w_max))
+            + " \"gist − peer\": the paired NLL difference of the learned gists against the peer on the same "
+            "samples (below 0: the gists are better).",
             reports.markdown_table(*P.peer_table(summary, peers, versus="gist")),
         ]
+    peer_width = {"gist − peer": "gist_minus_peer_ci_width_median"} if peers else {}
+    sections += E.interval_width_section(
+        summary, cfg.working_context.w_max,
+        {"ΔNLL (median)": "delta_nll_ci_width_median", "gist − recency": "gist_minus_recency_ci_width",
+         **{f"{k} (median)": v for k, v in peer_width.items()}},
+        {"gist − recency": "gist_minus_recency_ci_width", **peer_width},
+    )
     if result["stress"]:
         sections += [
             "## Maximum compression (1024×)",
@@ -317,6 +337,7 @@ def evaluate_text(
         C, horizon, cfg.evaluation.batch_size, progress,
     )
     peers = list(cfg.evaluation.peers)
+    rows += P.copied_rows(rows, peers, [w_max])
     (s,) = summarize(rows, peers)
     return {
         "nll_full": s["nll_full"],

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from mcx_core import reports
 from mcx_core.model.base import BaseLM
 from mcx_core.model.scoring import ConditionInput, horizon_nll, horizon_nll_grad  # noqa: F401  (E.horizon_nll)
 from mcx_core.model.tree import MegaContextTree
@@ -210,7 +211,9 @@ def condition_nlls(rows: list[EvalRow], dataset: str, w_max: int, conditions: li
 def summarize(rows: list[EvalRow], methods: list[str]) -> list[dict]:
     """Per dataset × W_max: NLL of each condition, ΔNLL@H (mean, p95, paired 95 % interval) and recovery
     (with its interval) of each method, and whether each method beats recency (`{m}_beats_recency`: the
-    interval of the paired NLL difference lies below 0, `{m}_minus_recency_ci_*`)."""
+    interval of the paired NLL difference lies below 0, `{m}_minus_recency_ci_*`, its width
+    `{m}_minus_recency_ci_width`); `delta_nll_ci_width_median` over the row's ΔNLL intervals. A method with
+    no rows at a W_max (a peer outside `evaluation.peer_w_max`) has no keys in that W_max's row."""
     by_key: dict[tuple[str, str, int], dict[str, float]] = {}
     for r in rows:
         by_key.setdefault((r.dataset, r.condition, r.w_max), {})[r.sample_id] = r.nll
@@ -227,7 +230,8 @@ def summarize(rows: list[EvalRow], methods: list[str]) -> list[dict]:
             summary["nll_recency"] = M.mean(rec)
             summary.update(M.mean_and_p95(M.delta_nll(rec, nll_full), "delta_nll_recency"))
             summary.update(M.with_ci("delta_nll_recency", M.mean_ci(M.delta_nll(rec, nll_full))))
-            for m in methods:
+            present = [m for m in methods if (ds, m, w) in by_key]
+            for m in present:
                 vals = np.array([by_key[(ds, m, w)][s] for s in ids])
                 summary[f"nll_{m}"] = M.mean(vals)
                 summary.update(M.mean_and_p95(M.delta_nll(vals, nll_full), f"delta_nll_{m}"))
@@ -237,9 +241,41 @@ def summarize(rows: list[EvalRow], methods: list[str]) -> list[dict]:
                 diff = M.difference_ci(vals, rec)
                 summary[f"{m}_minus_recency_mean"] = M.mean(vals - rec)
                 summary.update(M.with_ci(f"{m}_minus_recency", diff))
+                summary[f"{m}_minus_recency_ci_width"] = M.ci_width(diff)
                 summary[f"{m}_beats_recency"] = bool(diff[1] < 0)
+            summary["delta_nll_ci_width_median"] = M.median_width(
+                summary, [f"delta_nll_{m}" for m in ["recency", *present]]
+            )
             out.append(summary)
     return out
+
+
+def interval_width_section(summary: list[dict], w_max: int, widths: dict[str, str],
+                           decide: dict[str, str]) -> list[str]:
+    """A report section stating how wide the paired 95 % intervals are at `w_max`, one row per dataset:
+    the sample count, `widths` (column header -> width key of the summary rows; empty where a row lacks it)
+    and, for each paired difference of `decide` (label -> width key), the smallest difference it resolves."""
+    rows = [s for s in summary if s["w_max"] == w_max]
+
+    def cell(v):
+        return "" if v is None else "n/a" if not np.isfinite(v) else f"{v:.3f}"
+
+    decidable = {f"decidable {label} ≳": key for label, key in decide.items()}
+    table = [
+        {"dataset": s["dataset"], "n_samples": s["n_samples"], **{h: cell(s.get(k)) for h, k in widths.items()},
+         **{h: cell(M.decidable_difference(s[k]) if k in s else None) for h, k in decidable.items()}}
+        for s in rows
+    ]
+    columns = ["dataset", "n_samples", *widths, *decidable]
+    counts = ", ".join(str(n) for n in sorted({s["n_samples"] for s in rows}))
+    return [
+        "## How wide the intervals are",
+        (f"Width (hi − lo, nats/token) of the paired 95 % intervals at W_max = {w_max}, with {counts} samples per "
+         "dataset; a median is over the methods (or peers) of the row. A difference smaller than about half the "
+         "width cannot be decided with this many samples: the \"decidable\" columns give that half, the smallest "
+         "difference of means these samples resolve."),
+        reports.markdown_table(table, columns),
+    ]
 
 
 def summarize_fixed(rows: list[EvalRow], condition: str) -> list[dict]:

@@ -7,7 +7,8 @@ transformers):
 
   newest         the newest W_max tokens, no sink;
   streaming_llm  the attention sink (the first `sink_tokens`) + the newest tokens — StreamingLLM, the same
-                 selection as the `recency` baseline;
+                 selection as the `recency` baseline, so the evaluations copy recency's rows under its name
+                 (the same NLLs) instead of scoring it again (`COPIED_FROM`);
   tova           the tokens the last history position attends to most (TOVA);
   h2o            heavy hitters — the most attention received, summed over every query position — plus
                  the newest tokens, `h2o_recent_share` of the budget (H2O; the paper splits half/half);
@@ -39,7 +40,7 @@ import torch
 from mcx_core import reports
 from mcx_core.config import MegaContextConfig
 from mcx_core.config.sections import PEER_NAMES
-from mcx_core.eval.nll import Condition, recency_condition
+from mcx_core.eval.nll import Condition, EvalRow, recency_condition
 from mcx_core.model.base import BaseLM
 from mcx_core.model.scoring import ConditionInput
 
@@ -212,10 +213,31 @@ def peer_conditions(
 
 
 def config_peer_conditions(cfg: MegaContextConfig, lm: BaseLM) -> dict[str, Condition]:
-    """`peer_conditions` for the config's `evaluation.peers`."""
+    """`peer_conditions` for the config's `evaluation.peers` that are scored (not those of `COPIED_FROM`:
+    `copied_rows` supplies their rows)."""
     wc = cfg.working_context
-    return peer_conditions(lm, list(cfg.evaluation.peers), wc.sink_tokens, cfg.dataset.block_size,
+    return peer_conditions(lm, scored(cfg.evaluation.peers), wc.sink_tokens, cfg.dataset.block_size,
                            wc.position_scheme, cfg.evaluation.h2o_recent_share)
+
+
+# Peers whose selection is exactly another condition's: their rows are that condition's, copied under the
+# peer's name, which saves their forwards (StreamingLLM keeps the sink + the newest tokens, as `recency` does).
+COPIED_FROM = {"streaming_llm": "recency"}
+
+
+def scored(names: list[str]) -> list[str]:
+    """Of the peers `names`, those whose rows must be scored."""
+    return [n for n in names if n not in COPIED_FROM]
+
+
+def copied_rows(rows: list[EvalRow], names: list[str], w_values: list[int]) -> list[EvalRow]:
+    """The rows of the copied peers among `names` at `w_values`: their source condition's rows, renamed."""
+    out = []
+    for peer in (n for n in names if n in COPIED_FROM):
+        source = COPIED_FROM[peer]
+        out += [EvalRow(r.dataset, r.sample_id, peer, r.w_max, r.nll, list(r.token_nll), r.context_len)
+                for r in rows if r.condition == source and r.w_max in w_values]
+    return out
 
 
 PEER_LABELS = {
@@ -227,15 +249,17 @@ PEER_LABELS = {
 }
 
 
-def report_note(block_size: int) -> str:
-    """The sentence every report that shows peers carries."""
+def report_note(block_size: int, w_values: list[int]) -> str:
+    """The sentences every report that shows peers carries; `w_values`: the W_max the peers are scored at."""
     return (
         "Peers keep exactly W_max history tokens, which the model re-reads at their original positions: "
         "newest-W_max (no sink), StreamingLLM (sink + newest), TOVA (attention from the last history position), "
         f"H2O (heavy hitters by cumulative attention + the newest tokens) and block selection (the {block_size}-token "
         f"blocks the newest {block_size} tokens attend to most). The attention peers choose after reading the whole "
         "history once (one forward of the base model, attention averaged over heads and layers); they keep the sink "
-        "and the last history token."
+        "and the last history token. StreamingLLM selects exactly what recency does, so its rows are recency's "
+        f"(the same NLLs, not scored twice). Peers are scored at W_max {', '.join(map(str, w_values))} "
+        "(`evaluation.peer_w_max`)."
     )
 
 
@@ -248,7 +272,7 @@ def peer_table(summary: list[dict], peers: list[str], versus: str | None = None)
         keys["versus"] = f"{versus}_minus_{{p}}"
     rows = []
     for s in summary:
-        for p in peers:
+        for p in (p for p in peers if f"nll_{p}" in s):  # a peer not scored at this W_max has no row
             row = {"dataset": s["dataset"], "w_max": s["w_max"], "peer": PEER_LABELS[p],
                    "beats_recency": s[f"{p}_beats_recency"]}
             for new, old in keys.items():

@@ -62,6 +62,9 @@ TRAIN_LENSNET_TRAIN_RANKING_ACCURACY = "train/lensnet_train_ranking_accuracy"  #
 # (meanpool, gist, every peer of mcx_core.eval.peers) nll_{m}, delta_nll_{m}_mean/_p95/_ci_lo/_ci_hi,
 # recovery_{m}(_ci_lo/_ci_hi), {m}_minus_recency_*, {m}_beats_recency; for the learned gists against each
 # peer p also gist_minus_{p}_mean/_ci_lo/_ci_hi and gist_beats_{p} (the paired interval lies below 0).
+# A method scored at only some W_max (the peers, evaluation.peer_w_max) has no keys at the others. Interval
+# widths (`ci_width`): {m}_minus_recency_ci_width, gist_minus_{p}_ci_width, and the medians over the row's
+# methods delta_nll_ci_width_median, gist_minus_peer_ci_width_median.
 EVAL_PEER_SECONDS = "eval/peer_seconds"  # baseline eval: wall time of scoring the peers, attention forwards included
 
 
@@ -178,6 +181,23 @@ def beats(nll_a, nll_b) -> bool:
 def with_ci(prefix: str, interval: tuple[float, float]) -> dict[str, float]:
     """`{prefix}_ci_lo`, `{prefix}_ci_hi` — the flat form intervals take in summaries, Parquet and MLflow."""
     return {f"{prefix}_ci_lo": interval[0], f"{prefix}_ci_hi": interval[1]}
+
+
+def ci_width(interval: tuple[float, float]) -> float:
+    """hi − lo of an interval: how finely the samples measure. A difference smaller than about half the width
+    of the paired interval cannot be decided with this many samples (`decidable_difference`)."""
+    return float(interval[1] - interval[0])
+
+
+def decidable_difference(width: float) -> float:
+    """The smallest difference of means an interval `width` wide can tell from 0: about half the width."""
+    return width / 2
+
+
+def median_width(row: dict, prefixes: Iterable[str]) -> float:
+    """Median `ci_width` of the intervals `{prefix}_ci_lo/_ci_hi` a summary row holds (NaN when it holds none)."""
+    widths = [ci_width((row[f"{p}_ci_lo"], row[f"{p}_ci_hi"])) for p in prefixes if f"{p}_ci_lo" in row]
+    return float(np.median(widths)) if widths else float("nan")
 
 
 def swap_rate(num_expands: int, num_collapses: int, num_lod1_nodes: int) -> float:

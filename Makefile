@@ -12,7 +12,7 @@ export PIP_DISABLE_PIP_VERSION_CHECK := 1
 # MLflow reads this from the environment on every artifact transfer (no API): no tqdm bars in the logs.
 export MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR := false
 
-.PHONY: setup demo test test-slow dev mlflow bench validate lint clean-artifacts
+.PHONY: setup demo test test-slow dev mlflow bench validate lint clean-artifacts ablate train-long
 
 setup: $(STAMP) $(DAGSTER_HOME)/dagster.yaml
 
@@ -34,6 +34,16 @@ $(DAGSTER_HOME)/dagster.yaml: dagster.yaml
 demo: setup
 	@$(BIN)/mcx materialize --config $(CONFIG); rc=$$?; \
 	if [ $$rc -eq 3 ]; then echo "demo finished: all assets materialized; some acceptance checks failed (see above, artifacts/reports/)"; \
+	elif [ $$rc -ne 0 ]; then exit $$rc; fi
+
+# The JT1 levers, each variant for the same wall-clock budget, scored on validation (README: ablation).
+ablate: setup
+	$(BIN)/mcx ablate --config configs/ablation.yaml
+
+# The default recipe with 60-90 min of JT1 on 2 CPU cores, then its gist evaluation (+ baselines, peers).
+train-long: setup
+	@$(BIN)/mcx materialize --config configs/cpu-long.yaml --select "*gist_eval_report"; rc=$$?; \
+	if [ $$rc -eq 3 ]; then echo "train-long finished; some acceptance checks failed (see artifacts/cpu-long/reports/)"; \
 	elif [ $$rc -ne 0 ]; then exit $$rc; fi
 
 test: setup

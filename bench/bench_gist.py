@@ -9,6 +9,7 @@ import torch
 
 
 def rows(cfg, pool_size: int = 2, steps: int = 3) -> list[dict]:
+    from mcx_core.compression import teacher as T
     from mcx_core.compression.gistnet import Gister, profile_gister
     from mcx_core.eval import gists as gist_eval
     from mcx_core.eval import nll as E
@@ -31,11 +32,19 @@ def rows(cfg, pool_size: int = 2, steps: int = 3) -> list[dict]:
     ]
 
     ids = torch.randint(0, len(lm.tokenizer), (pool_size, C + H), generator=torch.Generator().manual_seed(0))
+    spec = T.TeacherSpec.from_config(cfg, lm, ids.numpy())
     t0 = time.perf_counter()
-    pool = jt1.build_pool(lm, ids, C, H, K, progress=False)
-    out.append({"bench": "JT1 teacher + targets", "value": (time.perf_counter() - t0) / pool_size, "unit": "s/sample",
-                "note": f"{C + H} tokens, cached once per training sample"})
-    rows_ = torch.arange(min(cfg.gistnet.training.batch_size, pool_size))
+    pool = T.teacher_fields(lm, ids, spec)
+    out.append({"bench": "JT1 teacher pass", "value": (time.perf_counter() - t0) / pool_size, "unit": "s/sample",
+                "note": f"{C + H} tokens: teacher + recency NLL, top-{spec.top_k}, pooling targets; once per sample"})
+    layers = cfg.gistnet.model.input_layers
+    if layers:
+        t0 = time.perf_counter()
+        pool["states"] = T.encoder_states(lm, ids, spec, layers)
+        out.append({"bench": f"JT1 encoder states (k={layers})", "value": (time.perf_counter() - t0) / pool_size,
+                    "unit": "s/sample", "note": f"{C // K} blocks run alone through {layers} layers"})
+    n = min(cfg.gistnet.training.batch_size, pool_size)
+    batch = {k: v[:n] for k, v in pool.items()}
     opt = torch.optim.AdamW(gister.parameters(), lr=1e-4)
     gister.train()
     for phase in cfg.gistnet.training.phases:
@@ -43,16 +52,17 @@ def rows(cfg, pool_size: int = 2, steps: int = 3) -> list[dict]:
         for _ in range(steps):
             t = time.perf_counter()
             if phase.objective == "pooling_mse":
-                loss, _ = jt1.pooling_mse_loss(gister, lm, pool, rows_, C, K)
+                loss, _ = jt1.pooling_mse_loss(gister, lm, batch, C, K)
+            elif phase.objective == "reconstruction":
+                loss, _ = jt1.reconstruction_loss(gister, lm, batch, cfg, phase, step_seed=0)
             else:
-                w = [cfg.working_context.w_max] * len(rows_)
-                loss, _ = jt1.delta_nll_loss(gister, lm, pool, rows_, w, cfg, phase)
+                loss, _ = jt1.delta_nll_loss(gister, lm, batch, [cfg.working_context.w_max] * n, cfg, phase)
             opt.zero_grad()
             loss.backward()
             opt.step()
             times.append(time.perf_counter() - t)
         out.append({"bench": f"JT1 step ({phase.objective})", "value": float(np.median(times)), "unit": "s/step",
-                    "note": f"batch {len(rows_)}, median of {steps}"})
+                    "note": f"batch {n}, median of {steps}"})
 
     gister.eval()
     samples = {"bench": ([f"s{i}" for i in range(pool_size)], ids.numpy())}

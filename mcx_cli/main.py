@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import click
 
+from mcx_cli.ablate import ablate
 from mcx_cli.config import validate_config
 from mcx_cli.pipeline import materialize, register_cycles, train_cycles
 from mcx_cli.query import query
@@ -15,6 +16,7 @@ COMMANDS = [
     materialize,
     register_cycles,
     train_cycles,
+    ablate,
     eval_text,
     run_text,
     query,

@@ -12,6 +12,7 @@ from helpers import VOCAB, nan_on_call, random_ids, tiny_config
 
 from mcx_core import checkpoints
 from mcx_core.compression.drift import gist_drift
+from mcx_core.compression import teacher as T
 from mcx_core.compression.gistnet import Gister, load_gister, mean_pool
 from mcx_core.config import parse_config
 from mcx_core.eval import nll as E
@@ -48,6 +49,19 @@ def _cfg(context_tokens=C, **training):
 
 def _ids(n=6, length=C + H, seed=0) -> np.ndarray:
     return random_ids((n, length), seed).numpy()
+
+
+def _spec(context_tokens=C, horizon=H, top_k=8) -> T.TeacherSpec:
+    return T.TeacherSpec(context_tokens, horizon, 32, top_k, 4, 64, "center", 3, "test", "tiny")
+
+
+def _batch(lm, ids, context_tokens=C, layers=0) -> dict:
+    """The teacher fields of `ids` in memory (what a step reads from the shards)."""
+    spec = _spec(context_tokens)
+    out = T.teacher_fields(lm, ids, spec)
+    if layers:
+        out["states"] = T.encoder_states(lm, ids, spec, layers)
+    return out
 
 
 def _state(path: Path) -> dict[str, torch.Tensor]:
@@ -92,9 +106,8 @@ def test_gradients_reach_gistnet_only(lm):
     gister = Gister(lm.d_model, cfg.gistnet.model)
     with torch.no_grad():
         gister.nets[0].proj_out.weight.normal_(std=0.05)  # so the encoder is on the gradient path
-    pool = jt1.build_pool(lm, _ids(2), C, H, 32, progress=False)
     phase = cfg.gistnet.training.phases[1]
-    loss, _ = jt1.delta_nll_loss(gister, lm, pool, torch.tensor([0, 1]), [64, 96], cfg, phase)
+    loss, _ = jt1.delta_nll_loss(gister, lm, _batch(lm, _ids(2)), [64, 96], cfg, phase)
     loss.backward()
     lod1 = [(n, p) for n, p in gister.named_parameters() if n.startswith("nets.0.")]
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for _, p in lod1), [n for n, p in lod1 if p.grad is None]
@@ -126,7 +139,7 @@ def test_lod2_stress_context_trains_lod2_from_detached_lod1(lm):
 
 def test_pooling_targets_are_norm_matched_span_means():
     hidden, embeds = torch.randn(3, 32, 8), 0.1 * torch.randn(3, 32, 8)
-    t = jt1.pooling_targets(hidden, embeds)
+    t = T.pooling_targets(hidden, embeds)
     assert t.shape == (3, 8)
     torch.testing.assert_close(t.norm(dim=-1), embeds.norm(dim=-1).mean(-1))
     cos = torch.nn.functional.cosine_similarity(t, hidden.mean(1), dim=-1)
@@ -135,33 +148,32 @@ def test_pooling_targets_are_norm_matched_span_means():
 
 def test_pool_targets_come_from_blocks_run_alone(lm):
     ids = _ids(2, length=1024 + H)
-    pool = jt1.build_pool(lm, ids, 1024, H, 32, progress=False)
-    assert pool.teacher_nll.shape == (2, H) and pool.teacher_logprobs is None
-    assert pool.lod1_targets.shape == (2, 32, lm.d_model) and pool.lod2_targets.shape == (2, 1, lm.d_model)
+    pool = T.teacher_fields(lm, ids, _spec(1024, top_k=VOCAB))
+    assert pool["teacher_nll"].shape == (2, H) and pool["recency_nll"].shape == (2, H)
+    assert pool["lod1_targets"].shape == (2, 32, lm.d_model) and pool["lod2_targets"].shape == (2, 1, lm.d_model)
     block = torch.as_tensor(ids[1, 64:96]).unsqueeze(0)  # sample 1, block 2
     hidden = lm.model.get_decoder()(input_ids=block).last_hidden_state
-    expected = jt1.pooling_targets(hidden, lm.embed(block))[0]
-    torch.testing.assert_close(pool.lod1_targets[1, 2], expected, rtol=1e-4, atol=1e-5)
-    with_kl = jt1.build_pool(lm, ids[:1], 1024, H, 32, keep_logprobs=True, progress=False)
-    assert with_kl.teacher_logprobs.shape == (1, H, VOCAB)
-    torch.testing.assert_close(
-        -with_kl.teacher_logprobs[0].float().gather(1, torch.as_tensor(ids[0, 1024:]).unsqueeze(1)).squeeze(1),
-        with_kl.teacher_nll[0],
-        atol=2e-2,
-        rtol=1e-3,
-    )
+    expected = T.pooling_targets(hidden, lm.embed(block))[0]
+    torch.testing.assert_close(pool["lod1_targets"][1, 2], expected, rtol=1e-4, atol=1e-5)
+    # top-k with k = V is the whole distribution: the target token's log-prob is minus its NLL
+    assert pool["topk_logprobs"].shape == pool["topk_ids"].shape == (2, H, VOCAB)
+    target = torch.as_tensor(ids[0, 1024:]).unsqueeze(1)
+    at_target = pool["topk_logprobs"][0].float().gather(1, pool["topk_ids"][0].long().argsort(1).gather(1, target))
+    torch.testing.assert_close(-at_target.squeeze(1), pool["teacher_nll"][0], atol=2e-2, rtol=1e-3)
+    # recency reads less than the full history: on average it predicts worse (random ids: a little)
+    assert not torch.equal(pool["recency_nll"], pool["teacher_nll"])
 
 
 def test_delta_nll_steps_overfit_a_fixed_batch(lm):
     torch.manual_seed(0)
     cfg = _cfg()
     gister = Gister(lm.d_model, cfg.gistnet.model)
-    pool = jt1.build_pool(lm, _ids(2), C, H, 32, progress=False)
+    batch = _batch(lm, _ids(2))
     opt = common.make_optimizer(gister, lr=1e-2, weight_decay=0.0)
-    rows, phase = torch.tensor([0, 1]), cfg.gistnet.training.phases[1]
+    phase = cfg.gistnet.training.phases[1]
     losses = []
     for _ in range(12):
-        loss, _ = jt1.delta_nll_loss(gister, lm, pool, rows, [64, 64], cfg, phase)
+        loss, _ = jt1.delta_nll_loss(gister, lm, batch, [64, 64], cfg, phase)
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -256,9 +268,9 @@ def test_resume_after_interruption_matches_uninterrupted_run(lm, tmp_path, monke
     assert [h["step"] for h in resumed.history] == [1, 2, 3, 4, 5]
     # A finished run resumes to itself without training further, and without the teacher pass.
     def no_teacher(*a, **k):
-        raise AssertionError("a finished run must not rebuild the sample pool")
+        raise AssertionError("a finished run must not run the teacher pass")
 
-    monkeypatch.setattr(jt1, "build_pool", no_teacher)
+    monkeypatch.setattr(T.TeacherCache, "ensure", no_teacher)
     again = jt1.train_gistnet(cfg, lm, _ids(), tmp_path / "b", MemorySink(), progress=False)
     assert again.steps == 5 and again.checkpoint == resumed.checkpoint
 

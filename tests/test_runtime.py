@@ -28,7 +28,7 @@ METRIC_KEYS = {
     M.BUDGET_LIMIT, M.LATENCY_MS, M.BASELINE_LATENCY_MS, M.LATENCY_OVERHEAD, M.CAUSALITY_VIOLATION,
     M.RUNTIME_LOSS_AT_H, M.PEAK_RSS_MB,
 }  # fmt: skip
-STAGES = ("ingest", "fit", "lensnet", "allocator", "checks", "assemble", "forward")
+STAGES = ("ingest", "encode", "fit", "lensnet", "allocator", "checks", "assemble", "forward")
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -18,6 +18,14 @@ Initialisation — why the untrained net *is* the mean-pool baseline:
     GistNet(c·x) = c·GistNet(x): the same init and learning rate behave alike for token embeddings of
     norm ~3 (SmolLM2), ~0.2 (the tiny test model) and for LOD1 gists, whatever norm JT1 gives them.
 The output norm is free to move away from the input norm as training finds useful.
+
+Contextual input (`input_layers` k > 0, LOD1 only): the inputs are [B, 32, 2·d_model], the block's token
+embeddings ‖ the frozen base model's residual stream after its first k layers over the block run alone
+(`BaseLM.block_states`; the tree computes them once per block at ingest, `encoder_inputs_fn`). The
+embeddings keep their role above (mean-pool skip, RMS units); the states enter the encoder through a
+LayerNorm and their own projection, zero at init, so k > 0 starts from the same mean-pool gist and
+learns what the pretrained layers add (ICAE, 500xCompressor, ARC-Encoder all read the text with a
+pretrained LM).
 """
 
 from __future__ import annotations
@@ -64,14 +72,20 @@ def mean_pool(x: torch.Tensor) -> torch.Tensor:
 
 
 class GistNet(nn.Module):
-    """One level's compressor: [B, 32, d_model] -> [B, d_model]."""
+    """One level's compressor: [B, 32, d_model] -> [B, d_model] ([B, 32, 2·d_model] with `contextual`)."""
 
-    def __init__(self, d_model: int, cfg: GistNetModelConfig):
+    def __init__(self, d_model: int, cfg: GistNetModelConfig, contextual: bool = False):
         super().__init__()
         self.d_model = d_model
         self.cfg = cfg
+        self.contextual = contextual
         h = d_model if cfg.hidden_size == "auto" else cfg.hidden_size
         self.proj_in = nn.Identity() if h == d_model else nn.Linear(d_model, h)
+        if contextual:
+            self.ctx_norm = nn.LayerNorm(d_model)
+            self.proj_ctx = nn.Linear(d_model, h)
+            nn.init.zeros_(self.proj_ctx.weight)  # the states' contribution starts at 0 (module docstring)
+            nn.init.zeros_(self.proj_ctx.bias)
         self.slot_pos = nn.Parameter(0.02 * torch.randn(cfg.block_size, h))
         self.cls = nn.Parameter(0.02 * torch.randn(1, 1, h)) if cfg.pooling == "cls" else None
         self.blocks = nn.ModuleList(
@@ -85,11 +99,18 @@ class GistNet(nn.Module):
         nn.init.zeros_(self.proj_out.weight)  # untrained GistNet == mean pool (module docstring)
         nn.init.zeros_(self.proj_out.bias)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [B, 32, d_model] -> [B, d_model]
-        B, S, _ = x.shape
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [B, 32, d_model (x2 if contextual)] -> [B, d_model]
+        B, S, D = x.shape
         assert S == self.cfg.block_size, f"GistNet expects blocks of {self.cfg.block_size} slots, got {S}"
+        width = self.d_model * (2 if self.contextual else 1)
+        assert D == width, f"GistNet expects {width}-wide inputs (contextual={self.contextual}), got {D}"
+        states = None
+        if self.contextual:
+            x, states = x[..., : self.d_model], x[..., self.d_model :]
         rms = x.norm(dim=-1).mean(dim=1, keepdim=True).clamp_min(1e-6) / self.d_model**0.5  # [B, 1]
         z = self.proj_in(x / rms[:, :, None]) + self.slot_pos  # [B, 32, h], unit scale
+        if states is not None:
+            z = z + self.proj_ctx(self.ctx_norm(states))
         if self.cls is not None:
             z = torch.cat([self.cls.expand(B, -1, -1), z], dim=1)  # [B, 33, h]: the CLS slot sees every slot
         for block in self.blocks:
@@ -115,14 +136,22 @@ class Gister(nn.Module):
         self.d_model = d_model
         self.cfg = cfg
         self.max_level = max_level
-        self.nets = nn.ModuleList([GistNet(d_model, cfg) for _ in range(1 if cfg.share_levels else max_level)])
+        self.nets = nn.ModuleList(
+            [GistNet(d_model, cfg, contextual=cfg.input_layers > 0 and level == 1)
+             for level in range(1, 2 if cfg.share_levels else max_level + 1)]
+        )
 
     def net(self, level: int) -> GistNet:
         if not 1 <= level <= self.max_level:
             raise ValueError(f"no GistNet for level {level} (levels 1..{self.max_level})")
         return self.nets[0 if self.cfg.share_levels else level - 1]
 
-    def forward(self, level: int, inputs: torch.Tensor) -> torch.Tensor:  # [n, 32, d] -> [n, d]
+    @property
+    def input_layers(self) -> int:
+        """Base-model layers the LOD1 inputs went through (0: token embeddings)."""
+        return self.cfg.input_layers
+
+    def forward(self, level: int, inputs: torch.Tensor) -> torch.Tensor:  # [n, 32, d (2d: contextual LOD1)] -> [n, d]
         p = self.nets[0].proj_out.weight
         return self.net(level)(inputs.to(device=p.device, dtype=p.dtype)).to(inputs.dtype)
 
@@ -146,6 +175,26 @@ class Gister(nn.Module):
         return gister.to(device).eval()
 
 
+def encoder_inputs_fn(lm, input_layers: int, block_size: int):
+    """The tree's `input_fn` for a GistNet reading `input_layers` base-model layers: token ids [n·K] ->
+    [n, K, 2·d] (token embeddings ‖ `lm.block_states`), None for 0 (the tree embeds the tokens itself)."""
+    if input_layers == 0:
+        return None
+
+    def inputs(ids: torch.Tensor) -> torch.Tensor:
+        blocks = ids.long().view(-1, block_size)
+        embeds = lm.embed(blocks)
+        return torch.cat([embeds, lm.block_states(blocks, input_layers).to(embeds.dtype)], dim=-1)
+
+    return inputs
+
+
+def tree_inputs_fn(lm, gist_fn, block_size: int):
+    """`encoder_inputs_fn` for whatever gister a tree is built with (mean pools and test callables read
+    token embeddings)."""
+    return encoder_inputs_fn(lm, getattr(gist_fn, "input_layers", 0), block_size)
+
+
 def load_gister(checkpoint_dir: str | Path, lm) -> Gister:
     """The trained GistNet of a JT checkpoint (or a `save_pretrained` directory) on `lm`'s device, in eval mode."""
     return Gister.from_pretrained(checkpoint_dir, device=lm.device)
@@ -163,7 +212,8 @@ def profile_gister(gister: Gister, n_blocks: int = 64, repeats: int = 3) -> dict
     gister.eval()
     out: dict[str, float] = {M.GISTNET_PARAMETERS: float(num_parameters(gister))}
     for name, n in ((M.GISTNET_LATENCY_SINGLE_MS, 1), (M.GISTNET_LATENCY_MS, n_blocks)):
-        x = torch.randn(n, gister.cfg.block_size, gister.d_model, device=p.device, dtype=p.dtype)
+        width = gister.d_model * (2 if gister.input_layers else 1)
+        x = torch.randn(n, gister.cfg.block_size, width, device=p.device, dtype=p.dtype)
         gister(1, x)  # warm-up
         t0 = time.perf_counter()
         for _ in range(repeats):

@@ -121,11 +121,20 @@ class BaseModelConfig(Section):
 
 class PhaseConfig(Section):
     name: str
-    objective: Literal["pooling_mse", "delta_nll"]
+    objective: Literal["pooling_mse", "reconstruction", "delta_nll"]
     max_steps: int = Field(gt=0)
+    max_seconds: float | None = Field(
+        default=None, gt=0, description="also end the phase after this many seconds of training (ablations)"
+    )
     lr: float | None = Field(default=None, gt=0)
-    kl_weight: float = Field(default=0.0, ge=0)
+    kl_weight: float = Field(default=0.0, ge=0, description="delta_nll: weight of KL(teacher || student) on the horizon")
     lod2_weight: float = Field(default=0.5, ge=0, description="delta_nll: weight of the 1024x LOD2 stress context")
+    horizon_weighting: float = Field(
+        default=0.0, ge=0,
+        description="delta_nll: weight horizon tokens by 1 + this * (recency NLL - teacher NLL)+ / its mean "
+        "(0 = uniform): tokens the full history helps count more",
+    )
+    blocks_per_step: int = Field(default=16, gt=0, description="reconstruction: blocks per step")
 
 
 class GistNetModelConfig(Section):
@@ -137,6 +146,17 @@ class GistNetModelConfig(Section):
     pooling: Literal["query", "cls", "mean"] = "query"
     dropout: float = Field(default=0.0, ge=0, lt=1)
     share_levels: bool = Field(default=False, description="one module for LOD1 and LOD2")
+    input_layers: int = Field(
+        default=0, ge=0,
+        description="LOD1 GistNet reads the base model's residual stream after this many layers, each block "
+        "run alone, beside the token embeddings (0 = token embeddings only)",
+    )
+
+    @model_validator(mode="after")
+    def _levels(self):
+        if self.share_levels and self.input_layers:
+            raise ValueError("share_levels needs input_layers 0: LOD1 reads base-model states, LOD2 reads gists")
+        return self
 
 
 class TrainingConfig(Section):
@@ -158,6 +178,14 @@ class GistNetTrainingConfig(TrainingConfig):
     )
     gists_per_sample: int | Literal["all"] = "all"
     sample_pool: int = Field(default=64, gt=0, description="JT1 trains on this many samples (teacher NLL cached)")
+    teacher_top_k: int = Field(
+        default=32, gt=0, description="KL targets: the teacher's top-k horizon log-probs kept per token"
+    )
+    teacher_shard_size: int = Field(default=8, gt=0, description="samples per teacher-cache shard")
+    max_seconds: float | None = Field(
+        default=None, gt=0, description="end JT1 after this many seconds of training steps, all phases together "
+        "(the teacher pass not counted): equal wall-clock budgets for ablations",
+    )
 
 
 class GistNetConfig(Section):

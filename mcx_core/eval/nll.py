@@ -18,6 +18,7 @@ import torch
 from tqdm.auto import tqdm
 
 from mcx_core import reports
+from mcx_core.compression.gistnet import tree_inputs_fn
 from mcx_core.model.base import BaseLM
 from mcx_core.model.scoring import ConditionInput, horizon_nll, horizon_nll_grad  # noqa: F401  (E.horizon_nll)
 from mcx_core.model.tree import MegaContextTree
@@ -71,8 +72,7 @@ def working_context_condition(
 
     @torch.no_grad()
     def build(history: torch.Tensor, w_max: int) -> ConditionInput:
-        tree = MegaContextTree(lm.d_model, embed_fn=lm.embed, gist_fn=gist_fn, block_size=block_size)
-        tree.ingest(history)
+        tree = _tree(lm, gist_fn, block_size, history)
         wc = WorkingContext.initial(tree, w_max, recent_tokens, position_scheme, sink_tokens)
         wc.check_invariants()
         embeds, positions, _ = wc.assemble(lm.embed)
@@ -83,7 +83,8 @@ def working_context_condition(
 
 
 def _tree(lm: BaseLM, gist_fn, block_size: int, history: torch.Tensor) -> MegaContextTree:
-    tree = MegaContextTree(lm.d_model, embed_fn=lm.embed, gist_fn=gist_fn, block_size=block_size)
+    tree = MegaContextTree(lm.d_model, embed_fn=lm.embed, gist_fn=gist_fn, block_size=block_size,
+                           input_fn=tree_inputs_fn(lm, gist_fn, block_size))
     tree.ingest(history)
     return tree
 

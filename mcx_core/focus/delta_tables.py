@@ -104,11 +104,11 @@ def read_contexts(delta_path: str | os.PathLike) -> pa.Table:
         return ipc.open_file(source).read_all()
 
 
-def rebuild_tree(row: dict, embed_fn: EmbedFn, gist_fn: GistFn, d_model: int) -> MegaContextTree:
+def rebuild_tree(row: dict, embed_fn: EmbedFn, gist_fn: GistFn, d_model: int, input_fn=None) -> MegaContextTree:
     """The history of a contexts-file row, re-ingested with `gist_fn` (the labels are only valid for the
     GistNet named in `gistnet_checkpoint`)."""
     tree = MegaContextTree(
-        d_model, embed_fn, gist_fn, block_size=row["block_size"], max_level=row["max_level"]
+        d_model, embed_fn, gist_fn, block_size=row["block_size"], max_level=row["max_level"], input_fn=input_fn
     )
     tree.ingest(torch.tensor(row["history_ids"], dtype=torch.long))
     return tree

@@ -53,6 +53,7 @@ import pyarrow.parquet as pq
 import torch
 from tqdm.auto import tqdm
 
+from mcx_core.compression.gistnet import tree_inputs_fn
 from mcx_core.artifacts import write_arrow, write_atomic
 from mcx_core.config import MegaContextConfig
 from mcx_core.focus.delta_tables import (
@@ -279,7 +280,7 @@ def generate_delta_table(
     for s, row_ids in zip(chosen.tolist(), ids):
         sample_id = sample_ids[s]
         history, horizon = row_ids[:C], row_ids[C : C + H]
-        tree = MegaContextTree(lm.d_model, lm.embed, gister, block_size=K)
+        tree = MegaContextTree(lm.d_model, lm.embed, gister, block_size=K, input_fn=tree_inputs_fn(lm, gister, K))
         tree.ingest(history)
         recency = WorkingContext.initial(tree, wcc.w_max, wcc.recent_tokens, wcc.position_scheme, wcc.sink_tokens)
         contexts = [(recency, "recency", [0] * len(recency.entries))]

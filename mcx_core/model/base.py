@@ -29,6 +29,10 @@ class ModelNotFoundError(FileNotFoundError):
     pass
 
 
+class _StopForward(Exception):
+    """Raised by a forward hook to end a forward early (`BaseLM.block_states`)."""
+
+
 @dataclass
 class BaseLM:
     """A frozen causal LM plus what the rest of the system needs to know about it."""
@@ -56,6 +60,32 @@ class BaseLM:
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
         """Token ids [...] -> input embeddings [..., d_model]."""
         return self.model.get_input_embeddings()(ids.to(self.device))
+
+    @torch.no_grad()
+    def block_states(self, ids: torch.Tensor, layers: int) -> torch.Tensor:
+        """The residual stream after the first `layers` decoder layers, each row of `ids` [n, K] run alone
+        (positions 0..K-1, causal): [n, K, d_model] on this model's device. `layers` 0 = the token
+        embeddings. The forward stops after layer `layers` (a hook raises), so it costs `layers` of the
+        model's layers, not all of them."""
+        if layers == 0:
+            return self.embed(ids)
+        decoder = self.model.get_decoder()
+        if not 0 < layers <= len(decoder.layers):
+            raise ValueError(f"input_layers {layers} out of range: the base model has {len(decoder.layers)} layers")
+        captured: dict[str, torch.Tensor] = {}
+
+        def stop(module, args, output):
+            captured["h"] = output[0] if isinstance(output, tuple) else output
+            raise _StopForward
+
+        hook = decoder.layers[layers - 1].register_forward_hook(stop)
+        try:
+            decoder(input_ids=ids.to(self.device), use_cache=False)
+        except _StopForward:
+            pass
+        finally:
+            hook.remove()
+        return captured["h"]
 
     def weights_checksum(self) -> str:
         h = hashlib.sha256()

@@ -9,6 +9,12 @@ Node indexing: a level-L node (L >= 1) with index i covers tokens [i * K**L, (i 
 node is an LOD0 *block*: index b covers [b * K, min((b + 1) * K, cursor)), so the last one may be a
 partial tail. The tail is never gisted; a level-(L+1) node exists only once all K of its children do.
 
+LOD1 inputs are the blocks' token embeddings, or with an `input_fn` (a contextual GistNet,
+`compression.gistnet.encoder_inputs_fn`) whatever it returns per block, e.g. embeddings ‖ the base model's
+first-k-layer states of the block run alone: computed once per block at ingest and kept in the tree
+(float16, `block_inputs`), so `rebuild_gists` reuses them; `last_ingest_seconds` splits an ingest's time
+into `encode` (input_fn) and `gist` (gist_fn) for the runtime's per-stage latency.
+
 The tree is append-only. Gists come from `gist_fn` (a GistNet, or any callable in tests), are stored
 detached on the CPU in `gist_dtype`, and all carry the tree's `gist_version` (one GistNet wrote every
 gist; `rebuild_gists` rewrites them all with a newer one and bumps the version).
@@ -16,7 +22,8 @@ gist; `rebuild_gists` rewrites them all with a newer one and bumps the version).
 On disk (`save`/`load`), a directory holding:
 
     tree.json          metadata: format, d_model, block_size, max_level, cursor, gist_version, gist_dtype
-    tree.safetensors   `tokens` int32 [cursor], `gists.L1` [n1, d], `gists.L2` [n2, d], ...
+    tree.safetensors   `tokens` int32 [cursor], `gists.L1` [n1, d], `gists.L2` [n2, d], ...,
+                       `inputs.L1` float16 [n1, K, d_in] when the tree has an input_fn
 """
 
 from __future__ import annotations
@@ -24,6 +31,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,6 +43,8 @@ from safetensors.torch import load_file, save_file
 # stored level-(L-1) gists (CPU, gist_dtype) for L >= 2; the callable moves/casts them as it needs.
 GistFn = Callable[[int, torch.Tensor], torch.Tensor]
 EmbedFn = Callable[[torch.Tensor], torch.Tensor]  # token ids [n] (long, CPU) -> embeddings [n, d]
+InputFn = Callable[[torch.Tensor], torch.Tensor]  # token ids [n * K] (long, CPU) -> LOD1 inputs [n, K, d_in]
+INPUT_DTYPE = torch.float16
 
 FORMAT = "megacontext-tree"
 FORMAT_VERSION = 1
@@ -82,12 +92,14 @@ class MegaContextTree:
         max_level: int = 2,
         gist_dtype: torch.dtype = torch.float32,
         gist_batch_size: int = 256,
+        input_fn: InputFn | None = None,
     ):
         if block_size < 2 or max_level < 1:
             raise ValueError(f"need block_size >= 2 and max_level >= 1 (got {block_size}, {max_level})")
         self.d_model = d_model
         self.embed_fn = embed_fn
         self.gist_fn = gist_fn
+        self.input_fn = input_fn
         self.block_size = block_size
         self.max_level = max_level
         self.gist_dtype = gist_dtype
@@ -98,6 +110,8 @@ class MegaContextTree:
         # _gists[L][:_count[L]] holds the level-L gists; rows beyond are spare capacity. Index 0 unused.
         self._gists = [torch.empty(0, d_model, dtype=gist_dtype) for _ in range(max_level + 1)]
         self._count = [0] * (max_level + 1)
+        self._inputs: torch.Tensor | None = None  # [n1 + spare, K, d_in] float16, with an input_fn
+        self.last_ingest_seconds = {"encode": 0.0, "gist": 0.0}
 
     # ------------------------------------------------------------------------------------------ reading
 
@@ -162,6 +176,7 @@ class MegaContextTree:
         self._tokens = _append(self._tokens, self.cursor, new)
         self.cursor += len(new)
         created = []
+        self.last_ingest_seconds = {"encode": 0.0, "gist": 0.0}
         for level in range(1, self.max_level + 1):
             have, ready = self._count[level], self._children_ready(level)
             if ready > have:
@@ -176,7 +191,7 @@ class MegaContextTree:
         future ingests too, and bump `gist_version`."""
         for level in range(1, self.max_level + 1):
             n = self._count[level]
-            self._gists[level][:n] = self._compute_gists(gist_fn, level, 0, n)
+            self._gists[level][:n] = self._compute_gists(gist_fn, level, 0, n, reuse_inputs=True)
         self.gist_fn = gist_fn
         self.gist_version += 1
 
@@ -186,19 +201,45 @@ class MegaContextTree:
             return self.cursor // self.block_size
         return self._count[level - 1] // self.block_size
 
+    def block_inputs(self, lo: int, hi: int) -> torch.Tensor:
+        """LOD1 inputs of complete blocks [lo, hi): [hi - lo, K, d_in] — the kept input_fn output
+        (float16), else the token embeddings."""
+        K = self.block_size
+        if self.input_fn is None:
+            return self.embed_fn(self._tokens[lo * K : hi * K].long()).reshape(hi - lo, K, self.d_model)
+        if self._inputs is None or hi > self._count[1]:
+            raise IndexError(f"no kept inputs for blocks [{lo}, {hi}): {self._count[1]} are kept")
+        return self._inputs[lo:hi]
+
+    def _encode(self, lo: int, hi: int) -> torch.Tensor:
+        """input_fn over complete blocks [lo, hi), kept in `_inputs`; -> [hi - lo, K, d_in]."""
+        K = self.block_size
+        t0 = time.perf_counter()
+        new = self.input_fn(self._tokens[lo * K : hi * K].long()).detach().to("cpu", INPUT_DTYPE)
+        if self._inputs is None:
+            self._inputs = new.new_empty((0, *new.shape[1:]))
+        self._inputs = _append(self._inputs, lo, new)
+        self.last_ingest_seconds["encode"] += time.perf_counter() - t0
+        return new
+
     @torch.no_grad()
-    def _compute_gists(self, gist_fn: GistFn, level: int, lo: int, hi: int) -> torch.Tensor:
+    def _compute_gists(self, gist_fn: GistFn, level: int, lo: int, hi: int, reuse_inputs: bool = False) -> torch.Tensor:
         """Gists of level-`level` nodes [lo, hi) -> [hi - lo, d_model], batched `gist_batch_size` at a time.
-        Inputs are token embeddings (LOD1) or the stored level-(L-1) gists (LOD2+), [n, K, d]."""
+        Inputs are the blocks' LOD1 inputs (token embeddings, or the input_fn's, computed here once per
+        block unless `reuse_inputs`) or the stored level-(L-1) gists (LOD2+), [n, K, d_in]."""
         K, d = self.block_size, self.d_model
         out = torch.empty(hi - lo, d, dtype=self.gist_dtype)
         for a in range(lo, hi, self.gist_batch_size):
             b = min(a + self.gist_batch_size, hi)
-            if level == 1:
-                inputs = self.embed_fn(self._tokens[a * K : b * K].long()).reshape(b - a, K, d)
+            if level == 1 and self.input_fn is not None:
+                inputs = self.block_inputs(a, b) if reuse_inputs else self._encode(a, b)
+            elif level == 1:
+                inputs = self.block_inputs(a, b)
             else:
                 inputs = self._gists[level - 1][a * K : b * K].reshape(b - a, K, d)
+            t0 = time.perf_counter()
             gists = gist_fn(level, inputs)
+            self.last_ingest_seconds["gist"] += time.perf_counter() - t0
             if tuple(gists.shape) != (b - a, d):
                 raise ValueError(f"gist_fn({level}, [{b - a}, {K}, {d}]) returned {tuple(gists.shape)}")
             out[a - lo : b - lo] = gists.detach().to("cpu", self.gist_dtype)
@@ -221,6 +262,8 @@ class MegaContextTree:
             tensors = {"tokens": self.tokens.contiguous()}
             for level in range(1, self.max_level + 1):
                 tensors[f"gists.L{level}"] = self._gists[level][: self._count[level]].contiguous()
+            if self._inputs is not None:
+                tensors["inputs.L1"] = self._inputs[: self._count[1]].contiguous()
             save_file(tensors, tmp / TENSORS_FILE)
             meta = {
                 "format": FORMAT,
@@ -243,7 +286,8 @@ class MegaContextTree:
         shutil.rmtree(old, ignore_errors=True)
 
     @classmethod
-    def load(cls, path: str | os.PathLike, embed_fn: EmbedFn, gist_fn: GistFn) -> MegaContextTree:
+    def load(cls, path: str | os.PathLike, embed_fn: EmbedFn, gist_fn: GistFn,
+             input_fn: InputFn | None = None) -> MegaContextTree:
         path = Path(path)
         meta = json.loads((path / METADATA_FILE).read_text(encoding="utf-8"))
         if meta.get("format") != FORMAT or meta.get("format_version") != FORMAT_VERSION:
@@ -255,6 +299,7 @@ class MegaContextTree:
             block_size=meta["block_size"],
             max_level=meta["max_level"],
             gist_dtype=getattr(torch, meta["gist_dtype"]),
+            input_fn=input_fn,
         )
         tensors = load_file(path / TENSORS_FILE)
         tree._tokens, tree.cursor = tensors["tokens"], meta["cursor"]
@@ -272,4 +317,8 @@ class MegaContextTree:
                     f"expected {expected} {tree.gist_dtype} for {tree.cursor} tokens"
                 )
             tree._gists[level], tree._count[level] = gists, len(gists)
+        if input_fn is not None:
+            if "inputs.L1" not in tensors:
+                raise ValueError(f"{path}: no inputs.L1 (saved without an input_fn) but one was given")
+            tree._inputs = tensors["inputs.L1"]
         return tree

@@ -1,10 +1,13 @@
 """JT1: train GistNet with the base model frozen (SPEC §3, §6), phase by phase as the config lists them.
 
-Training data is a fixed pool of `gistnet.training.sample_pool` samples (history = the first
-`context_tokens` tokens, horizon = the next H). Everything about a sample that does not depend on
-GistNet is computed once with the frozen base model and cached (`build_pool`): the full-history
-teacher's horizon NLL (for ΔNLL; ~3 s per 1088-token sample on 2 CPU cores), optionally its horizon
-distribution (for the KL term), and the pooling_mse targets (~2 s per sample).
+Training data is a pool of `gistnet.training.sample_pool` samples (history = the first
+`context_tokens` tokens, horizon = the next H), cycle c taking the next pool of a seeded permutation of
+the train split. Everything about a sample that does not depend on GistNet comes from the teacher pass
+(`compression.teacher`): computed once per dataset version into safetensors shards on disk (~4.5 s a
+sample on 2 CPU cores), resumable, and read row by row each step, so the process holds the batch, not
+the pool: the full-history teacher's horizon NLL (ΔNLL's reference) and top-k log-probs (KL targets),
+the recency NLL (token weighting), the pooling_mse targets, and with `input_layers` k > 0 the blocks'
+first-k-layer states (a contextual GistNet's inputs).
 
 Phases (`gistnet.training.phases[i].objective`):
   pooling_mse  cheap warm start, no backward through the base model. Target of an LOD1 gist: the mean
@@ -19,11 +22,13 @@ Phases (`gistnet.training.phases[i].objective`):
                baseline, +0.45 / +0.83 for the same mean taken in context (free from the teacher pass,
                but worse on code) and +0.68 / +1.02 for the last in-context hidden state of the block.
                Loss: ||g - t||² / ||t||² averaged over blocks (scale-free across base models).
+  reconstruction  cheap warm start through the base model (`reconstruction_loss`): it reads [sink, gist]
+               and predicts the gisted block's own 32 tokens — 36-position sequences, many blocks a step.
   delta_nll    substitutability: per sample, the working context `WorkingContext.initial(tree, w_max,
                recent_tokens)` (w_max drawn per sample from `working_context.eval_w_max`), assembled with
                GistNet's gists *with grad*, then one packed forward of the frozen base model over
-               [WC ‖ next H tokens]; loss = mean horizon NLL (+ kl_weight · KL(teacher ‖ student) over the
-               horizon). Gradients reach GistNet only.
+               [WC ‖ next H tokens]; loss = mean horizon NLL (+ kl_weight · top-k KL(teacher ‖ student) over
+               the horizon; tokens weighted by `horizon_weighting`). Gradients reach GistNet only.
                LOD2: a 1024-token history never holds an LOD2 gist in its working context (the newest
                `recent_tokens` stay LOD0, so the 1024-token span is never complete outside them), so
                LOD2 is trained on a stress context instead, weighted by `lod2_weight`: every complete
@@ -45,7 +50,6 @@ from __future__ import annotations
 
 import logging
 import time
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -55,6 +59,7 @@ from tqdm.auto import tqdm
 
 from mcx_core import checkpoints
 from mcx_core.compression.gistnet import Gister, load_gister, mean_pool, profile_gister
+from mcx_core.compression.teacher import TeacherCache, capture_logits, pool_positions
 from mcx_core.config import MegaContextConfig, PhaseConfig
 from mcx_core.model.base import BaseLM
 from mcx_core.model.scoring import ConditionInput, horizon_nll, horizon_nll_grad
@@ -69,90 +74,20 @@ log = logging.getLogger(__name__)
 JT = 1  # this trainer's phase number in checkpoint names: JT1_cycle{c}_step{s}
 
 
-# ---------------------------------------------------------------------------------------------- sample pool
+# ---------------------------------------------------------------------------------------------- batches
+
+Batch = dict[str, torch.Tensor]  # teacher fields (`compression.teacher`) of the step's samples, stacked
 
 
-@dataclass
-class SamplePool:
-    """The fixed training samples and what the frozen base model says about them (computed once)."""
-
-    ids: torch.Tensor  # [n, C + H] long
-    teacher_nll: torch.Tensor  # [n, H] per-token NLL of the horizon given the full history
-    lod1_targets: torch.Tensor  # [n, C // K, d] pooling_mse targets of the LOD1 gists
-    lod2_targets: torch.Tensor  # [n, C // K², d] pooling_mse targets of the LOD2 gists (maybe 0 wide)
-    teacher_logprobs: torch.Tensor | None  # [n, H, V] float16; only when a phase has kl_weight > 0
-
-
-@contextmanager
-def capture_logits(lm: BaseLM):
-    """`out["logits"]`: the logits of the last base-model forward inside the block (horizon_nll keeps
-    only the last H + 1 positions), for the KL term."""
-    out: dict[str, torch.Tensor] = {}
-    hook = lm.model.register_forward_hook(lambda m, args, o: out.__setitem__("logits", o.logits))
-    try:
-        yield out
-    finally:
-        hook.remove()
-
-
-def pooling_targets(hidden: torch.Tensor, token_embeds: torch.Tensor) -> torch.Tensor:
-    """Mean hidden state per span, rescaled to the span's mean token-embedding norm.
-    hidden [n, S, d], token_embeds [n, S', d] -> [n, d]."""
-    mean_h = hidden.mean(dim=1)
-    norm = token_embeds.norm(dim=-1).mean(dim=1, keepdim=True)
-    return mean_h * norm / mean_h.norm(dim=-1, keepdim=True).clamp_min(1e-6)
-
-
-@torch.no_grad()
-def build_pool(
-    lm: BaseLM,
-    ids: np.ndarray | torch.Tensor,
-    context_tokens: int,
-    horizon: int,
-    block_size: int,
-    keep_logprobs: bool = False,
-    batch_size: int = 2,
-    progress: bool = True,
-) -> SamplePool:
-    """The full-history teacher and the pooling targets, once per sample; `ids` [n, >= C + H]."""
-    ids = torch.as_tensor(ids, dtype=torch.long)[:, : context_tokens + horizon]
-    C, K = context_tokens, block_size
-    decoder = lm.model.get_decoder()
-    nll, lod1, lod2, logprobs = [], [], [], []
-    for i in tqdm(range(0, len(ids), batch_size), desc="JT1 teacher + pooling targets", disable=not progress):
-        chunk = ids[i : i + batch_size]  # [b, C + H]
-        b = len(chunk)
-        history_embeds = lm.embed(chunk[:, :C])  # [b, C, d]
-        conditions = [ConditionInput(e, torch.arange(C), C) for e in history_embeds]
-        with capture_logits(lm) as out:
-            nll.append(horizon_nll(lm, conditions, chunk[:, C:]).float().cpu())
-        if keep_logprobs:
-            logprobs.append(out["logits"][:, :-1].float().log_softmax(-1).half().cpu())  # [b, H, V]
-        # Every block run alone: [b * nb, K] tokens -> [b * nb, K, d] final hidden states.
-        hidden = decoder(input_ids=chunk[:, :C].reshape(-1, K).to(lm.device), use_cache=False).last_hidden_state
-        t1 = pooling_targets(hidden.float(), history_embeds.float().reshape(-1, K, lm.d_model))  # [b * nb, d]
-        lod1.append(t1.view(b, C // K, -1).cpu())
-        # LOD2: the mean of its 32 blocks' targets, rescaled the same way (the LOD2 net reads LOD1 gists).
-        n2 = C // (K * K)
-        if n2 == 0:  # histories shorter than one LOD2 span: no LOD2 targets
-            lod2.append(torch.zeros(b, 0, lm.d_model))
-            continue
-        children = t1.view(b, C // K, -1)[:, : n2 * K].reshape(b * n2, K, -1)
-        child_embeds = history_embeds[:, : n2 * K * K].float().reshape(b * n2, K * K, -1)
-        lod2.append(pooling_targets(children, child_embeds).view(b, n2, -1).cpu())
-    return SamplePool(
-        ids=ids,
-        teacher_nll=torch.cat(nll),
-        lod1_targets=torch.cat(lod1),
-        lod2_targets=torch.cat(lod2),
-        teacher_logprobs=torch.cat(logprobs) if keep_logprobs else None,
-    )
-
-
-def choose_pool_rows(n_available: int, pool_size: int, seed: int, cycle: int) -> torch.Tensor:
-    """Which training samples form this cycle's pool: a seeded random subset (each cycle its own)."""
-    g = torch.Generator().manual_seed(seed * 7919 + cycle)
-    return torch.randperm(n_available, generator=g)[: min(pool_size, n_available)].sort().values
+def lod1_inputs(lm: BaseLM, batch: Batch, C: int, K: int) -> torch.Tensor:
+    """GistNet's LOD1 inputs for every history block of the batch: [B, nb, K, d] token embeddings, or
+    [B, nb, K, 2d] with the cached base-model states (`states`) of a contextual GistNet."""
+    ids = batch["ids"][:, :C].long()
+    B = len(ids)
+    embeds = lm.embed(ids).view(B, C // K, K, -1)
+    if "states" not in batch:
+        return embeds
+    return torch.cat([embeds, batch["states"].to(device=embeds.device, dtype=embeds.dtype)], dim=-1)
 
 
 # ---------------------------------------------------------------------------------------------- objectives
@@ -164,22 +99,77 @@ def relative_mse(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return ((pred - target).pow(2).sum(-1) / target.pow(2).sum(-1).clamp_min(1e-12)).mean()
 
 
-def pooling_mse_loss(gister: Gister, lm: BaseLM, pool: SamplePool, rows: torch.Tensor, C: int, K: int):
-    """LOD1 gists of every block of the chosen samples against their targets; LOD2 gists (of detached
-    LOD1 gists) against theirs when the history holds a complete 1024-token span."""
-    B = len(rows)
-    blocks = lm.embed(pool.ids[rows, :C]).view(B * (C // K), K, -1)  # [B * nb, K, d]
-    g1 = gister(1, blocks)  # [B * nb, d]
-    mse1 = relative_mse(g1, pool.lod1_targets[rows].flatten(0, 1).to(g1.device))
+def pooling_mse_loss(gister: Gister, lm: BaseLM, batch: Batch, C: int, K: int):
+    """LOD1 gists of every block of the batch against their targets; LOD2 gists (of detached LOD1
+    gists) against theirs when the history holds a complete 1024-token span."""
+    inputs = lod1_inputs(lm, batch, C, K)
+    B = len(inputs)
+    g1 = gister(1, inputs.flatten(0, 1))  # [B * nb, d]
+    mse1 = relative_mse(g1, batch["lod1_targets"].flatten(0, 1).to(g1.device))
     loss, metrics = mse1, {M.TRAIN_POOLING_MSE: mse1.item()}
     n2 = C // (K * K)
     if n2:
         children = g1.detach().view(B, C // K, -1)[:, : n2 * K].reshape(B * n2, K, -1)  # [B * n2, K, d]
-        mse2 = relative_mse(gister(2, children), pool.lod2_targets[rows].flatten(0, 1).to(g1.device))
+        mse2 = relative_mse(gister(2, children), batch["lod2_targets"].flatten(0, 1).to(g1.device))
         loss = loss + mse2
         metrics[M.TRAIN_POOLING_MSE_LOD2] = mse2.item()
     metrics[M.TRAIN_TOKENS_PER_S] = B * C  # divided by the step time by the caller
     return loss, metrics
+
+
+def reconstruction_loss(gister: Gister, lm: BaseLM, batch: Batch, cfg: MegaContextConfig, phase: PhaseConfig,
+                        step_seed: int):
+    """The cheap warm start (ICAE/REFRAG-style): the frozen base model reads [sink, gist] and predicts the
+    gisted block's own K tokens. `phase.blocks_per_step` blocks drawn (seeded by `step_seed`) from the
+    batch's history blocks after the first (block 0 holds the sink itself): sequences of sink + 1 + K
+    positions, so a step costs a fraction of a ΔNLL step. Positions: the sink at 0.., the gist at its
+    working-context position (`position_scheme` center: the span's centre), the block's tokens right
+    after it. Gradients reach GistNet only."""
+    C, K = cfg.dataset.context_tokens, cfg.dataset.block_size
+    wcc = cfg.working_context
+    inputs = lod1_inputs(lm, batch, C, K)  # [B, nb, K, d_in]
+    B, nb = inputs.shape[:2]
+    g = torch.Generator().manual_seed(step_seed)
+    n = min(phase.blocks_per_step, B * (nb - 1))
+    flat = torch.randperm(B * (nb - 1), generator=g)[:n]
+    rows, blocks = flat // (nb - 1), flat % (nb - 1) + 1
+    gists = gister(1, inputs[rows, blocks])  # [n, d], with grad
+    ids = batch["ids"].long()
+    sink = min(wcc.sink_tokens, C)
+    sink_embeds = lm.embed(ids[rows, :sink])  # [n, sink, d]
+    conditions = []
+    for j in range(n):
+        start = int(blocks[j]) * K
+        gist_pos = start + K // 2 if wcc.position_scheme == "center" else sink
+        embeds = torch.cat([sink_embeds[j], gists[j : j + 1].to(sink_embeds.dtype)])
+        positions = torch.cat([torch.arange(sink), torch.tensor([gist_pos])])
+        conditions.append(ConditionInput(embeds, positions, gist_pos + 1))
+    targets = torch.stack([ids[r, int(b) * K : (int(b) + 1) * K] for r, b in zip(rows, blocks)])  # [n, K]
+    nll = horizon_nll_grad(lm, conditions, targets)  # [n, K]
+    metrics = {M.TRAIN_RECONSTRUCTION_NLL: nll.detach().mean().item(), M.TRAIN_TOKENS_PER_S: n * (sink + 1 + K)}
+    return nll.mean(), metrics
+
+
+def topk_kl(student_logits: torch.Tensor, topk_logprobs: torch.Tensor, topk_ids: torch.Tensor) -> torch.Tensor:
+    """KL(teacher ‖ student) per horizon token from the teacher's top-k only: both distributions coarsened
+    to the k tokens + one bucket for the rest (a proper KL, ≥ 0, exact as k → V).
+    student_logits [B, H, V], topk_logprobs / topk_ids [B, H, k] -> [B, H]."""
+    student = student_logits.float().log_softmax(-1)
+    s_top = student.gather(-1, topk_ids.long().to(student.device))  # [B, H, k]
+    t_top = topk_logprobs.float().to(student.device)
+    t_rest = torch.log1p(-t_top.exp().sum(-1).clamp(max=1 - 1e-6))  # log teacher mass outside the top-k
+    s_rest = torch.log1p(-s_top.exp().sum(-1).clamp(max=1 - 1e-6))
+    return (t_top.exp() * (t_top - s_top)).sum(-1) + t_rest.exp() * (t_rest - s_rest)
+
+
+def horizon_weights(batch: Batch, strength: float) -> torch.Tensor | None:
+    """Per-token weights [B, H] (mean 1 per sample): 1 + strength · gain / mean gain, gain = (recency NLL −
+    teacher NLL)+ — the tokens the full history helps; None for `strength` 0 (uniform)."""
+    if strength <= 0:
+        return None
+    gain = (batch["recency_nll"] - batch["teacher_nll"]).clamp_min(0)
+    w = 1 + strength * gain / gain.mean(-1, keepdim=True).clamp_min(1e-6)
+    return w / w.mean(-1, keepdim=True)
 
 
 def _gist_override(gister: Gister, g1: torch.Tensor, K: int):
@@ -220,19 +210,18 @@ def lod2_stress_context(tree: MegaContextTree, position_scheme: str, sink_tokens
 def delta_nll_loss(
     gister: Gister,
     lm: BaseLM,
-    pool: SamplePool,
-    rows: torch.Tensor,
+    batch: Batch,
     w_maxes: list[int],
     cfg: MegaContextConfig,
     phase: PhaseConfig,
 ):
-    """Horizon NLL through GistNet's gists for the chosen samples; returns (loss, metrics)."""
+    """Horizon NLL through GistNet's gists for the batch's samples (+ `kl_weight` · top-k KL to the
+    full-history teacher, tokens weighted by `horizon_weighting`); returns (loss, metrics)."""
     C, H, K = cfg.dataset.context_tokens, cfg.dataset.horizon, cfg.dataset.block_size
     wcc = cfg.working_context
-    B = len(rows)
-    ids = pool.ids[rows]  # [B, C + H]
-    blocks = lm.embed(ids[:, :C]).view(B, C // K, K, -1)  # [B, nb, K, d]
-    g1 = gister(1, blocks.flatten(0, 1)).view(B, C // K, -1)  # [B, nb, d], with grad
+    ids = batch["ids"].long()  # [B, C + H]
+    B = len(ids)
+    g1 = gister(1, lod1_inputs(lm, batch, C, K).flatten(0, 1)).view(B, C // K, -1)  # [B, nb, d], with grad
 
     contexts, stress = [], []
     for b in range(B):
@@ -248,9 +237,10 @@ def delta_nll_loss(
             stress.append(_condition(stress_wc, lm.embed, override, C))
 
     horizons = ids[:, C:]
-    nll, tokens, kl = _grouped_nll(lm, contexts, horizons, pool.teacher_logprobs, rows, phase.kl_weight)
-    loss = nll.mean()
-    teacher = pool.teacher_nll[rows].to(nll.device)
+    nll, tokens, kl = _grouped_nll(lm, contexts, horizons, batch if phase.kl_weight > 0 else None)
+    weights = horizon_weights(batch, phase.horizon_weighting)
+    loss = nll.mean() if weights is None else (nll * weights.to(nll.device)).mean()
+    teacher = batch["teacher_nll"].to(nll.device)
     delta = M.delta_nll(nll.detach().mean(1).cpu().numpy(), teacher.mean(1).cpu().numpy())
     metrics = {
         M.TRAIN_DELTA_NLL_MEAN: M.mean(delta),
@@ -259,10 +249,11 @@ def delta_nll_loss(
         M.TRAIN_NLL: nll.detach().mean().item(),
     }
     if phase.kl_weight > 0:
-        loss = loss + phase.kl_weight * kl
-        metrics[M.TRAIN_KL] = kl.item()
+        kl_mean = kl.mean() if weights is None else (kl * weights.to(kl.device)).mean()
+        loss = loss + phase.kl_weight * kl_mean
+        metrics[M.TRAIN_KL] = kl.detach().mean().item()
     if stress:
-        stress_nll, stress_tokens, _ = _grouped_nll(lm, stress, horizons, None, rows, 0.0)
+        stress_nll, stress_tokens, _ = _grouped_nll(lm, stress, horizons, None)
         loss = loss + phase.lod2_weight * stress_nll.mean()
         tokens += stress_tokens
         lod2_delta = M.delta_nll(stress_nll.detach().mean(1).cpu().numpy(), teacher.mean(1).cpu().numpy())
@@ -271,12 +262,14 @@ def delta_nll_loss(
     return loss, metrics
 
 
-def _grouped_nll(lm, contexts, horizons, teacher_logprobs, rows, kl_weight):
+def _grouped_nll(lm, contexts, horizons, teacher: Batch | None):
     """One packed forward per group of equal-length contexts (horizon_nll_grad needs equal T).
-    -> per-token NLL [B, H] (sample order kept), base-model tokens processed, mean KL (0 if unused)."""
+    -> per-token NLL [B, H] (sample order kept), base-model tokens processed, per-token top-k KL to the
+    `teacher` [B, H] (None without one)."""
     H = horizons.shape[1]
     nll = [None] * len(contexts)
-    kls, tokens = [], 0
+    kl = [None] * len(contexts)
+    tokens = 0
     groups: dict[int, list[int]] = {}
     for j, c in enumerate(contexts):
         groups.setdefault(c.embeds.shape[0], []).append(j)
@@ -286,12 +279,11 @@ def _grouped_nll(lm, contexts, horizons, teacher_logprobs, rows, kl_weight):
         for j, row in zip(group, group_nll):
             nll[j] = row
         tokens += len(group) * (T + H)
-        if kl_weight > 0:
-            student = out["logits"][:, :-1].float().log_softmax(-1)  # [g, H, V]
-            teacher = teacher_logprobs[rows[group]].to(student.device).float()
-            kls.append((teacher.exp() * (teacher - student)).sum(-1).mean(-1))  # [g]
-    kl = torch.cat(kls).mean() if kls else torch.zeros(())
-    return torch.stack(nll), tokens, kl
+        if teacher is not None:
+            group_kl = topk_kl(out["logits"][:, :-1], teacher["topk_logprobs"][group], teacher["topk_ids"][group])
+            for j, row in zip(group, group_kl):
+                kl[j] = row
+    return torch.stack(nll), tokens, (torch.stack(kl) if teacher is not None else None)
 
 
 # ---------------------------------------------------------------------------------------------- training
@@ -323,6 +315,7 @@ class _Run:
     nan_free: bool = True
     nan_phases: list[int] = field(default_factory=list)
     seconds_per_step: dict[str, float] = field(default_factory=dict)  # phase name -> mean wall s/step
+    train_seconds: float = 0.0  # wall seconds of training steps so far, all phases (`max_seconds`)
     history: list[dict[str, float]] = field(default_factory=list)
 
 
@@ -336,8 +329,12 @@ def train_gistnet(
     resume: bool = True,
     progress: bool = True,
     init_from: Path | None = None,
+    teacher_root: Path | None = None,
 ) -> common.TrainResult:
     """Train GistNet through `cfg.gistnet.training.phases`; `train_ids` [N, >= C + H] token ids.
+
+    The teacher pass over this cycle's pool is read from (or first written to) the shards under
+    `teacher_root` (default: `teacher/` beside `checkpoints_dir`; `compression.teacher`).
 
     With `resume`, continue from the newest complete JT1 checkpoint of this cycle (a finished run
     returns at once). Otherwise start from `init_from` (a JT1 checkpoint, e.g. the previous cycle's)
@@ -367,13 +364,17 @@ def train_gistnet(
     sink.log_metrics(gist_profile, step=run.global_step)
     sink.log_params({"jt1.gistnet_parameters": int(gist_profile[M.GISTNET_PARAMETERS])})
 
-    rows = choose_pool_rows(len(train_ids), tcfg.sample_pool, cfg.seed, cycle)
+    positions = pool_positions(len(train_ids), tcfg.sample_pool, cycle)
+    layers = cfg.gistnet.model.input_layers
+    teacher = TeacherCache.for_config(cfg, lm, np.asarray(train_ids), teacher_root or checkpoints_dir.parent / "teacher")
     finished = run.phase_index == len(tcfg.phases) - 1 and run.phase_complete
-    needs_kl = any(p.kl_weight > 0 for p in tcfg.phases)
     # A finished run (resumed after its last phase) needs no teacher pass: it returns at once.
-    pool = None if finished else build_pool(
-        lm, np.asarray(train_ids)[rows.numpy()], C, H, K, keep_logprobs=needs_kl, progress=progress
-    )
+    if not finished and distributed.is_main_process():
+        teacher.ensure(lm, np.asarray(train_ids), positions, layers, progress=progress)
+    distributed.wait_for_everyone()
+    sink.log_params({"jt1.teacher_fingerprint": teacher.spec.fingerprint, "jt1.pool_samples": len(positions)})
+    if not finished:
+        sink.log_metrics({M.TRAIN_TEACHER_CACHE_MB: teacher.nbytes(positions, layers) / 2**20}, step=run.global_step)
 
     def trainer_state() -> dict:
         return common.trainer_state(
@@ -381,7 +382,7 @@ def train_gistnet(
             gister.parameters(),
             rng={
                 "torch_manual_seed": "seed + s before step s (dropout)",
-                "pool": f"torch.Generator().manual_seed(seed * 7919 + cycle); rows {rows.tolist()}",
+                "pool": f"positions {int(positions[0])}..{int(positions[-1])} of teacher.pool_order(N, seed)",
             },
             global_step=run.global_step, phase_index=run.phase_index, phase_name=tcfg.phases[run.phase_index].name,
             healthy=run.nan_free, gistnet=gist_profile,
@@ -402,16 +403,28 @@ def train_gistnet(
             total=phase.max_steps, initial=run.phase_step, desc=f"JT1 {phase.name}", disable=not progress
         )
         while run.phase_step < phase.max_steps:
+            if phase.max_seconds is not None and t_phase >= phase.max_seconds:
+                log.info("JT1 %s: phase budget of %.0f s reached at step %d", phase.name, phase.max_seconds,
+                         run.phase_step)
+                break
+            if tcfg.max_seconds is not None and run.train_seconds >= tcfg.max_seconds:
+                log.info("JT1 %s: training budget of %.0f s reached at step %d", phase.name, tcfg.max_seconds,
+                         run.phase_step)
+                break
             t0 = time.perf_counter()
             batch_rows, w_maxes = common.sample_step(
-                cfg.seed, run.global_step, len(pool.ids), tcfg.batch_size, cfg.working_context.eval_w_max,
+                cfg.seed, run.global_step, len(positions), tcfg.batch_size, cfg.working_context.eval_w_max,
                 rank, world,
             )
+            batch = teacher.rows(positions[batch_rows.numpy()], layers=layers)
             torch.manual_seed(distributed.rank_seed(cfg.seed + run.global_step))
             if phase.objective == "pooling_mse":
-                loss, metrics = pooling_mse_loss(gister, lm, pool, batch_rows, C, K)
+                loss, metrics = pooling_mse_loss(gister, lm, batch, C, K)
+            elif phase.objective == "reconstruction":
+                step_seed = distributed.rank_seed(cfg.seed * 1_000_003 + run.global_step)
+                loss, metrics = reconstruction_loss(gister, lm, batch, cfg, phase, step_seed)
             else:
-                loss, metrics = delta_nll_loss(gister, lm, pool, batch_rows, w_maxes, cfg, phase)
+                loss, metrics = delta_nll_loss(gister, lm, batch, w_maxes, cfg, phase)
             # backward + gradient all-reduce over ranks + clipping; NaN when any rank's loss is non-finite
             grad_norm = distributed.backward_step(loss, opt, gister.parameters(), tcfg.grad_clip)
             if common.stop_if_nonfinite(loss, grad_norm, sink, run.global_step, M.TRAIN_LOSS, f"JT1 {phase.name}"):
@@ -423,6 +436,7 @@ def train_gistnet(
             run.phase_step += 1
             dt = time.perf_counter() - t0
             t_phase, steps_timed = t_phase + dt, steps_timed + 1
+            run.train_seconds += dt
             metrics.update(
                 {
                     M.TRAIN_LOSS: loss.item(),
@@ -461,6 +475,7 @@ def _summary(run: _Run, window: int = 10) -> dict[str, float]:
     if delta:
         out["jt1/delta_nll_mean_start"] = M.mean(delta[:window])
         out["jt1/delta_nll_mean_end"] = M.mean(delta[-window:])
+    out["jt1/train_seconds"] = run.train_seconds
     for name, s in run.seconds_per_step.items():
         out[f"jt1/seconds_per_step/{name}"] = s
     return out

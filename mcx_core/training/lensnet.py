@@ -58,6 +58,7 @@ from tqdm.auto import tqdm
 from mcx_core import checkpoints
 from mcx_core.compression.gistnet import num_parameters
 from mcx_core.config import MegaContextConfig
+from mcx_core.compression.gistnet import tree_inputs_fn
 from mcx_core.focus.delta_tables import (
     gistnet_label,
     read_contexts,
@@ -118,7 +119,8 @@ def load_examples(
                 continue
             key = (ctx["block_size"], ctx["max_level"], tuple(ctx["history_ids"]))
             if key != tree_key:
-                tree, tree_key = rebuild_tree(ctx, lm.embed, gister, lm.d_model), key
+                input_fn = tree_inputs_fn(lm, gister, ctx["block_size"])
+                tree, tree_key = rebuild_tree(ctx, lm.embed, gister, lm.d_model, input_fn), key
             wc, ages = rebuild_context(ctx, lm.embed, gister, lm.d_model, tree=tree)
             with torch.no_grad():
                 inputs = entry_inputs(wc, lm.embed, torch.tensor(ages), tail_gists)

@@ -43,6 +43,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from mcx_core.compression.gistnet import tree_inputs_fn
 from mcx_core import checkpoints
 from mcx_core.config import MegaContextConfig
 from mcx_core.focus.allocator import FocusAllocator
@@ -95,7 +96,8 @@ def focused_context(
     history = torch.as_tensor(history, dtype=torch.long).flatten()
     C = len(history)
     prefill = max(0, C - S * R)
-    tree = MegaContextTree(lm.d_model, lm.embed, gister, cfg.dataset.block_size, max_level=lensnet.max_level)
+    tree = MegaContextTree(lm.d_model, lm.embed, gister, cfg.dataset.block_size, max_level=lensnet.max_level,
+                           input_fn=tree_inputs_fn(lm, gister, cfg.dataset.block_size))
     if prefill:
         tree.ingest(history[:prefill])
         wc = WorkingContext.initial(tree, w_max, wcc.recent_tokens, wcc.position_scheme, wcc.sink_tokens)

@@ -18,6 +18,37 @@ from mcx_dagster.defs.resources import MegaContextSettings, MLflowTracker
     group_name="compression", deps=["block_dataset", "base_model"], partitions_def=jt_cycles,
     kinds={"pytorch", "safetensors"},
 )
+def jt1_teacher(context: dg.AssetExecutionContext, settings: MegaContextSettings) -> dg.MaterializeResult:
+    """The JT1 teacher pass of one cycle's training pool (partition = cycle): the frozen base model's
+    full-history horizon NLL, top-k log-probs (KL targets), recency NLL, pooling targets and — for a
+    contextual GistNet — the blocks' first-k-layer states, as safetensors shards under
+    `artifacts/teacher/<fingerprint>/`. Computed once per dataset version, resumable shard by shard;
+    JT1 streams it instead of holding the pool in memory."""
+    from mcx_core import pipeline
+    from mcx_core.compression.teacher import run_teacher_pass
+
+    cfg = settings.load()
+    lm, _ = pipeline.prepare_base_model(cfg)
+    out = run_teacher_pass(cfg, lm, cycle_of(context))
+    context.log.info("teacher pass: %d of %d shards computed", out["shards_computed"], out["shards"])
+    return dg.MaterializeResult(
+        metadata={
+            "directory": dg.MetadataValue.path(str(out["directory"])),
+            "fingerprint": out["fingerprint"],
+            "samples": out["samples"],
+            "shards": out["shards"],
+            "shards_computed": out["shards_computed"],
+            "input_layers": out["input_layers"],
+            "size_mb": dg.MetadataValue.float(out["bytes"] / 2**20),
+            "seconds": dg.MetadataValue.float(out["seconds"]),
+        }
+    )
+
+
+@dg.asset(
+    group_name="compression", deps=["block_dataset", "base_model", "jt1_teacher"], partitions_def=jt_cycles,
+    kinds={"pytorch", "safetensors"},
+)
 def gistnet_checkpoint(
     context: dg.AssetExecutionContext, settings: MegaContextSettings, mlflow: MLflowTracker
 ) -> dg.MaterializeResult:

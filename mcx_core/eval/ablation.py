@@ -5,6 +5,7 @@ An ablation file (YAML):
 
     base: configs/default.yaml        # every variant starts from this config
     budget_seconds: 240               # JT1 training seconds per variant, all phases (teacher pass excluded)
+    common: {gistnet.training.sample_pool: 24}   # overrides every variant starts from
     eval_samples: 16                  # validation samples per corpus
     w_max: 128                        # default: the base config's working_context.w_max
     variants:                         # name -> dotted overrides of the base config
@@ -40,6 +41,7 @@ class AblationSpec(BaseModel):
     budget_seconds: float = Field(gt=0)
     eval_samples: int = Field(default=16, gt=0)
     w_max: int | None = Field(default=None, gt=0)
+    common: dict[str, Any] = Field(default_factory=dict, description="overrides every variant starts from")
     variants: dict[str, dict[str, Any]] = Field(min_length=1)
     phases_: dict[str, Any] | None = Field(default=None, alias="_phases", description="YAML anchors only")
 
@@ -60,6 +62,7 @@ def load_spec(path: str | Path) -> AblationSpec:
     except ValidationError as err:
         raise ConfigError(str(p), [f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in err.errors()]) from None
     bad = [f"variants.{v}.{k}" for v, o in spec.variants.items() for k in o if k.startswith(FORBIDDEN_PREFIXES)]
+    bad += [f"common.{k}" for k in spec.common if k.startswith(FORBIDDEN_PREFIXES)]
     if bad:
         raise ConfigError(str(p), [f"{b}: variants share the datasets and base model; this key cannot vary" for b in bad])
     return spec
@@ -67,7 +70,7 @@ def load_spec(path: str | Path) -> AblationSpec:
 
 def variant_config(spec: AblationSpec, name: str, root: Path) -> MegaContextConfig:
     """The base config with the variant's overrides, the shared budget and its own checkpoint directory."""
-    overrides = {**spec.variants[name], "gistnet.training.max_seconds": spec.budget_seconds,
+    overrides = {**spec.common, **spec.variants[name], "gistnet.training.max_seconds": spec.budget_seconds,
                  "evaluation.split": "val"}
     return load_config(Path(root) / spec.base, root, overrides)
 

@@ -14,6 +14,34 @@ from pydantic import ValidationError
 from mcx_core.config.sections import EMBEDDED_SOURCES, MegaContextConfig, resolve_path
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """`yaml.safe_load` that refuses a key given twice in one mapping (PyYAML keeps the last silently)."""
+
+
+def _construct_unique_mapping(loader: _UniqueKeyLoader, node: yaml.MappingNode, deep: bool = False):
+    seen: dict[Any, int] = {}
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=True)
+        try:
+            hash(key)
+        except TypeError:
+            continue  # SafeLoader reports an unhashable key itself
+        if key in seen:
+            raise yaml.constructor.ConstructorError(
+                None, None, f"duplicate key {key!r} (first given on line {seen[key] + 1})", key_node.start_mark
+            )
+        seen[key] = key_node.start_mark.line
+    return yaml.SafeLoader.construct_mapping(loader, node, deep)
+
+
+_UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_unique_mapping)
+
+
+def load_yaml(text: str) -> Any:
+    """YAML -> Python like `yaml.safe_load`, refusing duplicate keys (`yaml.YAMLError`)."""
+    return yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 (a SafeLoader subclass)
+
+
 class ConfigError(ValueError):
     """A config that cannot be used. `problems` holds one `field.path: message` line per problem."""
 
@@ -66,13 +94,15 @@ def load_config(path: str | os.PathLike, root: str | os.PathLike | None = None,
     if not p.is_file():
         raise ConfigError(str(p), [f"<file>: config file not found: {p.resolve()}"])
     try:
-        data = yaml.safe_load(p.read_text(encoding="utf-8"))
+        data = load_yaml(p.read_text(encoding="utf-8"))
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
         raise ConfigError(str(p), [f"<yaml>: not valid YAML{where}: {getattr(err, 'problem', err)}"]) from None
     except UnicodeDecodeError:
         raise ConfigError(str(p), ["<file>: not a UTF-8 text file"]) from None
+    except OSError as err:
+        raise ConfigError(str(p), [f"<file>: cannot read {p}: {err.strerror or err}"]) from None
     for key, value in (overrides or {}).items():
         _set_dotted(data, key, value)
     return parse_config(data, str(p), root)
@@ -112,4 +142,56 @@ def check_files(cfg: MegaContextConfig, root: str | os.PathLike | None = None) -
     tok = cfg.dataset.tokenizer
     if tok != "auto" and not resolve_path(tok, root).is_dir():
         problems.append(f"dataset.tokenizer: no local tokenizer directory at {resolve_path(tok, root)}")
+    for field in ("artifacts_dir", "dataset.output_dir"):
+        value = cfg.artifacts_dir if field == "artifacts_dir" else cfg.dataset.output_dir
+        problem = unwritable_dir(resolve_path(value, root))
+        if problem:
+            problems.append(f"{field}: {problem}")
+    problems += _runtime_length_problems(cfg, root)
     return problems
+
+
+def unwritable_dir(path: Path) -> str | None:
+    """Why a directory cannot be created or written at `path` (None when it can): checks `path` or its
+    nearest existing parent, without creating anything."""
+    p = Path(path)
+    probe = p
+    while not probe.exists():
+        if probe.parent == probe:
+            break
+        probe = probe.parent
+    if not probe.is_dir():
+        return f"{probe} is not a directory, so {p} cannot be created"
+    if not os.access(probe, os.W_OK | os.X_OK):
+        return f"{probe} is not writable ({'read-only file system' if _read_only(probe) else 'permission denied'})"
+    return None
+
+
+def _read_only(path: Path) -> bool:
+    try:
+        return bool(os.statvfs(path).f_flag & os.ST_RDONLY)
+    except OSError:
+        return False
+
+
+def _runtime_length_problems(cfg: MegaContextConfig, root) -> list[str]:
+    """`runtime.steps` that no document can hold: a step needs `refocus_every` new tokens, and a token is
+    at least one byte, so a document shorter in bytes than prefill + steps x refocus_every + horizon
+    cannot be streamed; the largest source file bounds every document of its corpus."""
+    from mcx_core.data.corpora import list_sources
+
+    rc = cfg.runtime
+    need = rc.prefill_tokens + rc.steps * rc.refocus_every + cfg.dataset.horizon
+    largest = 0
+    try:
+        for corpus in cfg.dataset.corpora.values():
+            for f in list_sources(corpus, Path(root) if root else None):
+                largest = max(largest, f.path.stat().st_size)
+    except (OSError, ValueError):
+        return []  # the file checks above report missing sources
+    if largest and need > largest:
+        return [
+            f"runtime.steps: {rc.steps} steps need documents of {need} tokens (runtime.prefill_tokens + "
+            f"steps x refocus_every + dataset.horizon), but the largest source file has {largest} bytes"
+        ]
+    return []

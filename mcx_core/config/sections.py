@@ -27,8 +27,29 @@ def resolve_path(p: str | os.PathLike, root: str | os.PathLike | None) -> Path:
     return path if path.is_absolute() else project_root(root) / path
 
 
+# Any integer in a config is at most this (a size of 2**70 fails here, not minutes into a run).
+INT_MAX = 2**31 - 1
+
+
 class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+    """Every config section: unknown keys refused, ints and bools strict (`horizon: true` and `steps: 2.5`
+    are errors, not 1 and 2), NaN/inf refused in every float, every int at most `INT_MAX`."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True, strict=True, allow_inf_nan=False)
+
+    @field_validator("*", mode="after")
+    @classmethod
+    def _bounded_ints(cls, v: Any) -> Any:
+        values = v if isinstance(v, list) else list(v.values()) if isinstance(v, dict) else [v]
+        for x in values:
+            if isinstance(x, int) and not isinstance(x, bool) and abs(x) > INT_MAX:
+                raise ValueError(f"{x} is out of range (at most {INT_MAX})")
+        return v
+
+
+def _divides(section: str, hidden: int, heads: int) -> None:
+    if hidden % heads:
+        raise ValueError(f"{section}.hidden_size ({hidden}) must be divisible by {section}.num_heads ({heads})")
 
 
 # ---------------------------------------------------------------------------------------------- dataset
@@ -53,9 +74,9 @@ class SplitSource(Section):
 class DatasetConfig(Section):
     dataset_name: str = "megacontext"
     tokenizer: str = Field(default="auto", description="'auto' = the base model's tokenizer, or a local dir")
-    block_size: int = Field(default=32, gt=0)
-    context_tokens: int = Field(default=1024, gt=0)
-    horizon: int = Field(default=64, gt=0)
+    block_size: int = Field(default=32, gt=0, le=4096)
+    context_tokens: int = Field(default=1024, gt=0, le=2**24)
+    horizon: int = Field(default=64, gt=0, le=2**20)
     stride_tokens: int | None = Field(default=None, gt=0, description="default: one whole sample")
     min_document_tokens: int | None = Field(default=None, gt=0, description="default: one sample")
     corpora: dict[str, CorpusConfig] = Field(default_factory=dict)
@@ -95,11 +116,16 @@ class DatasetConfig(Section):
 class TinyModelConfig(Section):
     """A randomly initialised Llama for tests: seconds, not minutes."""
 
-    hidden_size: int = Field(default=64, gt=0)
-    num_layers: int = Field(default=2, gt=0)
-    num_heads: int = Field(default=4, gt=0)
-    intermediate_size: int = Field(default=128, gt=0)
-    max_position_embeddings: int = Field(default=4096, gt=0)
+    hidden_size: int = Field(default=64, gt=0, le=16384)
+    num_layers: int = Field(default=2, gt=0, le=256)
+    num_heads: int = Field(default=4, gt=0, le=1024)
+    intermediate_size: int = Field(default=128, gt=0, le=65536)
+    max_position_embeddings: int = Field(default=4096, gt=0, le=2**24)
+
+    @model_validator(mode="after")
+    def _heads(self):
+        _divides("base_model.tiny", self.hidden_size, self.num_heads)
+        return self
 
 
 class BaseModelConfig(Section):
@@ -138,11 +164,11 @@ class PhaseConfig(Section):
 
 
 class GistNetModelConfig(Section):
-    hidden_size: int | Literal["auto"] = "auto"
-    block_size: int = Field(default=32, gt=0)
-    num_heads: int = Field(default=4, gt=0)
-    num_layers: int = Field(default=2, gt=0)
-    ffn_mult: int = Field(default=4, gt=0)
+    hidden_size: int | Literal["auto"] = Field(default="auto", description="'auto' = the base model's hidden size")
+    block_size: int = Field(default=32, gt=0, le=4096)
+    num_heads: int = Field(default=4, gt=0, le=1024)
+    num_layers: int = Field(default=2, gt=0, le=256)
+    ffn_mult: int = Field(default=4, gt=0, le=64)
     pooling: Literal["query", "cls", "mean"] = "query"
     dropout: float = Field(default=0.0, ge=0, lt=1)
     share_levels: bool = Field(default=False, description="one module for LOD1 and LOD2")
@@ -154,6 +180,10 @@ class GistNetModelConfig(Section):
 
     @model_validator(mode="after")
     def _levels(self):
+        if self.hidden_size != "auto":
+            if not 0 < self.hidden_size <= 16384:
+                raise ValueError(f"hidden_size must be 'auto' or in 1..16384 (got {self.hidden_size})")
+            _divides("gistnet.model", self.hidden_size, self.num_heads)
         if self.share_levels and self.input_layers:
             raise ValueError("share_levels needs input_layers 0: LOD1 reads base-model states, LOD2 reads gists")
         return self
@@ -194,10 +224,15 @@ class GistNetConfig(Section):
 
 
 class LensNetModelConfig(Section):
-    hidden_size: int = Field(default=128, gt=0)
-    num_layers: int = Field(default=2, gt=0)
-    num_heads: int = Field(default=4, gt=0)
+    hidden_size: int = Field(default=128, gt=0, le=16384)
+    num_layers: int = Field(default=2, gt=0, le=256)
+    num_heads: int = Field(default=4, gt=0, le=1024)
     tail_gists: int = Field(default=4, ge=0)
+
+    @model_validator(mode="after")
+    def _heads(self):
+        _divides("lensnet.model", self.hidden_size, self.num_heads)
+        return self
 
 
 class LensNetTrainingConfig(TrainingConfig):
@@ -246,7 +281,7 @@ class LoRAConfig(Section):
 
 
 class WorkingContextConfig(Section):
-    w_max: int = Field(default=128, gt=0, description="the budget the runtime and acceptance gate use")
+    w_max: int = Field(default=128, gt=0, le=2**24, description="the budget the runtime and acceptance gate use")
     eval_w_max: list[int] = Field(default_factory=lambda: [128, 256])
     recent_tokens: int = Field(default=64, ge=0)
     position_scheme: Literal["center", "compact"] = "center"
@@ -258,8 +293,8 @@ class WorkingContextConfig(Section):
     @field_validator("eval_w_max")
     @classmethod
     def _positive(cls, v: list[int]) -> list[int]:
-        if not v or any(w <= 0 for w in v):
-            raise ValueError("must be a non-empty list of positive integers")
+        if not v or any(w <= 0 or w > 2**24 for w in v):
+            raise ValueError(f"must be a non-empty list of integers in 1..{2**24}")
         return v
 
 
@@ -269,6 +304,10 @@ class AllocatorConfig(Section):
     n_diff: int = Field(default=4, gt=0)
     cooldown_steps: int = Field(default=2, ge=0)
     min_residency: int = Field(default=3, ge=0)
+    swap_margin: float = Field(
+        default=0.2, ge=0, le=2,
+        description="hysteresis of a swap: an expand may collapse spans scoring more than this below it (SPEC §5.3)",
+    )
 
 
 class DeltasConfig(Section):
@@ -419,6 +458,19 @@ class MLflowConfig(Section):
     artifact_location: str | None = Field(default=None, description="default: <root>/mlruns/artifacts")
     system_metrics: bool = False
 
+    @field_validator("tracking_uri")
+    @classmethod
+    def _uri(cls, v: str | None) -> str | None:
+        if v is None:
+            return v
+        scheme = v.split(":", 1)[0].lower() if ":" in v else ""
+        known = ("sqlite", "file", "http", "https", "postgresql", "mysql", "mssql", "databricks")
+        if scheme.split("+")[0] not in known:
+            raise ValueError(f"{v!r} is not a tracking URI (scheme one of {', '.join(known)}: sqlite:////abs/path.db, ...)")
+        if scheme == "sqlite" and not v.startswith("sqlite:///"):
+            raise ValueError(f"{v!r}: a sqlite URI is sqlite:///relative.db or sqlite:////absolute/path.db")
+        return v
+
 
 class TrainingLoopConfig(Section):
     """The alternating schedule (SPEC §6): `n_cycles` × (JT1 → deltas → JT2 → JT3), each cycle starting
@@ -475,6 +527,19 @@ class MegaContextConfig(Section):
     @model_validator(mode="after")
     def _check(self) -> MegaContextConfig:
         block = self.dataset.block_size
+        gm = self.gistnet.model
+        if gm.hidden_size == "auto" and self.base_model.source == "tiny_random":
+            if self.base_model.tiny.hidden_size % gm.num_heads:
+                raise ValueError(
+                    f"gistnet.model.num_heads ({gm.num_heads}) must divide the base model's hidden size "
+                    f"(base_model.tiny.hidden_size {self.base_model.tiny.hidden_size}; gistnet.model.hidden_size is 'auto')"
+                )
+        capped = [c.max_documents for c in self.dataset.corpora.values()]
+        if capped and all(n is not None for n in capped) and self.runtime.documents > sum(capped):
+            raise ValueError(
+                f"runtime.documents ({self.runtime.documents}) is more than the corpora hold "
+                f"(max_documents add up to {sum(capped)})"
+            )
         if self.gistnet.model.block_size != block:
             raise ValueError(
                 f"gistnet.model.block_size ({self.gistnet.model.block_size}) must equal "

@@ -13,9 +13,11 @@ to `wc.entries[i]`; positive = expand, negative = collapse, 0 = no opinion):
    expands where score > `tau_expand`, collapses where score < -`tau_collapse`, each legal and not
    held. Expands by descending score, collapses by ascending score (ties: expands nearest the cursor
    first, collapses oldest first), the two lists merged by |score| (a tie takes the collapse). An
-   expand that does not fit is paid for by collapses made *before* it — the lowest-scoring legal,
-   unheld collapses with a negative score, oldest first — so the cost never exceeds `w_max` after any
-   action; an expand whose payment does not fit in the remaining `n_diff` is skipped whole.
+   expand that does not fit is a **swap** (SPEC §5.3): it is paid for by collapses made *before* it — the
+   lowest-scoring legal, unheld spans whose collapse score is below the expand's score by more than
+   `swap_margin` (the hysteresis; a payer need not score below -`tau_collapse`), oldest first on ties —
+   so the cost never exceeds `w_max` after any action; an expand whose payment does not fit in the
+   remaining `n_diff` is skipped whole.
 
 Stability, per entry (keyed by level and index): its *age* is the number of steps since it got its
 level (it appeared in the context, or an action made it). A voluntary action needs every entry it
@@ -29,8 +31,15 @@ then the run's highest score. So a run is never collapsed voluntarily, nor force
 uncontested ones, while part of it asks for detail — what stops a parent-wants-detail /
 children-want-coarser pair of scores from flipping a span back and forth.
 
-Residency (SPEC §7): each action records the age of what it replaced (the youngest entry of a
-collapsed run): how long that span stayed at its level before it was swapped.
+Causes and residency (SPEC §7). Each action has a `cause`: "voluntary" (over its threshold), "swap" (a
+collapse paying for an expand), "forced" (the budget, on a span some action had placed) or "age_out"
+(the budget, on a span no deliberate action ever placed: raw tokens leaving the recent window, or the
+gists such collapses made, collapsed further as they age). Residency is the seed's: the steps a span
+stayed at the level a deliberate action (expand, voluntary or swap collapse, forced collapse of a
+placed span) put it in, before the next action on it — `Action.residency`, the youngest such entry of
+the replaced run; None when no entry of the run was placed by one (an age-out, or the first action
+on an aged span). Age-out collapses are counted apart (`runtime/age_out_collapses`), never as
+residency samples.
 """
 
 from __future__ import annotations
@@ -55,7 +64,8 @@ class Action:
     end: int
     score: float  # the score that chose it (the first entry's for a collapse)
     forced: bool  # a collapse the budget forced
-    residency: int  # steps the replaced entry (youngest of a run) stayed at its level
+    residency: int | None  # steps the replaced span stayed at the level an action put it in (None: none did)
+    cause: str = "voluntary"  # "voluntary" | "swap" | "forced" | "age_out" (module docstring)
 
     @property
     def span_id(self) -> str:
@@ -85,8 +95,18 @@ class StepStats:
         return sum(a.forced for a in self.actions)
 
     @property
+    def num_age_outs(self) -> int:
+        return sum(a.cause == "age_out" for a in self.actions)
+
+    @property
+    def num_swaps(self) -> int:
+        """Expands paid for by collapses in the same step (each swap counted once, at its expand)."""
+        return sum(a.kind == "expand" and a.cause == "swap" for a in self.actions)
+
+    @property
     def residencies(self) -> list[int]:
-        return [a.residency for a in self.actions]
+        """The residency samples of this step (SPEC §7): actions on spans a deliberate action placed."""
+        return [a.residency for a in self.actions if a.residency is not None]
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -95,6 +115,8 @@ class StepStats:
             "num_expands": self.num_expands,
             "num_collapses": self.num_collapses,
             "num_forced": self.num_forced,
+            "num_age_outs": self.num_age_outs,
+            "num_swaps": self.num_swaps,
             "residencies": self.residencies,
             "cost_before": self.cost_before,
             "cost_after": self.cost_after,
@@ -116,6 +138,7 @@ class FocusAllocator:
         self.t = 0  # steps taken
         self._born: dict[Key, int] = {}  # step at which each current entry got its level
         self._made_by: dict[Key, str] = {}  # "expand" | "collapse" for entries an action created
+        self._placed: set[Key] = set()  # entries a deliberate (not age-out) action created: residency
         self._open: StepStats | None = None  # the step `fit` opened and `step` has not finished
         # Latest score of each entry; an action's result inherits the score that chose it.
         self._last_score: dict[Key, float] = {}
@@ -173,6 +196,7 @@ class FocusAllocator:
         present = {_key(e) for e in wc.entries}
         self._born = {k: v for k, v in self._born.items() if k in present}
         self._made_by = {k: v for k, v in self._made_by.items() if k in present}
+        self._placed &= present
         self._last_score = {k: v for k, v in self._last_score.items() if k in present}
         for e in wc.entries:
             self._born.setdefault(_key(e), self.t)
@@ -185,7 +209,9 @@ class FocusAllocator:
                     f"left to collapse (newest {wc.recent_tokens} tokens stay LOD0, top level "
                     f"LOD{wc.tree.max_level})"
                 )
-            self._collapse(wc, j, self._collapse_score(self._run(wc, j), score_of), True, stats)
+            run = self._run(wc, j)
+            cause = "forced" if any(_key(e) in self._placed for e in run) else "age_out"
+            self._collapse(wc, j, self._collapse_score(run, score_of), cause, stats)
         self._open = stats
         return stats
 
@@ -271,7 +297,7 @@ class FocusAllocator:
                 if e in used or j is None or not wc.can_collapse(j):
                     continue
                 cost -= wc.collapse_saving(j)
-                self._collapse(wc, j, s, False, stats)
+                self._collapse(wc, j, s, "voluntary", stats)
                 used.add(e)
                 left -= 1
                 continue
@@ -289,7 +315,9 @@ class FocusAllocator:
                 if payers is None:
                     payers = self._payers(wc, score_of)
                 k = 0
-                while k < len(payers) and deficit > 0 and len(plan) < left - 1:
+                # hysteresis: a payer's score must sit more than swap_margin below the expand's
+                while (k < len(payers) and deficit > 0 and len(plan) < left - 1
+                       and payers[k][0] < s - cfg.swap_margin):
                     pe = payers[k][1]
                     j = self._index(wc, pe)
                     if pe in used or j is None or not wc.can_collapse(j):
@@ -304,21 +332,23 @@ class FocusAllocator:
                 stats.skipped_budget += 1
                 continue
             for ps, pe, saving in plan:
-                self._collapse(wc, self._index(wc, pe), ps, False, stats)
+                self._collapse(wc, self._index(wc, pe), ps, "swap", stats)
                 used.add(pe)
                 cost -= saving
                 left -= 1
-            self._expand(wc, self._index(wc, target), s, stats)
+            self._expand(wc, self._index(wc, target), s, "swap" if plan else "voluntary", stats)
             cost += extra
             left -= 1
 
     def _payers(self, wc: WorkingContext, score_of: dict[Entry, float]) -> list[tuple[float, Entry]]:
+        """Legal, unheld, uncontested collapses that do not themselves want detail (score <= tau_expand),
+        lowest score first: what a swap may pay with (its margin is checked per expand)."""
         out = []
         for j, e in enumerate(wc.entries):
             s = score_of.get(e)
             if (
                 s is not None
-                and s < 0
+                and s <= self.cfg.tau_expand
                 and self._starts_run(wc, e)
                 and wc.can_collapse(j)
                 and not self._contested(self._run(wc, j), score_of)
@@ -341,43 +371,41 @@ class FocusAllocator:
 
     # ------------------------------------------------------------------------------------------ actions
 
-    def _retire(self, run: list[Entry]) -> int:
-        """Forget the replaced entries; return the residency of the youngest."""
-        residency = min(self._age(e) for e in run)
+    def _retire(self, run: list[Entry]) -> int | None:
+        """Forget the replaced entries; return the residency of the youngest one a deliberate action
+        placed (None if no action placed any)."""
+        placed = [self._age(e) for e in run if _key(e) in self._placed]
         for e in run:
             self._born.pop(_key(e), None)
             self._made_by.pop(_key(e), None)
             self._last_score.pop(_key(e), None)
-        return residency
+            self._placed.discard(_key(e))
+        return min(placed) if placed else None
 
-    def _collapse(self, wc: WorkingContext, j: int, score: float, forced: bool, stats: StepStats) -> None:
+    def _collapse(self, wc: WorkingContext, j: int, score: float, cause: str, stats: StepStats) -> None:
         run = self._run(wc, j)
         parent = wc.collapse(j)
+        forced = cause in ("forced", "age_out")
         stats.actions.append(
-            Action(
-                "collapse",
-                run[0].level,
-                run[0].index,
-                parent.start,
-                parent.end,
-                score,
-                forced,
-                self._retire(run),
-            )
+            Action("collapse", run[0].level, run[0].index, parent.start, parent.end, score, forced,
+                   self._retire(run), cause)
         )
         self._born[_key(parent)] = self.t
         self._made_by[_key(parent)] = "collapse"
+        if cause != "age_out":
+            self._placed.add(_key(parent))
         self._last_score[_key(parent)] = score
         stats.cost_trail.append(wc.cost)
 
-    def _expand(self, wc: WorkingContext, i: int, score: float, stats: StepStats) -> None:
+    def _expand(self, wc: WorkingContext, i: int, score: float, cause: str, stats: StepStats) -> None:
         e = wc.entries[i]
         children = wc.expand(i)
         stats.actions.append(
-            Action("expand", e.level, e.index, e.start, e.end, score, False, self._retire([e]))
+            Action("expand", e.level, e.index, e.start, e.end, score, False, self._retire([e]), cause)
         )
         for c in children:
             self._born[_key(c)] = self.t
             self._made_by[_key(c)] = "expand"
+            self._placed.add(_key(c))
             self._last_score[_key(c)] = score
         stats.cost_trail.append(wc.cost)

@@ -16,9 +16,11 @@ H) with no MegaContext machinery, and the overhead is `metrics.latency_overhead(
 step and, in the summary, of the medians. `compare_policies` runs several policies on the same
 documents at the same W_max.
 
-Residency in the records is the allocator's: per swap, the steps the replaced span had stayed at its
-level. Forced collapses count as swaps, so a block that leaves the recent window and is gisted at
-once has a residency of about recent_tokens / refocus_every.
+Residency is SPEC §7's (the allocator's `Action.residency`): per action on a span that a deliberate
+allocator action had placed, the steps it stayed at that level. A block gisted as it leaves the recent
+window (and its gists collapsed further as they age) was never swapped: such forced collapses are
+counted as `runtime/age_out_collapses`, not as residency samples, so a run with no voluntary focus has
+no residency samples at all (mean residency undefined: NaN in metrics, null in JSON).
 
 Each step gives one record (a trace line): the SPEC §6 trace keys (`step`, `expanded`, `collapsed`,
 `working_context`, `latency_ms`, `budget_utilization`) plus every logged metric under its
@@ -38,6 +40,7 @@ import logging
 import math
 import os
 import time
+import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -113,7 +116,7 @@ def _finite_or_none(value: Any) -> Any:
 
 
 class TraceWriter:
-    """One JSON line per step into `.{name}.tmp`, renamed to `path` by `close()`; a crashed run leaves
+    """One JSON line per step into `.{stem}.{pid}-{token}{suffix}.tmp`, renamed to `path` by `close()`; a crashed run leaves
     only the hidden `.tmp` file, never a `*.jsonl` that looks complete."""
 
     def __init__(self, path: str | os.PathLike | None):
@@ -121,7 +124,9 @@ class TraceWriter:
         self._file = None
         if self.path is not None:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            self.tmp = self.path.with_name(f".{self.path.name}.tmp")
+            # Unique per process (two writers of one path never share a temp file); `.jsonl.tmp` last,
+            # which is how the alert watcher finds a trace in progress.
+            self.tmp = self.path.with_name(f".{self.path.stem}.{os.getpid()}-{uuid.uuid4().hex[:8]}{self.path.suffix}.tmp")
             self._file = self.tmp.open("w", encoding="utf-8", buffering=1)
 
     def write(self, record: dict[str, Any]) -> None:
@@ -172,6 +177,9 @@ def summarize_run(records: list[dict[str, Any]], residencies: Sequence[int]) -> 
         M.NUM_EXPANDS: float(sum(col(M.NUM_EXPANDS))),
         M.NUM_COLLAPSES: float(sum(col(M.NUM_COLLAPSES))),
         M.NUM_FORCED_COLLAPSES: float(sum(col(M.NUM_FORCED_COLLAPSES))),
+        M.AGE_OUT_COLLAPSES: float(sum(col(M.AGE_OUT_COLLAPSES))),
+        M.NUM_SWAPS: float(sum(col(M.NUM_SWAPS))),
+        M.RESIDENCY_SAMPLES: float(len(residencies)),
     }
     for key in (M.PEAK_RSS_MB, M.GPU_MEMORY_ALLOCATED_GB, M.GPU_MEMORY_RESERVED_GB):
         if key in records[0]:
@@ -326,6 +334,8 @@ def run_engine(
             M.NUM_EXPANDS: stats.num_expands,
             M.NUM_COLLAPSES: stats.num_collapses,
             M.NUM_FORCED_COLLAPSES: stats.num_forced,
+            M.AGE_OUT_COLLAPSES: stats.num_age_outs,
+            M.NUM_SWAPS: stats.num_swaps,
             M.UTILIZATION: util,
             M.ACTIVE_TOKENS: wc.cost,
             M.BUDGET_LIMIT: w_max,
@@ -408,6 +418,10 @@ def compare_policies(
                 "loss_at_h": s[M.RUNTIME_LOSS_AT_H_MEAN],
                 "swap_rate": s[M.SWAP_RATE_MEAN],
                 "mean_residency": s[M.MEAN_RESIDENCY],
+                "residency_samples": int(s[M.RESIDENCY_SAMPLES]),
+                "expands": int(s[M.NUM_EXPANDS]),
+                "swaps": int(s[M.NUM_SWAPS]),
+                "age_out_collapses": int(s[M.AGE_OUT_COLLAPSES]),
                 "utilization": s[M.UTILIZATION_MEAN],
                 "utilization_max": s[M.UTILIZATION_MAX],
                 "overhead": s[M.LATENCY_OVERHEAD],

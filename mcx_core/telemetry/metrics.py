@@ -275,6 +275,9 @@ def is_finite(values) -> bool:
 # Runtime engine (mcx_core.focus.engine): per step, then a run summary. Stage latencies are
 # f"{LATENCY_STAGE_PREFIX}{stage}" for stage in ingest, fit, lensnet, allocator, checks, assemble, forward.
 NUM_FORCED_COLLAPSES = "runtime/num_forced_collapses"  # collapses the budget forced (part of NUM_COLLAPSES)
+AGE_OUT_COLLAPSES = "runtime/age_out_collapses"  # forced collapses of spans no action placed (part of forced)
+NUM_SWAPS = "runtime/num_swaps"  # expands paid for by collapses in the same step (SPEC §5.3)
+RESIDENCY_SAMPLES = "runtime/residency_samples"  # actions on spans a deliberate action placed (SPEC §7)
 LATENCY_STAGE_PREFIX = "runtime/latency_ms/"
 BASELINE_LATENCY_MS = "runtime/baseline_latency_ms"  # frozen base model alone, same active positions
 LATENCY_OVERHEAD = "runtime/latency_overhead"  # latency_overhead(step, baseline)

@@ -35,7 +35,7 @@ import time
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 
 from mcx_core import checkpoints
@@ -166,12 +166,15 @@ class Gister(nn.Module):
         return d
 
     @classmethod
-    def from_pretrained(cls, directory: str | Path, device: str | torch.device = "cpu") -> Gister:
-        """A `save_pretrained` directory, or the `gistnet/` of a JT checkpoint, in eval mode."""
-        d = checkpoints.module_dir(directory, checkpoints.GISTNET_DIR)
-        config = json.loads((d / CONFIG_FILE).read_text())
-        gister = cls(config["d_model"], GistNetModelConfig(**config["model"]), max_level=config["max_level"])
-        gister.load_state_dict(load_file(str(d / WEIGHTS_FILE)), strict=True)
+    def from_pretrained(cls, directory: str | Path, device: str | torch.device = "cpu", d_model: int | None = None,
+                        model_id: str | None = None) -> Gister:
+        """A `save_pretrained` directory, or the `gistnet/` of a JT checkpoint, in eval mode; validated
+        (`checkpoints.load_module`: CheckpointError), against the base model's `d_model` / `model_id` when given."""
+        gister = checkpoints.load_module(
+            directory, checkpoints.GISTNET_DIR, WEIGHTS_FILE,
+            lambda c: cls(c["d_model"], GistNetModelConfig(**c["model"]), max_level=c["max_level"]),
+            d_model=d_model, model_id=model_id,
+        )
         return gister.to(device).eval()
 
 
@@ -197,7 +200,7 @@ def tree_inputs_fn(lm, gist_fn, block_size: int):
 
 def load_gister(checkpoint_dir: str | Path, lm) -> Gister:
     """The trained GistNet of a JT checkpoint (or a `save_pretrained` directory) on `lm`'s device, in eval mode."""
-    return Gister.from_pretrained(checkpoint_dir, device=lm.device)
+    return Gister.from_pretrained(checkpoint_dir, device=lm.device, d_model=lm.d_model, model_id=lm.model_id)
 
 
 def num_parameters(module: nn.Module) -> int:

@@ -118,7 +118,9 @@ def run_runtime_eval(cfg: MegaContextConfig, lm: BaseLM, sink: TelemetrySink | N
     artifacts.write_json(paths.reports / "runtime_eval.json", {k: result[k] for k in ("summary", "per_document", "comparison", "seconds")})
     for p in [*report.values(), *traces]:
         sink.log_artifact(p, "runtime")
-    save_stage(cfg, "runtime_eval", fp, result, [*report.values(), *traces])
+    compared = [paths.traces / "compare" / f"{r['policy']}_doc{d}.jsonl" for r in comparison for d in range(len(docs))]
+    save_stage(cfg, "runtime_eval", fp, result, [*report.values(), *traces, *compared],
+               owns=[trace_dir, paths.traces / "compare"])
     return result
 
 def write_runtime_report(cfg, main: dict, per_doc: list[dict], comparison: list[dict], records: list[dict],

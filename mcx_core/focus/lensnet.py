@@ -32,7 +32,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 
 from mcx_core import checkpoints
@@ -254,10 +254,10 @@ class LensNet(nn.Module):
     @classmethod
     def from_pretrained(cls, directory: str | Path, device: str | torch.device = "cpu") -> LensNet:
         """A `save_pretrained` directory, or the `lensnet/` of a JT2/JT3 checkpoint, in eval mode."""
-        d = checkpoints.module_dir(directory, checkpoints.LENSNET_DIR)
-        config = json.loads((d / CONFIG_FILE).read_text())
-        net = cls(config["d_model"], LensNetModelConfig(**config["model"]), max_level=config["max_level"])
-        net.load_state_dict(load_file(str(d / WEIGHTS_FILE)), strict=True)
+        net = checkpoints.load_module(  # validated: CheckpointError, one line
+            directory, checkpoints.LENSNET_DIR, WEIGHTS_FILE,
+            lambda c: cls(c["d_model"], LensNetModelConfig(**c["model"]), max_level=c["max_level"]),
+        )
         return net.to(device).eval()
 
 

@@ -119,6 +119,7 @@ def load_lora(lm: BaseLM, checkpoint_dir: str | Path, trainable: bool = False) -
     path = adapter_dir(checkpoint_dir)
     if not (path / ADAPTER_CONFIG).is_file():
         raise FileNotFoundError(f"no LoRA adapter ({ADAPTER_CONFIG}) in {checkpoint_dir}")
+    checkpoints.check_adapter(path, ADAPTER_CONFIG, lm.model_id)  # CheckpointError: one line
 
     def attach(model):
         return PeftModel.from_pretrained(model, str(path), is_trainable=trainable)

@@ -304,12 +304,12 @@ def mlflow_alerts(tracking_uri: str, experiment: str, cfg: AlertsConfig, since_m
 
 # ---------------------------------------------------------------------------------------------- watching
 
-TMP_TRACE = re.compile(r"/[.]([^/]+[.]jsonl)[.]tmp$")
+TMP_TRACE = re.compile(r"/[.]([^/]+?)(?:[.]\d+-[0-9a-f]{8})?[.]jsonl[.]tmp$")
 
 
 def alert_key(a: Alert) -> str:
     """One alert per source and name: a finished trace is the same source as its in-progress `.tmp`."""
-    return TMP_TRACE.sub(lambda m: "/" + m.group(1), a.source) + "|" + a.name
+    return TMP_TRACE.sub(lambda m: "/" + m.group(1) + ".jsonl", a.source) + "|" + a.name
 
 
 def telemetry_files(traces_dir: Path, checkpoints_dir: Path) -> dict[str, int]:

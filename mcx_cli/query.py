@@ -1,8 +1,7 @@
-"""`mcx query`: SQL over the artifacts (DuckDB views, locked to them)."""
+"""`mcx query`: SQL over the artifacts (DuckDB views, sandboxed to the artifacts and datasets folders)."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import click
@@ -15,19 +14,32 @@ from mcx_cli._common import fail
 @click.option("--param", "params", multiple=True, help="A value bound to the next `?` (repeatable).")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON rows instead of a table.")
 @click.option("--artifacts", default="artifacts", show_default=True, type=click.Path(file_okay=False))
-def query(sql: str, params: tuple[str, ...], as_json: bool, artifacts: str):
-    """Query the artifacts with DuckDB (views: deltas, traces, eval tables, samples_*)."""
+@click.option("--datasets", default=None, type=click.Path(file_okay=False),
+              help="Block datasets folder (default: <artifacts>/datasets).")
+def query(sql: str, params: tuple[str, ...], as_json: bool, artifacts: str, datasets: str | None):
+    """Query the artifacts with DuckDB (views: deltas, traces, eval tables, samples_*). One read statement
+    (SELECT / EXPLAIN); files outside the artifacts and datasets folders cannot be read or written."""
     import duckdb
 
-    from mcx_core.tools.query import connect, run_query
+    from mcx_core.jsonutil import dumps_strict
+    from mcx_core.tools.query import QueryError, check_read_only, connect, run_query
 
-    con = connect(Path(artifacts))
+    if not sql.strip().strip(";").strip():
+        fail("empty query: give one SELECT statement (views: see `mcx query 'SHOW TABLES'`)")
+    root = Path(artifacts)
+    if not root.is_dir():
+        fail(f"--artifacts {root}: no such directory")
+    con = connect(root, Path(datasets) if datasets else None,
+                  on_skip=lambda msg: click.echo(f"warning: {msg}", err=True))
     try:
+        check_read_only(con, sql)
         columns, rows = run_query(con, sql, list(params))
+    except QueryError as err:
+        fail(str(err))
     except duckdb.Error as err:
         fail(str(err).splitlines()[0] if str(err) else type(err).__name__)
     if as_json:
-        click.echo(json.dumps([dict(zip(columns, r)) for r in rows], default=str))
+        click.echo(dumps_strict([dict(zip(columns, r)) for r in rows], default=str))
         return
     from rich.console import Console
     from rich.table import Table

@@ -39,7 +39,7 @@ _UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG,
 
 def load_yaml(text: str) -> Any:
     """YAML -> Python like `yaml.safe_load`, refusing duplicate keys (`yaml.YAMLError`)."""
-    return yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 (a SafeLoader subclass)
+    return yaml.load(text, Loader=_UniqueKeyLoader)  # a SafeLoader subclass
 
 
 class ConfigError(ValueError):
@@ -190,8 +190,8 @@ def _runtime_length_problems(cfg: MegaContextConfig, root) -> list[str]:
     except (OSError, ValueError):
         return []  # the file checks above report missing sources
     if largest and need > largest:
-        return [
+        return [(
             f"runtime.steps: {rc.steps} steps need documents of {need} tokens (runtime.prefill_tokens + "
             f"steps x refocus_every + dataset.horizon), but the largest source file has {largest} bytes"
-        ]
+        )]
     return []

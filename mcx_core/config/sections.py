@@ -212,6 +212,12 @@ class GistNetTrainingConfig(TrainingConfig):
         default=32, gt=0, description="KL targets: the teacher's top-k horizon log-probs kept per token"
     )
     teacher_shard_size: int = Field(default=8, gt=0, description="samples per teacher-cache shard")
+    val_every: int = Field(
+        default=20, ge=0, description="JT1's validation curve: held-out ΔNLL on the val split every this many steps "
+        "(also at the start and at each phase's end); 0 = none",
+    )
+    val_samples: int = Field(default=2, gt=0, description="val-split samples the validation curve scores (split "
+                             "evenly over the corpora)")
     max_seconds: float | None = Field(
         default=None, gt=0, description="end JT1 after this many seconds of training steps, all phases together "
         "(the teacher pass not counted): equal wall-clock budgets for ablations",
@@ -327,8 +333,8 @@ class RuntimeConfig(Section):
     prefill_tokens: int = Field(
         default=1024, ge=0, description="history ingested before the first measured step (so the budget is full)"
     )
-    compare_policies: list[Literal["recency", "random", "expand_nearest", "oracle", "lensnet"]] = Field(
-        default_factory=lambda: ["recency", "random", "expand_nearest", "oracle", "lensnet"],
+    compare_policies: list[Literal["recency", "random", "expand_nearest", "attention", "oracle", "lensnet"]] = Field(
+        default_factory=lambda: ["recency", "random", "expand_nearest", "attention", "oracle", "lensnet"],
         description="policies compared at the same W_max on the same documents",
     )
     compare_steps: int = Field(default=24, ge=0, description="steps per document for the comparison (0: skip)")
@@ -457,6 +463,10 @@ class MLflowConfig(Section):
     experiment: str | None = Field(default=None, description="default: the config's name")
     artifact_location: str | None = Field(default=None, description="default: <root>/mlruns/artifacts")
     system_metrics: bool = False
+    ui_url: str = Field(default="http://127.0.0.1:5000", description="the MLflow UI: Dagster metadata links runs there")
+    dagster_ui_url: str = Field(default="http://127.0.0.1:3000",
+                                description="the Dagster UI: MLflow runs carry `<this>/runs/<run id>` as a tag")
+    tensorboard: bool = Field(default=False, description="also write TensorBoard event files (<artifacts>/tensorboard)")
 
     @field_validator("tracking_uri")
     @classmethod
@@ -528,12 +538,12 @@ class MegaContextConfig(Section):
     def _check(self) -> MegaContextConfig:
         block = self.dataset.block_size
         gm = self.gistnet.model
-        if gm.hidden_size == "auto" and self.base_model.source == "tiny_random":
-            if self.base_model.tiny.hidden_size % gm.num_heads:
-                raise ValueError(
-                    f"gistnet.model.num_heads ({gm.num_heads}) must divide the base model's hidden size "
-                    f"(base_model.tiny.hidden_size {self.base_model.tiny.hidden_size}; gistnet.model.hidden_size is 'auto')"
-                )
+        tiny = self.base_model.tiny
+        if gm.hidden_size == "auto" and self.base_model.source == "tiny_random" and tiny.hidden_size % gm.num_heads:
+            raise ValueError(
+                f"gistnet.model.num_heads ({gm.num_heads}) must divide the base model's hidden size "
+                f"(base_model.tiny.hidden_size {tiny.hidden_size}; gistnet.model.hidden_size is 'auto')"
+            )
         capped = [c.max_documents for c in self.dataset.corpora.values()]
         if capped and all(n is not None for n in capped) and self.runtime.documents > sum(capped):
             raise ValueError(

@@ -31,9 +31,9 @@ from mcx_core.eval import nll as E
 from mcx_core.eval.gists import conditions
 from mcx_core.model.base import BaseLM
 from mcx_core.telemetry import metrics as M
+from mcx_core.telemetry.schemas import SWEEP_FILE, TABLE_KIND_KEY
 from mcx_core.telemetry.sinks import NullSink, TelemetrySink
 
-SWEEP_FILE = "eval_sweep.parquet"
 RECALL = "recall"
 CONDITIONS = ("full", "recency", "meanpool", "gist")
 METHODS = ("recency", "meanpool", "gist")  # conditions compared with the full history
@@ -55,12 +55,17 @@ SWEEP_SCHEMA = pa.schema(
         *[(f"recovery_{m}", pa.float64()) for m in RECOVERED],  # per sample; NaN when recency loses nothing
         ("context_len_recency", pa.int32()),  # positions the base model read
         ("context_len_gist", pa.int32()),
+        # The seed's Workflow 2 columns: history tokens per position the base model read with learned
+        # gists (full-history positions / context_len_gist, as `nll.summarize` computes ratios), and the learned gists' ΔNLL (= delta_nll_gist).
+        ("compression_ratio", pa.float64()),
+        ("delta_nll", pa.float64()),
         *[(f"token_nll_{c}", pa.list_(pa.float32())) for c in CONDITIONS],  # [H] per horizon position
         ("needle_position", pa.int32()),  # recall only (null otherwise), as are the answer columns
         ("answer_tokens", pa.int32()),
         *[(f"answer_nll_{c}", pa.float64()) for c in CONDITIONS],
         *[(f"answer_acc_{c}", pa.float64()) for c in CONDITIONS],
-    ]
+    ],
+    metadata={TABLE_KIND_KEY: b"eval_sweep"},  # telemetry.schemas tells the table kinds apart by it
 )
 PARTITION_COLUMNS = ("w_max", "dataset", "checkpoint")  # a partition's rows, replaced as a whole
 
@@ -165,6 +170,8 @@ def run_sweep_partition(
             row[f"token_nll_{c}"] = r[c].token_nll
         for m in METHODS:
             row[f"delta_nll_{m}"] = float(M.delta_nll([r[m].nll], [r["full"].nll])[0])
+        row["delta_nll"] = row["delta_nll_gist"]
+        row["compression_ratio"] = r["full"].context_len / r["gist"].context_len if r["gist"].context_len else float("nan")
         for m in RECOVERED:
             row[f"recovery_{m}"] = M.recovery(r["recency"].nll, r[m].nll, r["full"].nll)
         if "answer_span" in meta:

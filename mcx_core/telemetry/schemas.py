@@ -3,7 +3,11 @@ errors", the seed's per-commit checklist.)
 
 - traces (`traces/**/*.jsonl`): every line a JSON object with the SPEC §6 keys and types, steps
   increasing within a file; the runtime engine's extra keys, when present, with their types;
-- delta tables (`deltas/**/*.parquet`): `focus.delta_tables.validate_delta_table`;
+- Parquet tables under `deltas/`, each checked as its own kind (`table_kind`): counterfactual delta
+  tables (`focus.delta_tables.validate_delta_table`) and the evaluation sweep (`eval_sweep.parquet`,
+  the seed's path: `eval.sweep.SWEEP_SCHEMA`);
+- action tables (`traces/run_NNN.jsonl`, one row per expand/collapse: `ACTION_TABLE_KEYS`), told
+  apart from per-step traces by `trace_kind`;
 - report JSONs (`reports/**/*.json`): parseable, and the known reports with their top-level keys.
 
 Each problem names the file and, for line-oriented files, the 1-based line: `path:line: message`.
@@ -162,27 +166,134 @@ def validate_report_json(path: str | Path) -> list[SchemaProblem]:
     return [SchemaProblem(path, None, f"missing key(s) {missing}")] if missing else []
 
 
+# ---------------------------------------------------------------------------------------------- kinds
+
+TABLE_KIND_KEY = b"mcx.table_kind"  # Parquet schema metadata naming a table's kind
+SWEEP_FILE = "eval_sweep.parquet"  # = eval.sweep.SWEEP_FILE (the seed's path, artifacts/deltas/)
+ACTION_TABLE = re.compile(r"run_\d+\.jsonl")  # the seed's `artifacts/traces/run_001.jsonl`
+# One row per expand/collapse (`telemetry.actions`); later allocator fields ride along unchecked.
+ACTION_TABLE_KEYS: dict[str, str] = {
+    "step": "int", "block_id": "str", "level": "int", "action": "int", "kind": "str", "start": "int",
+    "end": "int", "trace": "str",
+}
+
+
+def table_kind(path: str | Path) -> str:
+    """`"eval_sweep"` or `"delta"` for a Parquet file under `deltas/`: the kind the writer stored in the
+    schema metadata, else the sweep's file name, else a delta table."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    path = Path(path)
+    try:
+        kind = (pq.read_schema(path).metadata or {}).get(TABLE_KIND_KEY)
+    except (OSError, pa.ArrowException):  # unreadable: validated (and reported) as the kind its name says
+        kind = None
+    if kind is not None:
+        return kind.decode()
+    return "eval_sweep" if path.name == SWEEP_FILE else "delta"
+
+
+def tables_of_kind(deltas_dir: str | Path, kind: str) -> list[Path]:
+    return [p for p in sorted(Path(deltas_dir).glob("**/*.parquet")) if table_kind(p) == kind]
+
+
+def trace_kind(path: str | Path) -> str:
+    """`"actions"` for an action table (`run_NNN.jsonl`), else `"steps"` (one record per step)."""
+    return "actions" if ACTION_TABLE.fullmatch(Path(path).name) else "steps"
+
+
+def step_traces(traces_dir: str | Path) -> list[Path]:
+    """Finished per-step traces under `traces_dir` (not the action tables, not in-progress `.tmp`)."""
+    return [p for p in sorted(Path(traces_dir).glob("**/*.jsonl")) if trace_kind(p) == "steps"]
+
+
+def action_tables(traces_dir: str | Path) -> list[Path]:
+    return [p for p in sorted(Path(traces_dir).glob("**/*.jsonl")) if trace_kind(p) == "actions"]
+
+
+def validate_sweep_table(path: str | Path) -> list[str]:
+    """The sweep table has every `SWEEP_SCHEMA` column with its type."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from mcx_core.eval.sweep import SWEEP_SCHEMA
+
+    try:
+        schema = pq.read_schema(path)
+    except (OSError, pa.ArrowException) as err:
+        return [f"unreadable Parquet ({err})"]
+    out = []
+    for field in SWEEP_SCHEMA:
+        if field.name not in schema.names:
+            out.append(f"column {field.name}: missing (an eval_sweep table)")
+        elif not schema.field(field.name).type.equals(field.type):
+            out.append(f"column {field.name}: {schema.field(field.name).type}, expected {field.type}")
+    return out
+
+
+def validate_action_table(path: str | Path, max_problems: int = 20) -> list[SchemaProblem]:
+    """Every line of an action table a JSON object with `ACTION_TABLE_KEYS`; steps never decrease."""
+    path = Path(path)
+    out: list[SchemaProblem] = []
+    previous, prev_trace = None, None
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as err:
+        return [SchemaProblem(path, None, f"unreadable ({err})")]
+    for n, line in enumerate(lines, start=1):
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as err:
+            out.append(SchemaProblem(path, n, f"not valid JSON ({err.msg} at column {err.colno})"))
+            continue
+        if not isinstance(row, dict):
+            out.append(SchemaProblem(path, n, "not a JSON object"))
+            continue
+        wrong = [k for k, kind in ACTION_TABLE_KEYS.items() if not _is(row.get(k), kind)]
+        if wrong:
+            out.append(SchemaProblem(path, n, f"{', '.join(wrong)} missing or of the wrong type"))
+        elif row["kind"] not in ACTION_KINDS or row["action"] not in (1, -1):
+            out.append(SchemaProblem(path, n, f"kind {row['kind']!r} / action {row['action']!r}"))
+        elif previous is not None and row["step"] < previous and row["trace"] == prev_trace:
+            out.append(SchemaProblem(path, n, f"step {row['step']} after step {previous}"))
+        else:
+            previous, prev_trace = row["step"], row["trace"]
+        if len(out) >= max_problems:
+            break
+    return out
+
+
 def validate_delta_tables(deltas_dir: str | Path) -> list[SchemaProblem]:
+    """Every Parquet table under `deltas/`, by its kind."""
     from mcx_core.focus.delta_tables import validate_delta_table
 
-    return [
-        SchemaProblem(p, None, m)
-        for p in sorted(Path(deltas_dir).glob("**/*.parquet"))
-        for m in validate_delta_table(p)
-    ]
+    out = []
+    for p in sorted(Path(deltas_dir).glob("**/*.parquet")):
+        check = validate_sweep_table if table_kind(p) == "eval_sweep" else validate_delta_table
+        out += [SchemaProblem(p, None, m) for m in check(p)]
+    return out
 
 
 def validate_traces(traces_dir: str | Path, max_problems_per_file: int = 20) -> list[SchemaProblem]:
-    """Every finished trace (`**/*.jsonl`; hidden in-progress `.tmp` files are not finished)."""
-    return [q for p in sorted(Path(traces_dir).glob("**/*.jsonl")) for q in validate_trace_file(p, max_problems_per_file)]
+    """Every finished trace (`**/*.jsonl`; hidden in-progress `.tmp` files are not finished), by kind."""
+    return [q for p in sorted(Path(traces_dir).glob("**/*.jsonl"))
+            for q in (validate_action_table(p, max_problems_per_file) if trace_kind(p) == "actions"
+                      else validate_trace_file(p, max_problems_per_file))]
 
 
 def validate_artifacts(root: str | Path) -> tuple[list[SchemaProblem], dict[str, int]]:
-    """Every trace, delta table and report JSON under an artifacts folder: (problems, files checked)."""
+    """Every trace, action table, delta table, sweep table and report JSON under an artifacts folder:
+    (problems, files checked per kind)."""
     root = Path(root)
-    traces = sorted((root / "traces").glob("**/*.jsonl"))
-    tables = sorted((root / "deltas").glob("**/*.parquet"))
     reports = sorted((root / "reports").glob("**/*.json"))
     problems = validate_traces(root / "traces") + validate_delta_tables(root / "deltas")
     problems += [q for p in reports for q in validate_report_json(p)]
-    return problems, {"traces": len(traces), "delta_tables": len(tables), "reports": len(reports)}
+    counts = {
+        "traces": len(step_traces(root / "traces")),
+        "action_tables": len(action_tables(root / "traces")),
+        "delta_tables": len(tables_of_kind(root / "deltas", "delta")),
+        "sweep_tables": len(tables_of_kind(root / "deltas", "eval_sweep")),
+        "reports": len(reports),
+    }
+    return problems, counts

@@ -33,8 +33,15 @@ def ablate(spec_path: str, only: tuple[str, ...], as_json: bool):
     unknown = sorted(set(only) - set(spec.variants))
     if unknown:
         fail(f"--only: no variant {', '.join(unknown)} in {spec_path} (variants: {', '.join(spec.variants)})")
+    from mcx_cli.pipeline import project_writer
+    from mcx_core.checkpoints import CheckpointError
+
     try:
-        out = A.run_ablation(spec_path, project_home(), progress=not as_json, only=list(only) or None)
+        base = A.variant_config(spec, next(iter(spec.variants)), project_home())
+        with project_writer(base, "mcx ablate"):  # one writer of the base config's artifacts at a time
+            out = A.run_ablation(spec_path, project_home(), progress=not as_json, only=list(only) or None)
+    except CheckpointError as err:
+        fail(str(err))
     except ConfigError as err:
         for p in err.problems:
             click.echo(f"error: {err.source}: {p}", err=True)

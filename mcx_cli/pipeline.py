@@ -13,12 +13,49 @@ from pathlib import Path
 
 import click
 
-from mcx_cli._common import config_option, load
+from mcx_cli._common import config_option, fail, load
 
 EXIT_STEP_FAILED = 1
 EXIT_CHECKS_FAILED = 3
 
 log = logging.getLogger("mcx_cli.train_cycles")
+
+
+def lock_wait_option():
+    """`--lock-wait SECONDS`: how long a writing command waits for another writer of the same artifacts."""
+    return click.option("--lock-wait", type=click.FloatRange(min=0), default=0.0, show_default=True,
+                        help="Seconds to wait when another process is writing this config's artifacts "
+                             "(then exit 2 naming it).")
+
+
+@contextlib.contextmanager
+def project_writer(cfg, command: str, wait_s: float = 0.0, dagster_instance=None, tracking_uri: str | None = None):
+    """Hold the project lock of `cfg`'s artifacts root for `command` (one `error:` line naming the holder
+    and exit 2 when another process keeps it past `wait_s`), then clear what crashed writers left: temp
+    files of dead processes, MLflow runs (of `tracking_uri`) and Dagster runs (of `dagster_instance`)
+    left RUNNING/STARTED by a process that is gone."""
+    from mcx_core.artifacts import ArtifactPaths, sweep_temp
+    from mcx_core.locking import ProjectLocked, project_lock
+
+    root = ArtifactPaths.from_config(cfg).root
+    with contextlib.ExitStack() as held:
+        try:
+            held.enter_context(project_lock(root, command, wait_s))
+        except ProjectLocked as err:
+            fail(str(err))
+        for p in sweep_temp(root):
+            log.warning("removed %s (left by a writer that is gone)", p)
+        if tracking_uri is not None:
+            from mcx_core.telemetry.mlflow_sink import fail_orphaned_runs
+
+            for run_id in fail_orphaned_runs(tracking_uri):
+                log.warning("MLflow run %s was left RUNNING by a process that is gone: marked FAILED", run_id)
+        if dagster_instance is not None:
+            from mcx_dagster.leftovers import fail_dead_runs
+
+            for run_id in fail_dead_runs(dagster_instance):
+                log.warning("Dagster run %s was left STARTED by a process that is gone: marked failed", run_id)
+        yield
 
 
 @click.command()
@@ -29,12 +66,14 @@ log = logging.getLogger("mcx_cli.train_cycles")
 )
 @click.option("--log-level", default="INFO", show_default=True, type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"]))
 @click.option("--force", is_flag=True, help="Recompute evaluations even when their inputs have not changed.")
-def materialize(config_path: str, selection: str | None, log_level: str, force: bool):
+@lock_wait_option()
+def materialize(config_path: str, selection: str | None, log_level: str, force: bool, lock_wait: float):
     """Materialize the asset graph in-process, with the same definitions the Dagster UI loads.
 
     Exit 0: everything materialized and every check passed; 3: everything ran but an asset check
-    (an acceptance criterion) failed; 1: a step failed."""
+    (an acceptance criterion) failed; 1: a step failed; 2: another process is writing the artifacts."""
     cfg = load(config_path)
+    from mcx_core.telemetry.mlflow_sink import store
     from mcx_dagster import orchestration as orch
     from mcx_dagster.definitions import defs
     from mcx_dagster.defs.resources import MegaContextSettings
@@ -42,17 +81,19 @@ def materialize(config_path: str, selection: str | None, log_level: str, force: 
     instance = orch.project_instance(cfg.root)
     definitions = defs()
     settings = {"settings": MegaContextSettings(config_path=str(Path(config_path).resolve()), root=str(cfg.root),
-                                                force=force)}
-    result = orch.run_materialize(definitions, selection, instance, resources=settings, log_level=log_level)
-    _print_outcome(result)
-    failed = orch.failed_checks(result)
-    if orch.step_failures(result):
-        sys.exit(EXIT_STEP_FAILED)
-    if selection is None:  # second pass: the post-hoc analyses, which must run even when a gate failed
-        analysis = orch.run_materialize(definitions, orch.POST_HOC, instance, resources=settings, log_level=log_level)
-        _print_outcome(analysis)
-        if orch.step_failures(analysis):
+                                                force=force, owner_process=True)}
+    with project_writer(cfg, "mcx materialize", lock_wait, instance, store(cfg, cfg.root)[0]):
+        result = orch.run_materialize(definitions, selection, instance, resources=settings, log_level=log_level)
+        _print_outcome(result)
+        failed = orch.failed_checks(result)
+        if orch.step_failures(result):
             sys.exit(EXIT_STEP_FAILED)
+        if selection is None:  # second pass: the post-hoc analyses, which must run even when a gate failed
+            analysis = orch.run_materialize(definitions, orch.POST_HOC, instance, resources=settings,
+                                            log_level=log_level)
+            _print_outcome(analysis)
+            if orch.step_failures(analysis):
+                sys.exit(EXIT_STEP_FAILED)
     if failed:
         for ev in failed:
             click.echo(f"check failed: {ev.asset_key.to_user_string()}:{ev.check_name}: {ev.description or ''}", err=True)
@@ -108,13 +149,29 @@ def register_cycles(config_path: str):
 @click.option("--cycles", type=int, default=None, help="default: training_loop.n_cycles")
 @click.option("--no-mlflow", is_flag=True, help="log nowhere (default: MLflow parent + child runs)")
 @click.option("--no-progress", is_flag=True)
-def train_cycles(config_path: str, cycles: int | None, no_mlflow: bool, no_progress: bool):
+@lock_wait_option()
+def train_cycles(config_path: str, cycles: int | None, no_mlflow: bool, no_progress: bool, lock_wait: float):
     """The alternating training loop without Dagster: `n_cycles` × (JT1 → deltas → JT2 → JT3), each cycle
     from the previous cycle's checkpoints; finished cycles are skipped. Prints one JSON summary per cycle."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     _pin_device()
     cfg = load(config_path, check=False)
 
+    from mcx_core.checkpoints import CheckpointError
+    from mcx_core.telemetry.mlflow_sink import store
+    from mcx_core.training import distributed
+
+    # Under `accelerate launch` every rank runs this: the main process holds the lock, the others follow it.
+    writer = (project_writer(cfg, "mcx train-cycles", lock_wait, None, None if no_mlflow else store(cfg, cfg.root)[0])
+              if distributed.is_main_process() else contextlib.nullcontext())
+    with writer:
+        try:
+            _train_cycles(cfg, cycles, no_mlflow, no_progress)
+        except CheckpointError as err:
+            fail(str(err))
+
+
+def _train_cycles(cfg, cycles: int | None, no_mlflow: bool, no_progress: bool) -> None:
     from mcx_core import pipeline
     from mcx_core.training import distributed
     from mcx_core.training.cycles import cycle_metrics, mlflow_sinks, null_sinks, run_cycles

@@ -3,6 +3,7 @@ streaming the text."""
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import click
@@ -21,6 +22,7 @@ from mcx_cli._common import config_option, fail, focus_policy, load, print_summa
 def eval_text(config_path, checkpoint, text_path, w_max, horizon, samples, as_json):
     """ΔNLL@H of a checkpoint's gists vs full history, recency, mean-pool and the fixed-budget peers
     (`evaluation.peers`) on any text file."""
+    from mcx_core.checkpoints import CheckpointError
     from mcx_core.eval import gists as gist_eval
 
     cfg = load(config_path)
@@ -39,7 +41,7 @@ def eval_text(config_path, checkpoint, text_path, w_max, horizon, samples, as_js
     lm = load_base_model(cfg.base_model, cfg.dataset, seed=cfg.seed, root=cfg.root)
     try:
         out = gist_eval.evaluate_text(cfg, lm, load_gister(ck, lm), text, w, H, samples, progress=not as_json)
-    except gist_eval.TextError as err:
+    except (gist_eval.TextError, CheckpointError) as err:
         fail(str(err))
     print_summary(out, as_json, f"{text_path}: ΔNLL@{H}, W_max={w}", "{:.4f}")
 
@@ -68,6 +70,9 @@ def run_text(config_path, checkpoint, text_path, steps, w_max, policy, prefill, 
     if policy == "lensnet" and not (ck / "lensnet").is_dir():
         fail(f"{ck} holds no lensnet/ (a JT1 checkpoint?): give a JT2 checkpoint or another --policy")
 
+    from mcx_cli.pipeline import project_writer
+    from mcx_core.artifacts import ArtifactPaths
+    from mcx_core.checkpoints import CheckpointError
     from mcx_core.compression.gistnet import load_gister
     from mcx_core.focus import engine as runtime
     from mcx_core.model.base import load_base_model
@@ -77,14 +82,20 @@ def run_text(config_path, checkpoint, text_path, steps, w_max, policy, prefill, 
     need = prefill + cfg.runtime.refocus_every + cfg.dataset.horizon
     if len(ids) < need:
         fail(f"{text_path} has {len(ids)} tokens; one step needs {need} (prefill + refocus_every + horizon)")
-    pol = focus_policy(policy, ck, lm, cfg.dataset.horizon, cfg.seed, ids)
     try:
-        res = runtime.run_engine(
-            cfg, lm, load_gister(ck, lm), pol, ids, steps, w_max, Path(trace_path), prefill=prefill,
-            progress=not as_json,
-        )
-    except ValueError as err:
+        pol = focus_policy(policy, ck, lm, cfg.dataset.horizon, cfg.seed, ids)
+        gister = load_gister(ck, lm)
+    except CheckpointError as err:
         fail(str(err))
+    # A trace under the config's artifacts is written holding the project lock (mcx_core.locking).
+    under = Path(trace_path).resolve().is_relative_to(ArtifactPaths.from_config(cfg).root)
+    with project_writer(cfg, "mcx run", 0.0) if under else contextlib.nullcontext():
+        try:
+            res = runtime.run_engine(
+                cfg, lm, gister, pol, ids, steps, w_max, Path(trace_path), prefill=prefill, progress=not as_json,
+            )
+        except ValueError as err:
+            fail(str(err))
     summary = {"policy": policy, "trace": str(res.trace_path), **res.summary}
     print_summary(summary, as_json, f"{text_path}: {int(res.summary['steps'])} steps, policy {policy}", "{:.4g}")
 

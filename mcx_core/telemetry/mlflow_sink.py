@@ -43,6 +43,40 @@ def git_commit(root: Path) -> str:
         return "unknown"
 
 
+def process_tags() -> dict[str, str]:
+    """`mcx.pid` / `mcx.host` / `mcx.pid_started` of this process: a run left RUNNING by a process that is
+    gone can be told apart from a live one (`fail_orphaned_runs`)."""
+    from mcx_core.locking import this_process
+
+    me = this_process()
+    return {"mcx.pid": str(me["pid"]), "mcx.host": me["host"], "mcx.pid_started": repr(me["started"])}
+
+
+def fail_orphaned_runs(tracking_uri: str) -> list[str]:
+    """Mark FAILED (tag `mcx.failure_reason`) every run left RUNNING by a process that provably died: its
+    `mcx.pid` tags name this host and a pid that no longer runs (or runs a later process). Only local
+    sqlite stores that exist are looked at (nothing is created or contacted). The run ids marked."""
+    from mcx_core.locking import process_alive
+
+    if not tracking_uri.startswith("sqlite:///") or not Path(tracking_uri.removeprefix("sqlite:///")).is_file():
+        return []
+    client = mlflow_client(tracking_uri)
+    exps = [e.experiment_id for e in client.search_experiments()]
+    marked = []
+    for run in client.search_runs(exps, filter_string="attributes.status = 'RUNNING'", max_results=5000) if exps else []:
+        t = run.data.tags
+        if "mcx.pid" not in t or "mcx.host" not in t:
+            continue
+        started = None if t.get("mcx.pid_started") in (None, "None") else float(t["mcx.pid_started"])
+        if process_alive(int(t["mcx.pid"]), t["mcx.host"], started):
+            continue
+        client.set_tag(run.info.run_id, "mcx.failure_reason",
+                       f"process {t['mcx.pid']} on {t['mcx.host']} ended without closing the run (killed or crashed)")
+        client.set_terminated(run.info.run_id, status="FAILED")
+        marked.append(run.info.run_id)
+    return marked
+
+
 def mlflow_client(tracking_uri: str):
     from mlflow import MlflowClient
 
@@ -82,7 +116,7 @@ class MLflowSink(NullSink):
         system_metrics: bool = False,
     ) -> MLflowSink:
         exp_id = ensure_experiment(tracking_uri, experiment, artifact_location)
-        tags = dict(tags or {})
+        tags = {**process_tags(), **(tags or {})}
         if parent_run_id:
             tags["mlflow.parentRunId"] = parent_run_id
         run = mlflow_client(tracking_uri).create_run(exp_id, tags=tags, run_name=run_name)

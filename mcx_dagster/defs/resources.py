@@ -9,16 +9,45 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import dagster as dg
+from pydantic import PrivateAttr
 
 from mcx_dagster.project import DEFAULT_CONFIG, load_project_config, project_home
 
 
 class MegaContextSettings(dg.ConfigurableResource):
-    """Which experiment config the assets run, and the project root its relative paths resolve against."""
+    """Which experiment config the assets run, and the project root its relative paths resolve against.
+
+    Every run (from `mcx materialize` or the UI) holds the project lock of the config's artifacts root
+    while its steps run (`mcx_core.locking`; re-entrant for the process and the run): a second writer
+    waits `lock_wait_s` seconds, then its step fails naming the holder."""
 
     config_path: str = DEFAULT_CONFIG
     root: str = ""
     force: bool = False  # recompute evaluations even when their inputs have not changed (`--force`)
+    lock_wait_s: float = 0.0
+    owner_process: bool = False  # the process that starts the run executes it (`mcx materialize`): tag the run with its pid
+    _lock: contextlib.ExitStack | None = PrivateAttr(default=None)
+
+    def setup_for_execution(self, context: dg.InitResourceContext) -> None:
+        if context.dagster_run is None:  # a sensor or schedule reading the config: writes nothing
+            return
+        from mcx_core.artifacts import ArtifactPaths
+        from mcx_core.locking import project_lock
+
+        stack = contextlib.ExitStack()
+        stack.enter_context(project_lock(ArtifactPaths.from_config(self.load()).root,
+                                         f"dagster run {context.run_id}", self.lock_wait_s, run_id=context.run_id))
+        self._lock = stack
+        if self.owner_process and context.instance is not None:
+            from mcx_dagster.leftovers import process_run_tags
+
+            context.instance.add_run_tags(context.run_id, process_run_tags())
+
+    def teardown_after_execution(self, context: dg.InitResourceContext) -> None:
+        if self._lock is not None:
+            self._lock.close()
+            self._lock = None
+
 
     def root_dir(self) -> Path:
         return Path(self.root).resolve() if self.root else project_home()

@@ -1,0 +1,167 @@
+"""Browser check of a finished project (`make ui-check`): start the Dagster webserver and the MLflow UI on
+loopback, open the asset graph, an asset check, the newest run and the newest MLflow run in headless
+Chromium, assert key elements of each rendered page, and save screenshots.
+
+Read-only: the Dagster instance (`.dagster_home`) and the MLflow store (`mlruns/mlflow.db`) are copied to
+a temporary folder first, and only the webserver runs (no daemon: no schedule, sensor or automation
+starts anything).
+
+    python bench/ui_check.py [--root .] [--out artifacts/ui-check] [--config configs/default.yaml]
+
+Exit 0 when every page shows its elements, 1 otherwise (each miss printed), 2 when the project has no
+Dagster instance or MLflow store to show.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import socket
+import sqlite3
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+CHROMIUM = ("chromium", "chromium-browser", "google-chrome")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_http(url: str, timeout_s: float, proc: subprocess.Popen) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{proc.args[0]} exited {proc.returncode} before {url} answered")
+        try:
+            with urllib.request.urlopen(url, timeout=5) as r:
+                if r.status < 500:
+                    return
+        except OSError:
+            time.sleep(1)
+    raise RuntimeError(f"{url} did not answer within {timeout_s:.0f} s")
+
+
+def graphql(base: str, query: str) -> dict:
+    req = urllib.request.Request(f"{base}/graphql", data=json.dumps({"query": query}).encode(),
+                                 headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=60) as r:
+        return json.loads(r.read())["data"]
+
+
+def chromium() -> str:
+    for name in CHROMIUM:
+        if shutil.which(name):
+            return shutil.which(name)
+    raise RuntimeError("no chromium on PATH (apt-get install -y chromium)")
+
+
+def render(url: str, png: Path, budget_ms: int = 20000) -> str:
+    """Screenshot `url` to `png` and return its DOM after `budget_ms` of virtual time (SPA rendered)."""
+    common = [chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
+              "--window-size=1600,1000", f"--virtual-time-budget={budget_ms}", "--run-all-compositor-stages-before-draw"]
+    subprocess.run([*common, f"--screenshot={png}", url], capture_output=True, timeout=180, check=False)
+    done = subprocess.run([*common, "--dump-dom", url], capture_output=True, text=True, timeout=180, check=False)
+    return done.stdout
+
+
+def newest_mlflow_run(db: Path) -> tuple[str, str] | None:
+    with sqlite3.connect(db) as con:
+        row = con.execute("SELECT experiment_id, run_uuid FROM runs WHERE lifecycle_stage = 'active' "
+                          "ORDER BY start_time DESC LIMIT 1").fetchone()
+    return (str(row[0]), row[1]) if row else None
+
+
+def check(root: Path, out: Path, config: str, startup_s: float = 240) -> list[str]:
+    """Every page's missing elements (empty: all shown). Screenshots go to `out`."""
+    home, db = root / ".dagster_home", root / "mlruns" / "mlflow.db"
+    if not (home / "dagster.yaml").is_file() or not db.is_file():
+        raise FileNotFoundError(f"{root}: needs .dagster_home/dagster.yaml and mlruns/mlflow.db (run make demo)")
+    out.mkdir(parents=True, exist_ok=True)
+    misses: list[str] = []
+    with tempfile.TemporaryDirectory(prefix="mcx-ui-check-") as tmp:
+        tmp = Path(tmp)
+        shutil.copytree(home, tmp / "dagster_home", ignore=shutil.ignore_patterns("*.lock", "logs"))
+        (tmp / "mlruns").mkdir()
+        shutil.copy2(db, tmp / "mlruns" / "mlflow.db")
+        env = {**os.environ, "DAGSTER_HOME": str(tmp / "dagster_home"), "MCX_HOME": str(root), "MCX_CONFIG": config}
+        bin_dir = Path(sys.executable).parent
+        d_port, m_port = free_port(), free_port()
+        procs = [
+            subprocess.Popen([str(bin_dir / "dagster-webserver"), "-w", str(root / "workspace.yaml"), "-h", "127.0.0.1",
+                              "-p", str(d_port)], cwd=root, env=env, stdout=subprocess.DEVNULL,
+                             stderr=open(tmp / "dagster.log", "w")),  # noqa: SIM115
+            subprocess.Popen([str(bin_dir / "mlflow"), "ui", "--backend-store-uri", f"sqlite:///{tmp / 'mlruns' / 'mlflow.db'}",
+                              "--host", "127.0.0.1", "--port", str(m_port), "--workers", "1"], cwd=tmp, env=env,
+                             stdout=subprocess.DEVNULL, stderr=open(tmp / "mlflow.log", "w")),  # noqa: SIM115
+        ]
+        try:
+            dagster, mlflow = f"http://127.0.0.1:{d_port}", f"http://127.0.0.1:{m_port}"
+            wait_http(f"{dagster}/server_info", startup_s, procs[0])
+            wait_http(f"{mlflow}/health", startup_s, procs[1])
+            runs = graphql(dagster, "{ runsOrError(limit: 20) { ... on Runs { results { runId jobName status } } } }")
+            results = runs["runsOrError"]["results"]
+            run = next((r for r in results if r["jobName"] == "mcx_pipeline"), results[0] if results else None)
+            pages = [
+                ("asset_graph", f"{dagster}/asset-groups", ["Global asset lineage", "evaluation", "telemetry"]),
+                ("asset_baseline_eval", f"{dagster}/assets/baseline_eval", ["baseline_eval", "report"]),
+                ("check_telemetry_schema_valid", f"{dagster}/assets/runtime_eval?view=checks",
+                 ["telemetry_schema_valid", "runtime_swap_rate"]),
+            ]
+            if run:
+                pages.append(("run", f"{dagster}/runs/{run['runId']}", [run["runId"][:8]]))
+            else:
+                misses.append("dagster: no run in the instance")
+            newest = newest_mlflow_run(tmp / "mlruns" / "mlflow.db")
+            if newest:
+                pages.append(("mlflow_run", f"{mlflow}/#/experiments/{newest[0]}/runs/{newest[1]}", ["Metrics", "Parameters"]))
+            else:
+                misses.append("mlflow: no run in the store")
+            for name, url, expect in pages:
+                dom = render(url, out / f"{name}.png")
+                (out / f"{name}.html").write_text(dom, encoding="utf-8")
+                for text in expect:
+                    if text not in dom:
+                        misses.append(f"{name} ({url}): {text!r} not on the page")
+                if not (out / f"{name}.png").is_file():
+                    misses.append(f"{name}: no screenshot")
+        finally:
+            for p in procs:
+                p.terminate()
+            for p in procs:
+                try:
+                    p.wait(timeout=30)
+                except subprocess.TimeoutExpired:
+                    p.kill()
+    return misses
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--root", default=".", help="project root (holds .dagster_home, mlruns, workspace.yaml)")
+    ap.add_argument("--out", default=None, help="screenshot folder (default: <root>/artifacts/ui-check)")
+    ap.add_argument("--config", default="configs/default.yaml")
+    args = ap.parse_args(argv)
+    root = Path(args.root).resolve()
+    out = Path(args.out) if args.out else root / "artifacts" / "ui-check"
+    try:
+        misses = check(root, out, args.config)
+    except FileNotFoundError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    for m in misses:
+        print(f"MISSING {m}")
+    print(f"{'ui-check passed' if not misses else f'{len(misses)} missing'}; screenshots in {out}")
+    return 1 if misses else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

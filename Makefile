@@ -59,6 +59,12 @@ dev: setup
 mlflow: setup
 	$(BIN)/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlruns/mlflow.db --host 127.0.0.1 --port 5000
 
+# Headless Chromium over the finished project's Dagster and MLflow UIs (copies of .dagster_home and
+# mlruns/mlflow.db, webserver only): asset graph, a check, a run, an MLflow run; screenshots in
+# artifacts/ui-check/. Needs chromium (apt-get install -y chromium).
+ui-check: setup
+	$(BIN)/python bench/ui_check.py --root $(CURDIR) --config $(CONFIG)
+
 bench: setup
 	$(BIN)/python bench/run.py --config $(CONFIG)
 

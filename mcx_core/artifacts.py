@@ -123,9 +123,18 @@ def swap_dir(new: Path, final: Path) -> Path:
 _TEMP = re.compile(r"^\..+?(?:\.(\d+)-[0-9a-f]{8}\.tmp(?:\.\w+)?|\.(\d+)\.tmp|\.(?:tmp|old)-(\d+)|\.tmp(\d+)\.\w+|\.jsonl\.tmp)$")
 
 
+def is_temp(name: str) -> bool:
+    """Whether a file or directory name is a writer's temp name (never a finished artifact)."""
+    return _TEMP.match(name) is not None
+
+
+_ASIDE = re.compile(r"^\.(.+)\.\d+-[0-9a-f]{8}\.tmp\.old$")  # swap_dir's old directory, renamed aside
+
+
 def sweep_temp(root: Path) -> list[Path]:
     """Delete the temp files and directories under `root` whose writer is gone (a crash, a `kill -9`);
-    call it holding the project lock, so no live writer of another process is mid-write. Returns them."""
+    a directory `swap_dir` had renamed aside goes back to its name when nothing took its place. Call it
+    holding the project lock, so no live writer of another process is mid-write. Returns what it deleted."""
     import socket
 
     host = socket.gethostname()
@@ -139,6 +148,11 @@ def sweep_temp(root: Path) -> list[Path]:
             if pid is not None and pid == os.getpid() or pid is not None and process_alive(pid, host, None):
                 continue
             p = Path(dirpath) / name
+            aside = _ASIDE.match(name)
+            if aside and not (Path(dirpath) / aside.group(1)).exists():
+                p.rename(Path(dirpath) / aside.group(1))  # killed mid-swap: the old directory goes back
+                log.warning("restored %s (a swap was interrupted)", Path(dirpath) / aside.group(1))
+                continue
             shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
             gone.append(p)
         dirnames[:] = [d for d in dirnames if not _TEMP.match(d)]

@@ -188,6 +188,19 @@ def test_sweep_removes_temp_files_of_dead_writers_only(tmp_path):
     assert all(p.exists() for p in keep) and not any(p.exists() for p in orphans)
 
 
+def test_a_swap_killed_between_its_renames_gets_the_old_directory_back(tmp_path):
+    pid = int(subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                             text=True, check=False).stdout)
+    final = tmp_path / "JT1_cycle0_step3"
+    aside = tmp_path / f".{final.name}.{pid}-0123abcd.tmp.old"  # renamed aside, then kill -9
+    new = tmp_path / f".{final.name}.{pid}-89abcdef.tmp"
+    aside.mkdir()
+    (aside / "weights").write_text("old")
+    new.mkdir()
+    assert sweep_temp(tmp_path) == [new]
+    assert (final / "weights").read_text() == "old" and sorted(tmp_path.iterdir()) == [final]
+
+
 # ---------------------------------------------------------------------------------------------- the stage cache
 
 

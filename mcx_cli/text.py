@@ -54,7 +54,7 @@ def eval_text(config_path, checkpoint, text_path, w_max, horizon, samples, as_js
 @click.option("--steps", type=click.IntRange(min=1), default=None, help="Refocus steps (default: runtime.steps).")
 @click.option("--w-max", type=click.IntRange(min=1), default=None, help="Working budget (default: working_context.w_max).")
 @click.option("--policy", default="lensnet", show_default=True,
-              type=click.Choice(["lensnet", "recency", "random", "expand_nearest"]))
+              type=click.Choice(["lensnet", "recency", "random", "expand_nearest", "attention"]))
 @click.option("--prefill", type=click.IntRange(min=0), default=0, show_default=True,
               help="Tokens ingested before the first step.")
 @click.option("--trace", "trace_path", required=True, type=click.Path(dir_okay=False), help="JSONL trace to write.")

@@ -88,7 +88,7 @@ def generate_deltas(cfg: MegaContextConfig, lm: BaseLM, sink: TelemetrySink | No
     """On-policy counterfactual labels from the newest JT1 checkpoint: (table, stats, checkpoint)."""
     ck = checkpoints.jt1_checkpoint(cfg, cycle)
     fp = stage_fingerprint(
-        cfg, ["dataset", "base_model", "working_context", "deltas", "seed"],
+        cfg, ["dataset", "base_model", "working_context", "deltas", "allocator", "seed"],
         data.load_manifest(datasets_dir(cfg))["config_hash"], lm.model_id, checkpoints.checkpoint_id(ck), cycle,
     )
     # Several processes (accelerate launch): rank 0 labels and writes the table; the others then find its stage.
@@ -100,7 +100,7 @@ def generate_deltas(cfg: MegaContextConfig, lm: BaseLM, sink: TelemetrySink | No
             return Path(cached["path"]), cached["stats"], ck
         path, stats = deltas.generate_delta_table(
             cfg, lm, load_gister(ck, lm), ck, data.train_ids(cfg), ArtifactPaths.from_config(cfg).deltas,
-            sink or NullSink(), progress, cycle=cycle,
+            sink or NullSink(), progress, cycle=cycle, doc_ids=data.train_doc_ids(cfg),
         )
         save_stage(cfg, f"deltas_cycle{cycle}", fp, {"path": path, "stats": stats}, [path, delta_tables.contexts_path(path)])
         log_delta_tables(sink or NullSink(), path)

@@ -291,3 +291,22 @@ def test_oracle_on_the_real_counterfactuals(lm):
             assert (s > 0) if helps else (s == 0)
         else:  # LOD0 block: the collapse alone sets the score
             assert (s < 0) if helps else (s == 0)
+
+
+def test_on_policy_contexts_follow_the_allocator_and_carry_documents(lm, tmp_path):
+    """`deltas.on_policy_contexts`: contexts the allocator's own trajectory reaches (its true ages, every
+    invariant), labelled like the others; each context names its sample's document."""
+    cfg = _cfg(samples=2, contexts_per_sample=3, on_policy_contexts=1, trajectory_steps=3)
+    ids = _ids(3, seed=4)
+    path, _ = D.generate_delta_table(cfg, lm, MeanPoolGister(), "JT1_cycle0_step1", ids, tmp_path, progress=False,
+                                     sample_ids=["a", "b", "c"], doc_ids=["d1", "d1", "d2"])
+    contexts = T.read_contexts(path).to_pylist()
+    assert sorted(c["kind"] for c in contexts) == ["on_policy", "on_policy", "perturbed", "perturbed", "recency", "recency"]
+    assert {c["sample_id"]: c["doc_id"] for c in contexts}.items() <= {"a": "d1", "b": "d1", "c": "d2"}.items()
+    for c in contexts:
+        if c["kind"] == "on_policy":  # rebuilt exactly, within budget, ages from the allocator (small)
+            wc, ages = T.rebuild_context(c, lm.embed, MeanPoolGister(), lm.d_model)
+            wc.check_invariants()
+            assert wc.cost <= wc.w_max and len(ages) == len(wc.entries) and max(ages) <= 3
+    rows = pq.read_table(path).to_pylist()
+    assert {r["context_id"] for r in rows} <= {c["context_id"] for c in contexts}

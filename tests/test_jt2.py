@@ -217,6 +217,11 @@ def test_holdout_is_by_sample_and_bad_tables_are_refused(lm, planted_table, tmp_
     assert max_level == 2 and len(examples) == 3 * PLANTED_SAMPLES
     train, held = jt2.split_holdout(examples, 0.3, seed=1)
     assert held and not ({examples[i].sample_id for i in train} & {examples[i].sample_id for i in held})
+    # whole documents are held out: samples of one document never straddle the split
+    for k, e in enumerate(examples):
+        e.doc_id = f"doc{int(e.sample_id.split('-')[-1]) % 3}" if "-" in e.sample_id else f"doc{k % 3}"
+    train, held = jt2.split_holdout(examples, 0.3, seed=1)
+    assert held and train and not ({examples[i].doc_id for i in train} & {examples[i].doc_id for i in held})
     bad = tmp_path / "bad.parquet"
     pq.write_table(pq.read_table(planted_table).drop_columns(["action"]), bad)
     with pytest.raises(ValueError, match="unusable delta table"):

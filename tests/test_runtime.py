@@ -128,7 +128,7 @@ def test_a_crashed_run_leaves_no_complete_looking_trace(lm, tmp_path):
     with pytest.raises(RuntimeError, match="policy crashed"):
         run_engine(_cfg(), lm, MeanPoolGister(), FailsAtStep3(), ids, w_max=W, trace_path=path)
     assert not path.exists()
-    partial = tmp_path / ".crash.jsonl.tmp"
+    [partial] = tmp_path.glob(".crash.*.jsonl.tmp")  # the writer's own per-process temp name
     assert [json.loads(x)["step"] for x in partial.read_text().splitlines()] == [0, 1, 2]
 
 
@@ -151,9 +151,13 @@ def test_overhead_is_computed_from_times_measured_in_the_run(lm):
         assert r[M.LATENCY_STAGE_PREFIX + "lensnet"] >= 15
     lat = [r[M.LATENCY_MS] for r in res.records]
     base = [r[M.BASELINE_LATENCY_MS] for r in res.records]
-    assert M.p50(lat) - M.p50(base) >= 10  # medians: a busy CPU may slow any single baseline step
+    # (no comparison of the two wall-clock medians: on a shared CPU either can stall; the 15 ms show in
+    # the lensnet stage above, a lower bound that noise cannot break)
     assert res.summary[M.LATENCY_OVERHEAD] == pytest.approx(M.latency_overhead(M.p50(lat), M.p50(base)))
     assert res.summary[M.LATENCY_P50] == pytest.approx(M.p50(lat))
+    unmeasured = run_engine(_cfg(), lm, MeanPoolGister(), RecencyPolicy(), random_ids(4 * K + H), w_max=W,
+                            measure_baseline=False)
+    assert all(r[M.BASELINE_LATENCY_MS] != r[M.BASELINE_LATENCY_MS] for r in unmeasured.records)  # NaN
 
 
 def test_lensnet_policy_reads_nothing_after_the_cursor_and_gets_the_allocator_ages(lm):
@@ -216,7 +220,7 @@ def test_compare_policies_runs_every_policy_on_the_same_documents(lm, tmp_path):
     rows = compare_policies(
         _cfg(), lm, MeanPoolGister(), factories, docs, steps=6, w_max=W, trace_dir=tmp_path, sink=sink
     )
-    assert [r["policy"] for r in rows] == ["recency", "random", "expand_nearest", "oracle", "lensnet"]
+    assert [r["policy"] for r in rows] == ["recency", "random", "expand_nearest", "attention", "oracle", "lensnet"]
     for r in rows:
         assert r["steps"] == 12 and r["documents"] == 2 and r["w_max"] == W
         assert r["causality_violations"] == 0 and r["utilization_max"] <= 1.0
@@ -237,3 +241,56 @@ def test_residency_histogram_bins():
 def test_too_short_a_sequence_is_an_error(lm):
     with pytest.raises(ValueError, match="no step"):
         run_engine(_cfg(), lm, MeanPoolGister(), RecencyPolicy(), random_ids(K), w_max=W)
+
+
+def test_attention_policy_scores_gists_by_the_attention_of_the_newest_tokens(lm):
+    """Training-free focus: one eager forward over the working context; gists above the median attention
+    want detail, spans below may pay; the recent window and the sink are left alone; under a full budget
+    its expands are swaps and every invariant holds."""
+    from mcx_core.focus.policies import AttentionPolicy
+
+    ids = random_ids(8 * W + K + H, seed=5)
+    policy = CheckedPolicy(AttentionPolicy(lm, window=K))
+    cfg = _cfg()
+    res = run_engine(cfg, lm, MeanPoolGister(), policy, ids, steps=6, w_max=W, prefill=6 * W)
+    assert res.summary[M.CAUSALITY_VIOLATIONS_TOTAL] == 0 and res.summary[M.UTILIZATION_MAX] <= 1.0
+    tree = MegaContextTree(lm.d_model, lm.embed, MeanPoolGister(), block_size=K, max_level=2)
+    tree.ingest(ids[: 6 * W])
+    wc = WorkingContext.initial(tree, W, cfg.working_context.recent_tokens, "center", cfg.working_context.sink_tokens)
+    scores = AttentionPolicy(lm, window=K).scores(wc, tree, 0)
+    assert scores.shape == (len(wc.entries),) and bool((scores.abs() <= 1).all())
+    recent_start = tree.cursor - wc.recent_tokens
+    assert all(float(s) == 0 for s, e in zip(scores, wc.entries) if e.end > recent_start)
+    assert (scores != 0).any()
+    # monotone in the attention the newest K positions give each unit (a gist, or a whole raw block)
+    from mcx_core.eval.peers import reduced_attention
+
+    embeds, positions, owner = wc.assemble(lm.embed)
+    att = reduced_attention(lm, K, inputs_embeds=embeds[None], position_ids=positions[None]).window
+    unit_of = [(e.level, e.index) if e.level else (0, e.start // K) for e in wc.entries]
+    mass: dict = {}
+    for t, o in enumerate(owner.tolist()):
+        if o >= 0:
+            mass[unit_of[o]] = mass.get(unit_of[o], 0.0) + float(att[t])
+    scored = [i for i, e in enumerate(wc.entries) if e.end <= recent_start]
+    by_mass = sorted(scored, key=lambda i: mass[unit_of[i]])
+    assert [float(scores[i]) for i in by_mass] == sorted(float(scores[i]) for i in by_mass)
+    for r in res.records:  # every expand under the full budget came with its payment in the same step
+        kinds = [(a["kind"], a["cause"]) for a in r["actions"]]
+        assert kinds.count(("expand", "swap")) <= kinds.count(("collapse", "swap"))
+
+
+def test_paired_differences_of_policies():
+    from mcx_core.focus.engine import paired_differences
+
+    rows = [
+        {"policy": "recency", "loss_per_step": [3.0, 3.1, 2.9, 3.0] * 5},
+        {"policy": "oracle", "loss_per_step": [2.0, 2.1, 1.9, 2.0] * 5},
+        {"policy": "lensnet", "loss_per_step": [2.5, 2.6, 2.4, 2.5] * 5},
+    ]
+    out = {d["versus"]: d for d in paired_differences(rows, "lensnet")}
+    assert set(out) == {"recency", "oracle"}
+    assert out["recency"]["difference"] == pytest.approx(-0.5) and out["recency"]["beats"]
+    assert out["recency"]["ci_high"] < 0 and out["oracle"]["ci_low"] > 0 and not out["oracle"]["beats"]
+    assert out["recency"]["gap_closed"] == pytest.approx(0.5)
+    assert paired_differences(rows, "attention") == []

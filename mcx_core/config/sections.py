@@ -324,6 +324,12 @@ class DeltasConfig(Section):
     perturb_moves: int = Field(
         default=4, gt=0, description="a perturbed context is 1..perturb_moves random legal moves from the recency one"
     )
+    on_policy_contexts: int = Field(
+        default=0, ge=0, le=64,
+        description="contexts per sample taken along the allocator's own trajectory (a seeded random policy "
+        "streamed over the history's last trajectory_steps refocus steps, true ages); counted in contexts_per_sample",
+    )
+    trajectory_steps: int = Field(default=8, gt=0, le=1024, description="refocus steps of an on-policy trajectory")
 
 
 class RuntimeConfig(Section):
@@ -338,6 +344,15 @@ class RuntimeConfig(Section):
         description="policies compared at the same W_max on the same documents",
     )
     compare_steps: int = Field(default=24, ge=0, description="steps per document for the comparison (0: skip)")
+    w_max: int | None = Field(
+        default=None, gt=0, le=1 << 20,
+        description="the runtime evaluation's budget (None: working_context.w_max); focus has choices when "
+        "the history is many times this (SPEC §5: swaps under a full budget)",
+    )
+    compare_baseline_latency: bool = Field(
+        default=False,
+        description="also time the frozen model in the comparison's runs (the evaluation's own run always does)",
+    )
 
 
 PeerName = Literal["newest", "streaming_llm", "tova", "h2o", "block_select"]
@@ -433,6 +448,14 @@ class AcceptanceConfig(Section):
     causality_violations_max: int = 0
     nan_free_steps: int = 100
     split_min_samples: int = Field(default=1, ge=0, description="each split must hold at least this many")
+    policy_minus_baseline_max: float = Field(
+        default=0.0,
+        description="LensNet beats a focus policy when the upper end of the paired 95 % interval of its Loss@H minus "
+        "the policy's lies below this (nats/token); a non-blocking check (runtime_lensnet_beats_policies)",
+    )
+    oracle_gap_closed_min: float = Field(
+        default=0.5, description="share of the recency → oracle Loss@H gap LensNet must close (when the oracle is compared)"
+    )
     gist_minus_peer_max: float = Field(
         default=0.0,
         description="learned gists beat a peer when the upper end of the paired 95 % interval of NLL_gist − NLL_peer "

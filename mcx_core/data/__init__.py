@@ -47,6 +47,7 @@ from mcx_core.data.store import (  # noqa: F401
     load_samples,
     load_split,
     split_summary,
+    train_doc_ids,
     train_ids,
 )
 from mcx_core.data.verify import verify_document_boundaries, verify_retokenization, verify_split_isolation  # noqa: F401

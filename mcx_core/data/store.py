@@ -93,6 +93,15 @@ def load_eval_samples(cfg: MegaContextConfig, limit: int | None = None) -> dict[
     return result
 
 
+def train_doc_ids(cfg: MegaContextConfig) -> list[str]:
+    """The document of each `train_ids` row, as "corpus/doc_id" (same order): what keeps the samples of
+    one document on one side of a held-out split."""
+    out = cfg.resolve(cfg.dataset.output_dir)
+    manifest = load_manifest(out)
+    return [f"{corpus}/{d}" for corpus in sorted(manifest["corpora"])
+            for d in load_split(out, corpus, "train").column("doc_id").to_pylist()]
+
+
 def train_ids(cfg: MegaContextConfig) -> np.ndarray:
     """Every corpus's train split, stacked: [N, context_tokens + horizon]."""
     out = cfg.resolve(cfg.dataset.output_dir)

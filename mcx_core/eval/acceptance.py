@@ -55,6 +55,28 @@ def at_most(name: str, label: str, value: float, threshold: float, ci: tuple[flo
     return Gate(name, label, float(value), float(threshold), "<=", ci)
 
 
+def _finite(value) -> float:
+    """JSON carries an undefined metric as null: NaN here (a gate on it fails, saying it is not finite)."""
+    return math.nan if value is None else float(value)
+
+
+def policy_gates(cfg: MegaContextConfig, paired: list[dict], baselines=("recency", "random", "expand_nearest")) -> list[Gate]:
+    """Issue-13 focus targets from `focus.engine.paired_differences(rows, "lensnet")`: LensNet's Loss@H
+    minus each baseline policy's, upper end of the paired 95 % interval < `acceptance.policy_minus_baseline_max`;
+    and, with the oracle compared, the share of the recency → oracle gap closed ≥ `oracle_gap_closed_min`."""
+    a = cfg.acceptance
+    gates = [
+        Gate(f"lensnet_minus_{p['versus']}_ci_hi", f"LensNet − {p['versus']} Loss@H, upper end of the 95% interval "
+             f"({p['samples']} paired steps)", float(p["ci_high"]), a.policy_minus_baseline_max, "<",
+             (float(p["ci_low"]), float(p["ci_high"])))
+        for p in paired if p["versus"] in baselines
+    ]
+    if paired and "gap_closed" in paired[0]:
+        gates.append(at_least("lensnet_oracle_gap_closed", "share of the recency → oracle Loss@H gap LensNet closes",
+                              _finite(paired[0]["gap_closed"]), a.oracle_gap_closed_min))
+    return gates
+
+
 def at_least(name: str, label: str, value: float, threshold: float) -> Gate:
     return Gate(name, label, float(value), float(threshold), ">=")
 
@@ -134,9 +156,12 @@ def runtime_gates(cfg: MegaContextConfig, row: dict) -> dict[str, list[Gate]]:
     by the check that reports them."""
     a = cfg.acceptance
     steps = f"over {row['steps']} steps"
+    residency = "mean residency (steps; SPEC §7, age-out collapses apart)"
+    if row.get("residency_samples") == 0:
+        residency += " — no sample: no span a deliberate allocator action placed was acted on again"
     return {
         "swap_rate": [at_most("swap_rate", f"mean swap rate {steps}", row["swap_rate"], a.swap_rate_max)],
-        "residency": [at_least("mean_residency", "mean residency (steps)", row["mean_residency"], a.mean_residency_min)],
+        "residency": [at_least("mean_residency", residency, _finite(row["mean_residency"]), a.mean_residency_min)],
         "utilization": [
             at_least("utilization_mean", "mean budget utilization", row["utilization"], a.utilization_min),
             at_most("utilization_max", "max budget utilization", row["utilization_max"], a.utilization_max),

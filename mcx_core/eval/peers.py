@@ -78,38 +78,47 @@ class HistoryAttention:
             self._cache.popitem(last=False)
         return scores
 
-    @torch.no_grad()
     def _forward(self, history: torch.Tensor) -> AttentionScores:
-        model = self.lm.model
-        decoder = model.get_decoder()
-        C = history.numel()
-        acc = {k: torch.zeros(C, dtype=torch.float32) for k in ("last", "received", "window")}
-        missing: list[int] = []
-
-        def reduce(module, args, output):
-            probs = output[1]  # [1, heads, C, C] under eager attention
-            if probs is None:
-                missing.append(module.layer_idx)
-                return
-            p = probs[0].float()
-            acc["last"] += p[:, -1].mean(0).cpu()
-            acc["received"] += p.sum(1).mean(0).cpu()
-            acc["window"] += p[:, -self.window :].sum(1).mean(0).cpu()
-
-        hooks = [layer.self_attn.register_forward_hook(reduce) for layer in decoder.layers]
-        previous = model.config._attn_implementation
-        model.set_attn_implementation("eager")
-        try:
-            decoder(input_ids=history.to(self.lm.device)[None], use_cache=False)  # no LM head: only attention is needed
-        finally:
-            model.set_attn_implementation(previous)
-            for h in hooks:
-                h.remove()
-        if missing:
-            raise RuntimeError(f"{type(model).__name__} returned no attention weights under eager attention (layers {missing})")
+        scores = reduced_attention(self.lm, self.window, input_ids=history.to(self.lm.device)[None])
         self.forwards += 1
-        n = len(decoder.layers)
-        return AttentionScores(acc["last"] / n, acc["received"] / n, acc["window"] / n)
+        return scores
+
+
+@torch.no_grad()
+def reduced_attention(lm: BaseLM, window: int, **inputs) -> AttentionScores:
+    """`AttentionScores` of one sequence from one eager-attention forward of the decoder (no LM head) on
+    `inputs` (`input_ids`, or `inputs_embeds` with `position_ids`; batch 1). Each layer's [heads, T, T]
+    probabilities are reduced in a forward hook as they are computed, so one layer's are alive at a time."""
+    model = lm.model
+    decoder = model.get_decoder()
+    first = inputs.get("input_ids", inputs.get("inputs_embeds"))
+    T = first.shape[1]
+    acc = {k: torch.zeros(T, dtype=torch.float32) for k in ("last", "received", "window")}
+    missing: list[int] = []
+
+    def reduce(module, args, output):
+        probs = output[1]  # [1, heads, T, T] under eager attention
+        if probs is None:
+            missing.append(module.layer_idx)
+            return
+        p = probs[0].float()
+        acc["last"] += p[:, -1].mean(0).cpu()
+        acc["received"] += p.sum(1).mean(0).cpu()
+        acc["window"] += p[:, -window:].sum(1).mean(0).cpu()
+
+    hooks = [layer.self_attn.register_forward_hook(reduce) for layer in decoder.layers]
+    previous = model.config._attn_implementation
+    model.set_attn_implementation("eager")
+    try:
+        decoder(**inputs, use_cache=False)
+    finally:
+        model.set_attn_implementation(previous)
+        for h in hooks:
+            h.remove()
+    if missing:
+        raise RuntimeError(f"{type(model).__name__} returned no attention weights under eager attention (layers {missing})")
+    n = len(decoder.layers)
+    return AttentionScores(acc["last"] / n, acc["received"] / n, acc["window"] / n)
 
 
 # ---------------------------------------------------------------------------------------------- selections

@@ -77,45 +77,61 @@ def run_runtime_eval(cfg: MegaContextConfig, lm: BaseLM, sink: TelemetrySink | N
             sink.log_artifact(p, "runtime")
         return cached
     gister, lensnet = load_gister(gist_ck, lm), load_lensnet(lens_ck, lm.device)
-    docs = held_out_documents(cfg, lm.tokenizer, rc.documents, rc.prefill_tokens + rc.steps * R + H)
+    w_max = rc.w_max or cfg.working_context.w_max
+    docs = held_out_documents(cfg, lm.tokenizer, rc.documents,
+                              rc.prefill_tokens + max(rc.steps, rc.compare_steps) * R + H)
     t0 = time.perf_counter()
     trace_dir = paths.traces / "runtime_eval"
-    records, residencies, traces, per_doc = [], [], [], []
+    records, residencies, traces, per_doc, runs = [], [], [], [], []
     for d, (name, ids) in enumerate(docs):
         res = runtime.run_engine(
-            cfg, lm, gister, LensNetPolicy(lensnet, lm.embed), torch.as_tensor(ids), rc.steps, None,
+            cfg, lm, gister, LensNetPolicy(lensnet, lm.embed), torch.as_tensor(ids), rc.steps, w_max,
             trace_dir / f"lensnet_doc{d}.jsonl", OffsetSink(sink, d * rc.steps), prefill=rc.prefill_tokens,
             progress=progress,
         )
         records += res.records
         residencies += res.residencies
         traces.append(res.trace_path)
+        runs.append(res)
         per_doc.append({"document": name, **{k: v for k, v in res.summary.items()}})
     summary = runtime.summarize_run(records, residencies)
     log_focus_tables(sink, records, residencies)
     main = {
-        "policy": "lensnet", "w_max": cfg.working_context.w_max, "documents": len(docs), "steps": len(records),
+        "policy": "lensnet", "w_max": w_max, "documents": len(docs), "steps": len(records),
         "loss_at_h": summary[M.RUNTIME_LOSS_AT_H_MEAN], "swap_rate": summary[M.SWAP_RATE_MEAN],
         "mean_residency": summary[M.MEAN_RESIDENCY], "utilization": summary[M.UTILIZATION_MEAN],
         "utilization_max": summary[M.UTILIZATION_MAX], "overhead": summary[M.LATENCY_OVERHEAD],
         "latency_p50_ms": summary[M.LATENCY_P50], "latency_p99_ms": summary[M.LATENCY_P99],
         "causality_violations": int(summary[M.CAUSALITY_VIOLATIONS_TOTAL]),
+        "expands": int(summary[M.NUM_EXPANDS]), "swaps": int(summary[M.NUM_SWAPS]),
+        "age_out_collapses": int(summary[M.AGE_OUT_COLLAPSES]), "residency_samples": int(summary[M.RESIDENCY_SAMPLES]),
     }
     sink.log_metrics({f"runtime_eval/{k}": v for k, v in summary.items()}, step=len(records))
-    comparison = []
+    comparison, paired = [], []
     if rc.compare_steps and rc.compare_policies:
         factories = standard_policies(lm, H, seed=cfg.seed, lensnet=lensnet, oracle="oracle" in rc.compare_policies)
         chosen = {k: factories[k] for k in rc.compare_policies if k in factories}
+        # the evaluation's own LensNet runs are the comparison's when they cover the same steps
+        done = {"lensnet": runs} if rc.compare_steps == rc.steps else None
         comparison = runtime.compare_policies(
-            cfg, lm, gister, chosen, [torch.as_tensor(x) for _, x in docs], rc.compare_steps, None,
+            cfg, lm, gister, chosen, [torch.as_tensor(x) for _, x in docs], rc.compare_steps, w_max,
             paths.traces / "compare", sink, prefill=rc.prefill_tokens, progress=progress,
+            measure_baseline=rc.compare_baseline_latency, done=done,
         )
+        paired = runtime.paired_differences(comparison, "lensnet")
+        for row in paired:
+            sink.log_metrics({f"runtime_eval/lensnet_minus_{row['versus']}": row["difference"],
+                              f"runtime_eval/lensnet_minus_{row['versus']}_ci_low": row["ci_low"],
+                              f"runtime_eval/lensnet_minus_{row['versus']}_ci_high": row["ci_high"]})
+        if paired and "gap_closed" in paired[0]:
+            sink.log_metrics({"runtime_eval/lensnet_gap_closed": paired[0]["gap_closed"]})
     seconds = time.perf_counter() - t0
     report = write_runtime_report(cfg, main, per_doc, comparison, records, paths.reports, seconds,
-                                  {"gistnet": gist_ck.name, "lensnet": lens_ck.name})
-    result = {"summary": main, "per_document": per_doc, "comparison": comparison, "report": report,
-              "traces": traces, "seconds": seconds, "metrics": summary}
-    artifacts.write_json(paths.reports / "runtime_eval.json", {k: result[k] for k in ("summary", "per_document", "comparison", "seconds")})
+                                  {"gistnet": gist_ck.name, "lensnet": lens_ck.name}, paired)
+    result = {"summary": main, "per_document": per_doc, "comparison": comparison, "paired": paired,
+              "report": report, "traces": traces, "seconds": seconds, "metrics": summary}
+    artifacts.write_json(paths.reports / "runtime_eval.json",
+                         {k: result[k] for k in ("summary", "per_document", "comparison", "paired", "seconds")})
     for p in [*report.values(), *traces]:
         sink.log_artifact(p, "runtime")
     compared = [paths.traces / "compare" / f"{r['policy']}_doc{d}.jsonl" for r in comparison for d in range(len(docs))]
@@ -124,7 +140,7 @@ def run_runtime_eval(cfg: MegaContextConfig, lm: BaseLM, sink: TelemetrySink | N
     return result
 
 def write_runtime_report(cfg, main: dict, per_doc: list[dict], comparison: list[dict], records: list[dict],
-                         out: Path, seconds: float, checkpoints: dict) -> dict:
+                         out: Path, seconds: float, checkpoints: dict, paired: list[dict] | None = None) -> dict:
 
     steps = list(range(1, len(records) + 1))
     timeline = reports.line_plot(
@@ -144,6 +160,8 @@ def write_runtime_report(cfg, main: dict, per_doc: list[dict], comparison: list[
         f"Checkpoints: GistNet `{checkpoints['gistnet']}`, LensNet `{checkpoints['lensnet']}`. {main['documents']} held-out "
         f"documents, {cfg.runtime.prefill_tokens} tokens prefilled, then {cfg.runtime.steps} refocus steps of "
         f"{cfg.runtime.refocus_every} tokens each at W_max = {main['w_max']}"
+        + " — residency is SPEC §7's: steps a span stays at the level a deliberate allocator action put it in; "
+        "blocks gisted as they age out of the recent window are counted apart (`age_out_collapses`)"
         + (" (the acceptance run is 1000 steps: `configs/gpu.yaml`)." if cfg.runtime.steps < 1000 else "."),
         "## Acceptance (SPEC §8)",
         "\n".join(f"- {'✅' if g.passed else '❌'} {g.message}" for g in gates),
@@ -161,10 +179,19 @@ def write_runtime_report(cfg, main: dict, per_doc: list[dict], comparison: list[
         plots["policies"] = bar
         sections += [
             "## Policies compared (same documents, same W_max)",
-            reports.markdown_table(comparison, ["policy", "steps", "loss_at_h", "swap_rate", "mean_residency",
-                                                "utilization", "utilization_max", "overhead", "latency_p50_ms"]),
+            reports.markdown_table(comparison, ["policy", "steps", "loss_at_h", "swap_rate", "expands", "swaps",
+                                                "mean_residency", "residency_samples", "age_out_collapses",
+                                                "utilization", "utilization_max", "latency_p50_ms"]),
             f"![policies]({bar.name})",
         ]
+        if paired:
+            sections += [
+                ("### LensNet minus each policy: Loss@H, paired over the same (document, step) samples, 95 % bootstrap "
+                 "interval (\"beats\": the interval lies below 0; steps of one document are correlated, so read the "
+                 f"interval with the {main['documents']} documents)"),
+                reports.markdown_table(paired, ["versus", "difference", "ci_low", "ci_high", "beats", "samples"]
+                                       + (["gap_closed"] if "gap_closed" in paired[0] else [])),
+            ]
     sections.append(f"Wall time {seconds:.1f} s. Traces: `{cfg.artifacts_dir}/traces/` (DuckDB view `traces`).")
     md = artifacts.write_text(out / "runtime_eval.md", "\n\n".join(sections) + "\n")
     return {"markdown": md, **plots}

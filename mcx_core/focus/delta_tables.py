@@ -59,7 +59,7 @@ CONTEXT_SCHEMA = pa.schema(
         ("run_id", pa.string()),
         ("cycle", pa.int32()),
         ("sample_id", pa.string()),
-        ("kind", pa.string()),  # "recency" (WorkingContext.initial) | "perturbed"
+        ("kind", pa.string()),  # "recency" (WorkingContext.initial) | "perturbed" | "on_policy"
         ("w_max", pa.int32()),
         ("recent_tokens", pa.int32()),
         ("sink_tokens", pa.int32()),
@@ -73,6 +73,7 @@ CONTEXT_SCHEMA = pa.schema(
         ("horizon_ids", pa.list_(pa.int32())),  # [H]
         ("nll_before", pa.float64()),
         ("gistnet_checkpoint", pa.string()),
+        ("doc_id", pa.string()),  # the sample's document ("corpus/doc"): JT2 holds out whole documents
     ]
 )
 

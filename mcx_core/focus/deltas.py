@@ -53,8 +53,8 @@ import pyarrow.parquet as pq
 import torch
 from tqdm.auto import tqdm
 
-from mcx_core.compression.gistnet import tree_inputs_fn
 from mcx_core.artifacts import write_arrow, write_atomic
+from mcx_core.compression.gistnet import tree_inputs_fn
 from mcx_core.config import MegaContextConfig
 from mcx_core.focus.delta_tables import (
     CONTEXT_SCHEMA,
@@ -216,6 +216,30 @@ def perturbed_context(
     return out, [made - birth[e] for e in out.entries]
 
 
+def on_policy_context(
+    history: torch.Tensor, make_tree, wcc, allocator_cfg, refocus_every: int, steps: int, seed: int
+) -> tuple[WorkingContext, list[int]]:
+    """A context the allocator itself reaches: the history but its last `steps` × `refocus_every` tokens
+    ingested, its recency context, then those tokens streamed `refocus_every` at a time through
+    `FocusAllocator` (forced collapses, stability rules, swaps) with seeded uniform scores in [-1, 1] as the
+    policy. Returns the final context (its tree holds the whole history) and the allocator's true ages."""
+    from mcx_core.focus.allocator import FocusAllocator
+
+    C = len(history)
+    start = max(C - steps * refocus_every, min(C, wcc.recent_tokens + wcc.sink_tokens + 1))
+    tree = make_tree()
+    tree.ingest(history[:start])
+    wc = WorkingContext.initial(tree, wcc.w_max, wcc.recent_tokens, wcc.position_scheme, wcc.sink_tokens)
+    alloc = FocusAllocator(allocator_cfg, wcc.w_max)
+    gen = torch.Generator().manual_seed(seed)
+    for lo in range(start, C, refocus_every):
+        tree.ingest(history[lo : min(lo + refocus_every, C)])
+        wc.sync()
+        alloc.fit(wc)
+        alloc.step(wc, torch.rand(len(wc.entries), generator=gen) * 2 - 1)
+    return wc, alloc.ages(wc).tolist()
+
+
 def choose_candidates(
     cands: list[Candidate], max_candidates: int, rng: np.random.Generator
 ) -> list[Candidate]:
@@ -246,12 +270,17 @@ def generate_delta_table(
     cycle: int = 0,
     run_id: str | None = None,
     sample_ids: list[str] | None = None,
+    doc_ids: list[str] | None = None,
 ) -> tuple[Path, dict[str, float]]:
     """Label `deltas.samples` training samples (a seeded choice per cycle) × `deltas.contexts_per_sample`
     contexts (the recency one always among them) with the counterfactual ΔNLL of their candidate actions.
 
+    Kinds of context: "recency" (always), `deltas.on_policy_contexts` "on_policy" ones (`on_policy_context`:
+    where the allocator's own trajectory leads, with true ages) and the rest "perturbed".
+
     `gister` must be the GistNet of `gistnet_checkpoint` (a checkpoint directory or an id; its name is
-    stored in every row). `train_ids` [N, >= C + H]; `sample_ids` name its rows (default `train-{row}`);
+    stored in every row). `train_ids` [N, >= C + H]; `sample_ids` name its rows (default `train-{row}`),
+    `doc_ids` their documents (default: each sample its own; JT2 holds out whole documents);
     `run_id` defaults to the config's name. Writes `delta_table_path(out_dir, cycle, gistnet_checkpoint)`
     and its contexts file atomically and returns (that path, stats). The stats (`deltas/*` metric names)
     are also logged to `sink` at step `cycle`.
@@ -266,6 +295,11 @@ def generate_delta_table(
     sample_ids = sample_ids if sample_ids is not None else [f"train-{i:06d}" for i in range(len(train_ids))]
     if len(sample_ids) != len(train_ids):
         raise ValueError(f"{len(sample_ids)} sample ids for {len(train_ids)} samples")
+    doc_ids = doc_ids if doc_ids is not None else list(sample_ids)
+    if len(doc_ids) != len(train_ids):
+        raise ValueError(f"{len(doc_ids)} document ids for {len(train_ids)} samples")
+    n_on_policy = min(dcfg.on_policy_contexts, dcfg.contexts_per_sample - 1)
+    n_perturbed = dcfg.contexts_per_sample - 1 - n_on_policy
     run_id = run_id or cfg.name
     ckpt = gistnet_label(gistnet_checkpoint)
     rng = np.random.default_rng([cfg.seed, cycle])
@@ -280,13 +314,20 @@ def generate_delta_table(
     for s, row_ids in zip(chosen.tolist(), ids):
         sample_id = sample_ids[s]
         history, horizon = row_ids[:C], row_ids[C : C + H]
-        tree = MegaContextTree(lm.d_model, lm.embed, gister, block_size=K, input_fn=tree_inputs_fn(lm, gister, K))
+        def make_tree():
+            return MegaContextTree(lm.d_model, lm.embed, gister, block_size=K, input_fn=tree_inputs_fn(lm, gister, K))
+
+        tree = make_tree()
         tree.ingest(history)
         recency = WorkingContext.initial(tree, wcc.w_max, wcc.recent_tokens, wcc.position_scheme, wcc.sink_tokens)
         contexts = [(recency, "recency", [0] * len(recency.entries))]
-        for _ in range(dcfg.contexts_per_sample - 1):
+        for _ in range(n_perturbed):
             wc, ages = perturbed_context(recency, rng, dcfg.perturb_moves)
             contexts.append((wc, "perturbed", ages))
+        for _ in range(n_on_policy):
+            wc, ages = on_policy_context(history, make_tree, wcc, cfg.allocator, cfg.runtime.refocus_every,
+                                         dcfg.trajectory_steps, int(rng.integers(2**31)))
+            contexts.append((wc, "on_policy", ages))
         cands = [choose_candidates(candidate_actions(wc), dcfg.max_candidates, rng) for wc, _, _ in contexts]
         results = evaluate_candidates(
             lm, [wc for wc, _, _ in contexts], [horizon] * len(contexts), cands, dcfg.batch_size
@@ -316,6 +357,7 @@ def generate_delta_table(
                     "horizon_ids": horizon.tolist(),
                     "nll_before": nll_before,
                     "gistnet_checkpoint": ckpt,
+                    "doc_id": doc_ids[s],
                 }
             )
             for cand, after in zip(context_cands, nll_after):

@@ -287,6 +287,7 @@ def run_engine(
     prefill: int = 0,
     max_level: int | None = None,
     progress: bool = False,
+    measure_baseline: bool = True,
 ) -> RuntimeResult:
     """Stream `token_ids` through a MegaContext for `steps` refocus steps (default `runtime.steps`, fewer
     if the sequence ends first: each step needs `horizon` tokens after its cursor). After each step the
@@ -295,6 +296,8 @@ def run_engine(
 
     `prefill` tokens are ingested up front (untimed), so a step can be measured over a long history
     without streaming all of it. `max_level` (default: the gister's, else 2) is the tree's top level.
+    Without `measure_baseline` the frozen-model step is not run (baseline latency and overhead NaN):
+    policy comparisons score Loss@H at half the cost.
     """
     sink = sink or NullSink()
     steps = steps or cfg.runtime.steps
@@ -325,7 +328,9 @@ def run_engine(
         lo = prefill + s * R
         horizon = ids[lo + R : lo + R + H]
         out = engine.step(ids[lo : lo + R], horizon)
-        baseline_ms = baseline_step_ms(lm, ids[: lo + R], wc.assembled_positions, horizon)
+        baseline_ms = (
+            baseline_step_ms(lm, ids[: lo + R], wc.assembled_positions, horizon) if measure_baseline else math.nan
+        )
         stats = out.stats
         residencies += stats.residencies
         util = M.budget_utilization(wc.cost, w_max)
@@ -390,10 +395,14 @@ def compare_policies(
     *,
     prefill: int = 0,
     progress: bool = False,
+    measure_baseline: bool = True,
+    done: dict[str, list[RuntimeResult]] | None = None,
 ) -> list[dict[str, Any]]:
     """Run every policy on the same documents at the same W_max; one row per policy, pooled over the
-    documents' steps. Traces go to `trace_dir/{policy}_doc{d}.jsonl`; the table and each policy's
-    summary (as `{metric}/{policy}`) go to `sink`."""
+    documents' steps, with `loss_per_step` (the paired samples `paired_differences` compares).
+    Traces go to `trace_dir/{policy}_doc{d}.jsonl`; the table and each policy's summary (as
+    `{metric}/{policy}`) go to `sink`. `done[name]` are finished runs of a policy on the same documents
+    and steps (the runtime evaluation's own LensNet runs), reused instead of run again."""
     sink = sink or NullSink()
     w = w_max or cfg.working_context.w_max
     rows = []
@@ -401,11 +410,15 @@ def compare_policies(
         records: list[dict[str, Any]] = []
         residencies: list[int] = []
         for d, doc in enumerate(documents):
-            doc = torch.as_tensor(np.asarray(doc), dtype=torch.long)
-            trace = Path(trace_dir) / f"{name}_doc{d}.jsonl" if trace_dir is not None else None
-            res = run_engine(
-                cfg, lm, gister, make(doc), doc, steps, w, trace, None, prefill=prefill, progress=progress
-            )
+            if done and name in done:
+                res = done[name][d]
+            else:
+                doc = torch.as_tensor(np.asarray(doc), dtype=torch.long)
+                trace = Path(trace_dir) / f"{name}_doc{d}.jsonl" if trace_dir is not None else None
+                res = run_engine(
+                    cfg, lm, gister, make(doc), doc, steps, w, trace, None, prefill=prefill, progress=progress,
+                    measure_baseline=measure_baseline,
+                )
             records += res.records
             residencies += res.residencies
         s = summarize_run(records, residencies)
@@ -427,8 +440,34 @@ def compare_policies(
                 "overhead": s[M.LATENCY_OVERHEAD],
                 "latency_p50_ms": s[M.LATENCY_P50],
                 "causality_violations": int(s[M.CAUSALITY_VIOLATIONS_TOTAL]),
+                "loss_per_step": [r[M.RUNTIME_LOSS_AT_H] for r in records],
             }
         )
         sink.log_metrics({f"{k}/{name}": v for k, v in s.items() if math.isfinite(v)})
-    sink.log_table({k: [r[k] for r in rows] for k in rows[0]}, "runtime/policy_comparison.json")
+    table = [{k: v for k, v in r.items() if k != "loss_per_step"} for r in rows]
+    sink.log_table({k: [r[k] for r in table] for k in table[0]}, "runtime/policy_comparison.json")
     return rows
+
+
+def paired_differences(rows: list[dict[str, Any]], policy: str) -> list[dict[str, Any]]:
+    """`policy`'s Loss@H minus every other policy's, paired over the same (document, step) samples, each
+    with its paired bootstrap 95 % interval; "beats" = the interval lies below 0 (SPEC §7). Where an
+    oracle row exists, `gap_closed` is (recency − policy) / (recency − oracle). Steps of one document
+    are not independent, so the interval is optimistic when documents are few: read it with the
+    number of documents."""
+    by_name = {r["policy"]: np.asarray(r["loss_per_step"], dtype=np.float64) for r in rows}
+    if policy not in by_name:
+        return []
+    mine, out = by_name[policy], []
+    for name, other in by_name.items():
+        if name == policy or len(other) != len(mine):
+            continue
+        lo, hi = M.difference_ci(mine, other)
+        out.append({"policy": policy, "versus": name, "difference": float((mine - other).mean()),
+                    "ci_low": lo, "ci_high": hi, "beats": bool(hi < 0), "samples": len(mine)})
+    if "recency" in by_name and "oracle" in by_name:
+        gap = float(by_name["recency"].mean() - by_name["oracle"].mean())
+        closed = float(by_name["recency"].mean() - mine.mean()) / gap if gap > 0 else math.nan
+        for row in out:
+            row["gap_closed"] = closed
+    return out

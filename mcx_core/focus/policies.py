@@ -1,6 +1,7 @@
 """Focus policies: what scores the working context's entries each step. LensNet's policy lives with
 LensNet (`LensNetPolicy`); here are the references it is compared against — recency (never refocus),
-random, expand-nearest, and the oracle that peeks at the true counterfactual ΔNLL.
+random, expand-nearest, a training-free attention policy, and the oracle that peeks at the true
+counterfactual ΔNLL.
 Every policy goes through the same allocator (`mcx_core.focus.allocator`)."""
 
 from __future__ import annotations
@@ -89,27 +90,71 @@ class RandomPolicy:
 
 
 class ExpandNearestPolicy:
-    """+1 on the gist nearest the cursor, -0.1 elsewhere (under the collapse threshold, but enough to pay
-    for the expand): more detail just behind the recent tokens."""
+    """More detail just behind the recent tokens: every gist wants detail, the nearest most (from +1 for the
+    nearest down to +0.5 for the oldest), raw tokens score -0.1 (under the collapse threshold, but enough to
+    pay for a swap). Scoring every gist, not only the nearest, matters: the nearest gist is the block
+    that just aged out of the recent window, and minimum residency holds it, so the allocator takes the
+    nearest gist it may expand."""
 
     name = "expand_nearest"
 
     def scores(self, wc: WorkingContext, tree: MegaContextTree, step: int) -> torch.Tensor:
         out = torch.full((len(wc.entries),), -0.1)
         gists = [i for i, e in enumerate(wc.entries) if e.level > 0]
-        if gists:
-            out[gists[-1]] = 1.0
+        for rank, i in enumerate(reversed(gists)):  # nearest first
+            out[i] = 1.0 - 0.5 * rank / max(len(gists) - 1, 1)
+        return out
+
+
+class AttentionPolicy:
+    """Training-free focus: expand the gists the newest tokens attend to most, pay with the spans they
+    attend to least. One eager-attention forward of the frozen model over the assembled working context
+    (heads and layers averaged, `eval.peers.reduced_attention`); each entry's *unit* — a gist, or a whole
+    raw block outside the recent window — gets the attention mass the newest `window` positions give it,
+    and its entries the score tanh(log(mass / median mass)): above the median positive (a gist there
+    wants detail), below negative (a span there may pay for a swap). The recent window and the sink
+    score 0. It reads only the working context (no causality violation) and costs one forward a step."""
+
+    name = "attention"
+
+    def __init__(self, lm: BaseLM, window: int = 32):
+        self.lm, self.window = lm, window
+
+    def scores(self, wc: WorkingContext, tree: MegaContextTree, step: int) -> torch.Tensor:
+        from mcx_core.eval.peers import reduced_attention
+
+        n = len(wc.entries)
+        embeds, positions, owner = wc.assemble(self.lm.embed)
+        att = reduced_attention(self.lm, self.window, inputs_embeds=embeds[None], position_ids=positions[None]).window
+        owner = owner.cpu()
+        keep = owner >= 0
+        mass = torch.zeros(n).index_add_(0, owner[keep], att[keep])  # [n] attention per entry
+        K, recent_start = tree.block_size, wc.tree.cursor - wc.recent_tokens
+        unit = torch.arange(n)  # entries of one raw block share a unit (the block), a gist is its own
+        for i, e in enumerate(wc.entries):
+            if e.level == 0 and i > 0 and wc.entries[i - 1].level == 0 and wc.entries[i - 1].start // K == e.start // K:
+                unit[i] = unit[i - 1]
+        unit_mass = torch.zeros(n).index_add_(0, unit, mass)[unit]  # [n] each entry's unit's mass
+        scored = torch.tensor([e.end <= recent_start for e in wc.entries])
+        out = torch.zeros(n)
+        if scored.sum() < 2:
+            return out
+        units = torch.unique(unit[scored])
+        median = torch.zeros(n).index_add_(0, unit, mass)[units].median().clamp(min=1e-12)
+        out[scored] = torch.tanh(torch.log(unit_mass[scored].clamp(min=1e-12) / median))
         return out
 
 
 def standard_policies(
     lm: BaseLM, horizon: int, seed: int = 0, lensnet: LensNet | None = None, oracle: bool = True
 ) -> dict[str, PolicyFactory]:
-    """Factories for compare_policies: recency, random, expand_nearest, oracle (optional), lensnet."""
+    """Factories for compare_policies: recency, random, expand_nearest, attention, oracle (optional),
+    lensnet."""
     out: dict[str, PolicyFactory] = {
         "recency": lambda doc: RecencyPolicy(),
         "random": lambda doc: RandomPolicy(seed),
         "expand_nearest": lambda doc: ExpandNearestPolicy(),
+        "attention": lambda doc: AttentionPolicy(lm),
     }
     if oracle:
         out["oracle"] = lambda doc: OraclePolicy(lm, _horizon_fn(doc, horizon))

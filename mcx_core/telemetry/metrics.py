@@ -27,6 +27,17 @@ TRAIN_LR = "train/lr"
 TRAIN_PHASE_INDEX = "train/phase_index"
 TRAIN_TOKENS_PER_S = "train/tokens_per_s"  # base-model positions (delta_nll) or gisted tokens (pooling_mse) / s
 TRAIN_NAN = "train/nan"  # 1 when a step's loss or gradient was not finite
+VAL_DELTA_NLL_MEAN = "val/delta_nll_mean"  # JT1's validation curve: ΔNLL@H of held-out val-split samples
+VAL_DELTA_NLL_P95 = "val/delta_nll_p95"
+VAL_NLL = "val/nll"  # their mean horizon NLL through the current gists
+
+
+def train_loss_of(objective: str) -> str:
+    """The loss of one JT1 objective (`train/loss_pooling_mse`, `train/loss_reconstruction`,
+    `train/loss_delta_nll`): one curve per objective, where `train/loss` jumps at each phase change."""
+    return f"train/loss_{objective}"
+
+
 GISTNET_PARAMETERS = "gistnet/parameters"
 GISTNET_LATENCY_MS = "gistnet/latency_ms_per_block"  # batched (64 blocks per call)
 GISTNET_LATENCY_SINGLE_MS = "gistnet/latency_ms_single_block"
@@ -46,6 +57,9 @@ TRAIN_LENSNET_BUDGET = "train/lensnet_budget"  # squared mean score per context 
 TRAIN_LENSNET_LEGALITY = "train/lensnet_legality"  # raw score mass on illegal directions
 TRAIN_LENSNET_RANKING_ACCURACY = "train/lensnet_ranking_accuracy"  # held-out rows
 TRAIN_LENSNET_RANK_CORRELATION = "train/lensnet_rank_correlation"  # held-out rows, Spearman
+TRAIN_LENSNET_HELDOUT_CONTEXTS = "train/lensnet_heldout_contexts"  # contexts of the held-out documents
+TRAIN_LENSNET_HELDOUT_DOCUMENTS = "train/lensnet_heldout_documents"
+TRAIN_LENSNET_TRAIN_CONTEXTS = "train/lensnet_train_contexts"
 TRAIN_LENSNET_LR = "train/lensnet_lr"
 TRAIN_LENSNET_GRAD_NORM = "train/lensnet_grad_norm"  # before clipping
 LENSNET_PARAMETERS = "lensnet/parameters"

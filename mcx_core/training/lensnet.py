@@ -56,9 +56,8 @@ import torch
 from tqdm.auto import tqdm
 
 from mcx_core import checkpoints
-from mcx_core.compression.gistnet import num_parameters
+from mcx_core.compression.gistnet import num_parameters, tree_inputs_fn
 from mcx_core.config import MegaContextConfig
-from mcx_core.compression.gistnet import tree_inputs_fn
 from mcx_core.focus.delta_tables import (
     gistnet_label,
     read_contexts,
@@ -78,6 +77,7 @@ log = logging.getLogger(__name__)
 
 JT = 2
 EVAL_BATCH = 64  # held-out contexts per LensNet forward
+INTERVAL_RESAMPLES = 400  # bootstrap draws for the held-out intervals (final evaluation only)
 
 
 @dataclass
@@ -90,6 +90,7 @@ class ContextExample:
     entry_index: torch.Tensor  # [R] long: the entry each row acts on
     sign: torch.Tensor  # [R] +1 expand, -1 collapse
     target: torch.Tensor  # [R] legality-clamped target of the entry's score, in [-1, 1]
+    doc_id: str = ""  # the sample's document: the unit of the held-out split ("" = the sample itself)
 
 
 def load_examples(
@@ -130,7 +131,8 @@ def load_examples(
             utility = normalised_utilities(np.array([r["delta_nll"] for r in rows]), utility_floor)
             masks = inputs[3]
             target = score_targets(utility, sign, masks["can_expand"][index], masks["can_collapse"][index])
-            examples.append(ContextExample(ctx["context_id"], ctx["sample_id"], inputs, index, sign, target))
+            examples.append(ContextExample(ctx["context_id"], ctx["sample_id"], inputs, index, sign, target,
+                                           ctx.get("doc_id") or ctx["sample_id"]))
             max_levels.add(ctx["max_level"])
     if not examples:
         raise ValueError(f"no labelled contexts in {[str(p) for p in delta_paths]}")
@@ -148,13 +150,13 @@ def table_gistnet_checkpoints(delta_paths: list[Path]) -> list[str]:
 
 
 def split_holdout(examples: list[ContextExample], fraction: float, seed: int) -> tuple[list[int], list[int]]:
-    """Indices of (train, held-out) examples; whole sample_ids are held out (contexts of one history
-    never straddle the split)."""
-    samples = sorted({e.sample_id for e in examples})
-    n_hold = min(len(samples) - 1, round(fraction * len(samples))) if len(samples) > 1 else 0
-    held = {samples[i] for i in np.random.default_rng(seed).permutation(len(samples))[:n_hold]}
-    train = [i for i, e in enumerate(examples) if e.sample_id not in held]
-    return train, [i for i, e in enumerate(examples) if e.sample_id in held]
+    """Indices of (train, held-out) examples; whole documents are held out (the samples of one document,
+    and the contexts of one history, never straddle the split: a held-out score is on unseen text)."""
+    groups = sorted({e.doc_id or e.sample_id for e in examples})
+    n_hold = min(len(groups) - 1, max(1, round(fraction * len(groups)))) if len(groups) > 1 and fraction > 0 else 0
+    held = {groups[i] for i in np.random.default_rng(seed).permutation(len(groups))[:n_hold]}
+    train = [i for i, e in enumerate(examples) if (e.doc_id or e.sample_id) not in held]
+    return train, [i for i, e in enumerate(examples) if (e.doc_id or e.sample_id) in held]
 
 
 def _row_scores(scores: torch.Tensor, batch: list[ContextExample]) -> list[torch.Tensor]:
@@ -204,8 +206,9 @@ def jt2_loss(
 
 
 @torch.no_grad()
-def evaluate_lensnet(lensnet: LensNet, examples: list[ContextExample]) -> dict[str, float]:
-    """Held-out ranking accuracy and Spearman of action scores against their targets (NaN if empty)."""
+def evaluate_lensnet(lensnet: LensNet, examples: list[ContextExample], intervals: bool = False) -> dict[str, float]:
+    """Held-out ranking accuracy and Spearman of action scores against their targets (NaN if empty); with
+    `intervals`, each with a 95 % bootstrap interval over contexts (`{metric}_ci_low` / `_ci_high`)."""
     if not examples:
         return {M.TRAIN_LENSNET_RANKING_ACCURACY: math.nan, M.TRAIN_LENSNET_RANK_CORRELATION: math.nan}
     action_scores, action_targets, groups = [], [], []
@@ -217,10 +220,26 @@ def evaluate_lensnet(lensnet: LensNet, examples: list[ContextExample]) -> dict[s
             action_targets.append((ex.sign * ex.target).numpy())
             groups.append(np.full(len(s), a + j))
     a_s, a_t, g = np.concatenate(action_scores), np.concatenate(action_targets), np.concatenate(groups)
-    return {
+    out = {
         M.TRAIN_LENSNET_RANKING_ACCURACY: M.pairwise_ranking_accuracy(a_s, a_t, g, min_gap=1e-6),
         M.TRAIN_LENSNET_RANK_CORRELATION: M.spearman(a_s, a_t),
     }
+    if intervals:  # whole contexts resampled with replacement (rows within a context are correlated)
+        rng = np.random.default_rng(0)
+        rows_of = [np.flatnonzero(g == c) for c in np.unique(g)]
+        acc, rho = [], []
+        for _ in range(INTERVAL_RESAMPLES):
+            draw = rng.integers(len(rows_of), size=len(rows_of))
+            pick = np.concatenate([rows_of[i] for i in draw])
+            groups_k = np.concatenate([np.full(len(rows_of[i]), k) for k, i in enumerate(draw)])  # a context drawn twice counts twice
+            acc.append(M.pairwise_ranking_accuracy(a_s[pick], a_t[pick], groups_k, min_gap=1e-6))
+            rho.append(M.spearman(a_s[pick], a_t[pick]))
+        for key, values in ((M.TRAIN_LENSNET_RANKING_ACCURACY, acc), (M.TRAIN_LENSNET_RANK_CORRELATION, rho)):
+            v = np.asarray(values, dtype=np.float64)
+            v = v[np.isfinite(v)]
+            lo, hi = np.quantile(v, [(1 - M.CI_LEVEL) / 2, (1 + M.CI_LEVEL) / 2]) if len(v) else (math.nan, math.nan)
+            out[f"{key}_ci_low"], out[f"{key}_ci_high"] = float(lo), float(hi)
+    return out
 
 
 @dataclass
@@ -349,5 +368,11 @@ def train_lensnet(
     checkpoint = common.last_checkpoint(
         checkpoint, run.step, lambda: _save(checkpoints_dir, cycle, lensnet, gister, opt, sched, cfg, trainer_state())
     )
-    return common.finish("jt2", run, run.step, time.perf_counter() - t_start, sink, checkpoint=checkpoint,
-                         initial_metrics=dict(run.initial))
+    lensnet.eval()
+    # the held-out numbers' intervals (the numbers themselves are the last step's, logged above)
+    final = {k: v for k, v in evaluate_lensnet(lensnet, held_out, intervals=True).items() if "_ci_" in k}
+    final.update({M.TRAIN_LENSNET_HELDOUT_CONTEXTS: float(len(held_idx)),
+                  M.TRAIN_LENSNET_HELDOUT_DOCUMENTS: float(len({e.doc_id for e in held_out})),
+                  M.TRAIN_LENSNET_TRAIN_CONTEXTS: float(len(train_idx))})
+    return common.finish("jt2", run, run.step, time.perf_counter() - t_start, sink, extra=final,
+                         checkpoint=checkpoint, initial_metrics=dict(run.initial))

@@ -8,6 +8,7 @@ from mcx_dagster.defs.metadata import (
     gates_result,
     markdown_file,
     problems_result,
+    stage_data_version,
     trained_metadata,
     training_finite_result,
 )
@@ -110,7 +111,9 @@ def runtime_eval(
             "seconds": dg.MetadataValue.float(result["seconds"]),
             "report": markdown_file(result["report"]["markdown"]),
             "traces": dg.MetadataValue.json([str(p) for p in result["traces"]]),
-        }
+            "reused": dg.MetadataValue.bool(bool(result.get("cached"))),
+        },
+        data_version=stage_data_version(cfg, "runtime_eval"),  # the inputs' fingerprint: unchanged → in sync
     )
 
 
@@ -142,3 +145,20 @@ runtime_causality = _runtime_check(
 runtime_latency_overhead = _runtime_check(
     "runtime_latency_overhead", "latency",
     "(MegaContext step − frozen base step on the same positions) / base step ≤ `acceptance.latency_overhead_max`.")
+
+
+@dg.asset_check(asset="runtime_eval")
+def runtime_lensnet_beats_policies(settings: MegaContextSettings) -> dg.AssetCheckResult:
+    """LensNet's Loss@H beats recency, random and expand-nearest on the held-out documents (the paired 95 %
+    interval of the difference lies below `acceptance.policy_minus_baseline_max`) and, when the oracle is
+    compared, closes ≥ `acceptance.oracle_gap_closed_min` of the recency → oracle gap. Not blocking: these
+    are the focus issue's targets, not SPEC §8 criteria; a miss shows here, by how much."""
+    from mcx_core.eval import acceptance
+    from mcx_core.eval.runtime import read_runtime_eval
+
+    cfg = settings.load()
+    paired = read_runtime_eval(cfg).get("paired") or []
+    if not paired:
+        return dg.AssetCheckResult(passed=True, description="not applicable: no policy comparison with lensnet "
+                                   "(runtime.compare_policies / compare_steps)")
+    return gates_result(acceptance.policy_gates(cfg, paired))

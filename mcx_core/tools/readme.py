@@ -41,6 +41,8 @@ def _num(v, signed: bool = False) -> str:
 
 def _with_ci(row: dict, key: str, signed: bool = False) -> str:
     stem = key.removesuffix("_mean")  # intervals are stored as <stem>_ci_lo / <stem>_ci_hi
+    if f"{stem}_ci_lo" not in row and f"{key}_ci_lo" in row:
+        stem = key
     lo, hi = row.get(f"{stem}_ci_lo"), row.get(f"{stem}_ci_hi")
     base = _num(row.get(key), signed)
     if lo is None or hi is None:
@@ -64,10 +66,28 @@ def gist_table(report: dict) -> str:
     for m in methods:
         cells = [_with_ci(r, f"delta_nll_{m}_mean") if f"delta_nll_{m}_mean" in r else "" for r in summary]
         lines.append(f"| {METHOD_NAMES.get(m, m)} | " + " | ".join(cells) + " |")
-    lines.append("| learned − recency (paired) | " + " | ".join(
-        _with_ci(r, "gist_minus_recency_mean", signed=True) for r in summary) + " |")
+    others = []  # learned − X (paired), recency first, for every X the report compares with
+    for r in summary:
+        for k in r:
+            m = re.fullmatch(r"gist_minus_(\w+)_mean", k)
+            if m and m.group(1) not in others:
+                others.append(m.group(1))
+    others.sort(key=lambda x: (x != "recency", x))
+    for x in others:
+        cells = [_with_ci(r, f"gist_minus_{x}_mean", signed=True) if f"gist_minus_{x}_mean" in r else "" for r in summary]
+        lines.append(f"| learned − {x} (paired) | " + " | ".join(cells) + " |")
     lines.append("| recovery of learned gists | " + " | ".join(
         _with_ci(r, "recovery_gist", signed=True) for r in summary) + " |")
+    stress = {s["dataset"]: s for s in report.get("stress") or [] if s.get("condition") == "stress1024"}
+    if stress:  # one LOD2 gist per 1024 tokens; shown in each dataset's first column
+        first = {}
+        for i, r in enumerate(summary):
+            first.setdefault(r["dataset"], i)
+        cells = [""] * len(summary)
+        for ds, i in first.items():
+            if ds in stress:
+                cells[i] = _with_ci(stress[ds], "delta_nll_mean")
+        lines.append("| 1024× stress (one LOD2 gist per 1024 tokens) | " + " | ".join(cells) + " |")
     lines.append("| samples | " + " | ".join(str(r.get("n_samples", "")) for r in summary) + " |")
     return "\n".join(lines) + "\n"
 

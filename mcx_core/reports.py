@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import base64
+import html
 import math
 import os
+import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -178,3 +181,59 @@ def timeline_plot(path: Path, rows: Sequence[dict], labels: Sequence[str], title
     ax.set_title(title)
     ax.legend(fontsize=7)
     return _save(fig, plt, path)
+
+
+# ---------------------------------------------------------------------------------------------- images in UIs
+
+# `![alt](target)` or `![alt](target "title")`; the UIs (Dagster metadata, MLflow's artifact preview) do not
+# resolve a relative target against the report's folder, so they show the alt text instead of the plot.
+_IMAGE = re.compile(r"!\[(?P<alt>[^\]]*)\]\((?P<target>[^)\s]+)(?P<title>\s+\"[^\"]*\")?\)")
+_MIME = {".png": "image/png", ".jpg": "image/jpeg", ".jpeg": "image/jpeg", ".svg": "image/svg+xml", ".gif": "image/gif"}
+
+
+def _local_image(target: str, base_dir: Path) -> Path | None:
+    """The file a relative image link names under `base_dir`, else None (URLs, data URIs, absolute
+    paths, links leaving `base_dir`, missing files, unknown types)."""
+    if ":" in target or target.startswith(("/", "#")):
+        return None
+    base = Path(base_dir).resolve()
+    path = (base / target).resolve()
+    if not path.is_relative_to(base) or not path.is_file() or path.suffix.lower() not in _MIME:
+        return None
+    return path
+
+
+def linked_images(markdown: str, base_dir: Path) -> list[Path]:
+    """The local image files a markdown text links relatively (each once, in order)."""
+    out: list[Path] = []
+    for m in _IMAGE.finditer(markdown):
+        path = _local_image(m["target"], base_dir)
+        if path is not None and path not in out:
+            out.append(path)
+    return out
+
+
+def embed_images(markdown: str, base_dir: Path) -> str:
+    """`markdown` with every relative image link to a file under `base_dir` replaced by a `data:` URI of
+    the file, so the report renders with its plots where relative links do not resolve (Dagster's
+    markdown metadata, MLflow's artifact preview). Other links are left as written."""
+
+    def embed(m: re.Match) -> str:
+        path = _local_image(m["target"], base_dir)
+        if path is None:
+            return m[0]
+        data = base64.b64encode(path.read_bytes()).decode("ascii")
+        return f"![{m['alt']}](data:{_MIME[path.suffix.lower()]};base64,{data}{m['title'] or ''})"
+
+    return _IMAGE.sub(embed, markdown)
+
+
+def markdown_to_html(markdown: str, base_dir: Path, title: str = "report") -> str:
+    """A standalone HTML page of a markdown report (CommonMark + tables), its images embedded."""
+    from markdown_it import MarkdownIt
+
+    body = MarkdownIt("commonmark", {"html": False}).enable("table").render(embed_images(markdown, base_dir))
+    style = ("body{font-family:sans-serif;max-width:60em;margin:1em auto;padding:0 1em}"
+             "table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:2px 6px}img{max-width:100%}")
+    return (f"<!DOCTYPE html>\n<html><head><meta charset=\"utf-8\"><title>{html.escape(title)}</title>"
+            f"<style>{style}</style></head><body>\n{body}</body></html>\n")

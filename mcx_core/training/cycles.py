@@ -26,7 +26,7 @@ from mcx_core.telemetry.memory import PhaseMemory
 from mcx_core.telemetry.mlflow_sink import MLflowSink, git_commit, store
 from mcx_core.telemetry.sinks import NullSink, TelemetrySink
 from mcx_core.training import distributed
-from mcx_core.training.gistnet import train_gistnet
+from mcx_core.training.gistnet import train_gistnet, validation_ids
 from mcx_core.training.lensnet import train_lensnet
 from mcx_core.training.lora import train_lora
 
@@ -107,6 +107,7 @@ def phase_jt1(cfg: MegaContextConfig, lm: BaseLM, cycle: int, sink: TelemetrySin
     init = init_checkpoint(cfg, "jt1", cycle)
     return _measured(sink, lm, lambda: train_gistnet(
         cfg, lm, data.train_ids(cfg), _checkpoints_dir(cfg), sink, cycle=cycle, init_from=init, progress=progress,
+        val_ids=validation_ids(cfg, cfg.gistnet.training.val_samples) if cfg.gistnet.training.val_every else None,
     ))
 
 

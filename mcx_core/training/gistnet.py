@@ -57,7 +57,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from mcx_core import checkpoints
+from mcx_core import checkpoints, data
 from mcx_core.compression.gistnet import Gister, load_gister, mean_pool, profile_gister
 from mcx_core.compression.teacher import TeacherCache, capture_logits, pool_positions
 from mcx_core.config import MegaContextConfig, PhaseConfig
@@ -286,6 +286,53 @@ def _grouped_nll(lm, contexts, horizons, teacher: Batch | None):
     return torch.stack(nll), tokens, (torch.stack(kl) if teacher is not None else None)
 
 
+# ---------------------------------------------------------------------------------------------- validation
+
+
+def validation_ids(cfg: MegaContextConfig, n: int) -> np.ndarray:
+    """The validation curve's samples: the first of the `val` split of each corpus in turn, `n` in all
+    ([n, C + H] token ids; none when no corpus has a `val` split). Never the test split (the evaluations')."""
+    out = cfg.resolve(cfg.dataset.output_dir)
+    corpora = data.load_manifest(out)["corpora"]
+    with_val = sorted(c for c, entry in corpora.items() if "val" in entry["splits"])
+    per = -(-n // max(1, len(with_val)))
+    rows = [data.load_samples(out, c, "val", limit=per) for c in with_val]
+    picked = [r[i] for i in range(per) for r in rows if i < len(r)][:n]  # interleaved: every corpus first
+    return np.stack(picked) if picked else np.empty((0, cfg.dataset.context_tokens + cfg.dataset.horizon), np.int64)
+
+
+@torch.no_grad()
+def validation_batch(lm: BaseLM, val_ids: np.ndarray, cfg: MegaContextConfig) -> Batch:
+    """What the validation ΔNLL needs of the held-out samples, computed once: ids, the full-history
+    teacher's horizon NLL, and with `input_layers` k > 0 the blocks' first-k-layer states."""
+    C, K = cfg.dataset.context_tokens, cfg.dataset.block_size
+    ids = torch.as_tensor(np.asarray(val_ids), dtype=torch.long)[:, : C + cfg.dataset.horizon]
+    embeds = lm.embed(ids[:, :C])  # [n, C, d]
+    teacher = horizon_nll(lm, [ConditionInput(e, torch.arange(C), C) for e in embeds], ids[:, C:]).float().cpu()
+    batch = {"ids": ids, "teacher_nll": teacher}
+    layers = cfg.gistnet.model.input_layers
+    if layers:
+        batch["states"] = lm.block_states(ids[:, :C].reshape(-1, K), layers).half().cpu().view(len(ids), C // K, K, -1)
+    return batch
+
+
+@torch.no_grad()
+def validation_metrics(gister: Gister, lm: BaseLM, batch: Batch, cfg: MegaContextConfig) -> dict[str, float]:
+    """Held-out ΔNLL@H of the current gists at `working_context.w_max` (the delta_nll objective's context,
+    no KL, no LOD2 stress, uniform tokens), GistNet in eval mode: the JT1 validation curve."""
+    phase = PhaseConfig(name="validation", objective="delta_nll", max_steps=1, kl_weight=0.0, lod2_weight=0.0,
+                        horizon_weighting=0.0)
+    was_training = gister.training
+    gister.eval()
+    try:
+        w = cfg.working_context.w_max
+        _, m = delta_nll_loss(gister, lm, batch, [w] * len(batch["ids"]), cfg, phase)
+    finally:
+        gister.train(was_training)
+    return {M.VAL_DELTA_NLL_MEAN: m[M.TRAIN_DELTA_NLL_MEAN], M.VAL_DELTA_NLL_P95: m[M.TRAIN_DELTA_NLL_P95],
+            M.VAL_NLL: m[M.TRAIN_NLL]}
+
+
 # ---------------------------------------------------------------------------------------------- training
 
 
@@ -330,8 +377,13 @@ def train_gistnet(
     progress: bool = True,
     init_from: Path | None = None,
     teacher_root: Path | None = None,
+    val_ids: np.ndarray | None = None,
 ) -> common.TrainResult:
     """Train GistNet through `cfg.gistnet.training.phases`; `train_ids` [N, >= C + H] token ids.
+
+    With `val_ids` (held-out samples, `validation_ids`) and `gistnet.training.val_every` > 0, the main
+    process logs the validation curve (`val/*`, `validation_metrics`) at the start, every `val_every`
+    steps and at the end of each phase.
 
     The teacher pass over this cycle's pool is read from (or first written to) the shards under
     `teacher_root` (default: `teacher/` beside `checkpoints_dir`; `compression.teacher`).
@@ -375,6 +427,16 @@ def train_gistnet(
     sink.log_params({"jt1.teacher_fingerprint": teacher.spec.fingerprint, "jt1.pool_samples": len(positions)})
     if not finished:
         sink.log_metrics({M.TRAIN_TEACHER_CACHE_MB: teacher.nbytes(positions, layers) / 2**20}, step=run.global_step)
+
+    validate = not finished and val_ids is not None and len(val_ids) > 0 and tcfg.val_every > 0 \
+        and distributed.is_main_process()
+    val_batch = validation_batch(lm, val_ids, cfg) if validate else None
+
+    def log_validation() -> None:
+        if val_batch is not None:
+            sink.log_metrics(validation_metrics(gister, lm, val_batch, cfg), step=run.global_step)
+
+    log_validation()
 
     def trainer_state() -> dict:
         return common.trainer_state(
@@ -440,6 +502,7 @@ def train_gistnet(
             metrics.update(
                 {
                     M.TRAIN_LOSS: loss.item(),
+                    M.train_loss_of(phase.objective): loss.item(),
                     M.TRAIN_GRAD_NORM: grad_norm,
                     M.TRAIN_LR: lr,
                     M.TRAIN_PHASE_INDEX: float(index),
@@ -450,6 +513,8 @@ def train_gistnet(
                 metrics = distributed.reduce_metrics(metrics, sum_keys=[M.TRAIN_TOKENS_PER_S])
                 sink.log_metrics(metrics, step=run.global_step)
                 run.history.append({"step": run.global_step, **metrics})
+            if tcfg.val_every and run.global_step % tcfg.val_every == 0 and run.phase_step < phase.max_steps:
+                log_validation()
             bar.update(1)
             bar.set_postfix(loss=f"{loss.item():.4f}")
             if tcfg.checkpoint_every and run.global_step % tcfg.checkpoint_every == 0:
@@ -459,6 +524,7 @@ def train_gistnet(
         if steps_timed:
             run.seconds_per_step[phase.name] = t_phase / steps_timed
         run.phase_complete = True
+        log_validation()
         checkpoint = _save(checkpoints_dir, cycle, gister, opt, sched, cfg, trainer_state())
 
     if lm.weights_checksum() != base_checksum:

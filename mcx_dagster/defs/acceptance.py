@@ -6,7 +6,7 @@ import dagster as dg
 
 from mcx_dagster.defs.metadata import floats, trained_metadata, training_finite_result
 from mcx_dagster.defs.partitions import FROM_FINAL_CYCLE, cycle_of, jt_cycles
-from mcx_dagster.defs.resources import MegaContextSettings, MLflowTracker
+from mcx_dagster.defs.resources import MegaContextSettings, MLflowTracker, log_checkpoint_set
 
 
 @dg.asset(group_name="training", deps=["lensnet_checkpoint"], partitions_def=jt_cycles, kinds={"pytorch", "safetensors"})
@@ -83,22 +83,33 @@ def poc_acceptance(
     context: dg.AssetExecutionContext, settings: MegaContextSettings, mlflow: MLflowTracker
 ) -> dg.MaterializeResult:
     """The POC gate (SPEC §8). Dagster runs it only when the blocking checks upstream passed; it
-    re-evaluates every criterion from the stored evidence, fails naming each miss, and otherwise
-    writes `artifacts/champion.json` and tags the MLflow run `mcx.champion = true`."""
+    re-evaluates every criterion from the stored evidence and registers the checkpoint set as a new
+    version of the MLflow model `megacontext-<config>` (alias `candidate`). Passed: the version gets the
+    `champion` alias, `artifacts/champion.json` is written (the CLI reads it) and the run is tagged
+    `mcx.champion = true`. Failed: no alias moves, the version is tagged `mcx.gate = failed`, and the
+    asset fails naming each miss."""
     from mcx_core.eval import champion
+    from mcx_core.telemetry.mlflow_sink import register_candidate, registered_model_name
 
     cfg = settings.load()
     evidence = champion.acceptance_evidence(cfg)
+    with mlflow.run(context, cfg, settings.root_dir()) as sink:
+        model_id = log_checkpoint_set(sink, evidence)
+        version = register_candidate(sink, cfg.name, model_id, evidence["passed"],
+                                     tags={"mcx.summary": evidence["summary"][:5000]})
+        sink.set_tags({"mcx.gate": "passed" if evidence["passed"] else "failed",
+                       "mcx.registered_model": f"{registered_model_name(cfg.name)}/{version}"})
+        if evidence["passed"]:
+            marker = champion.promote_champion(cfg, evidence)
+            sink.set_tags({"mcx.champion": "true", **{f"mcx.champion.{k}": v for k, v in evidence["checkpoints"].items()}})
+            sink.log_artifact(marker, "acceptance")
     if not evidence["passed"]:
         raise dg.Failure(f"acceptance gate not met: {evidence['summary']}", metadata={"evidence": evidence["gates"]})
-    with mlflow.run(context, cfg, settings.root_dir()) as sink:
-        marker = champion.promote_champion(cfg, evidence)
-        sink.set_tags({"mcx.champion": "true", **{f"mcx.champion.{k}": v for k, v in evidence["checkpoints"].items()}})
-        sink.log_artifact(marker, "acceptance")
     return dg.MaterializeResult(
         metadata={
             **{g["name"]: dg.MetadataValue.float(float(g["value"])) for g in evidence["gates"]},
             "champion": dg.MetadataValue.path(str(marker)),
+            "registered_model": f"{registered_model_name(cfg.name)} version {version} (aliases champion, candidate)",
             "summary": evidence["summary"],
         }
     )

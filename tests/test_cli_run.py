@@ -42,6 +42,23 @@ def test_run_streams_a_text_and_writes_one_trace_line_per_step(project):
     assert summary[M.CAUSALITY_VIOLATIONS_TOTAL] == 0 and 0 < summary[M.UTILIZATION_MAX] <= 1.0
 
 
+def test_run_json_is_strict_and_carries_the_focus_keys(project):
+    """`mcx run --json` (issue 13): strict JSON — no NaN, null where undefined (a run no deliberate action
+    was undone in has no residency sample) — with the focus keys a nightly script reads."""
+    root, cfg = project
+    res = _run(["run", "--config", str(cfg), "--checkpoint", str(root / "ck"), "--text", str(root / "play.txt"),
+                "--steps", "6", "--w-max", "96", "--policy", "recency", "--trace", str(root / "r.jsonl"), "--json"], root)
+    assert res.exit_code == 0, res.output
+    line = res.output.strip().splitlines()[-1]
+    summary = json.loads(line, parse_constant=lambda c: pytest.fail(f"non-JSON constant {c} in {line}"))
+    for key in (M.RUNTIME_LOSS_AT_H_MEAN, M.NUM_EXPANDS, M.NUM_COLLAPSES, M.NUM_FORCED_COLLAPSES,
+                M.AGE_OUT_COLLAPSES, M.MEAN_RESIDENCY, M.SWAP_RATE_MEAN, M.LATENCY_OVERHEAD):
+        assert key in summary, key
+    # recency never acts: every collapse is the budget's, every one an age-out, no residency sample
+    assert summary[M.NUM_EXPANDS] == 0 and summary[M.AGE_OUT_COLLAPSES] == summary[M.NUM_COLLAPSES] > 0
+    assert summary[M.MEAN_RESIDENCY] is None and summary[M.RESIDENCY_SAMPLES] == 0
+
+
 def test_run_refuses_a_jt1_checkpoint_for_the_learned_policy_and_short_texts(project, tmp_path):
     root, cfg = project
     jt1 = tmp_path / "jt1"

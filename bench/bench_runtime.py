@@ -146,6 +146,18 @@ def runtime_rows(cfg, steps: int = 24, long_steps: int = 12) -> list[dict]:
                 ),
             }
         )
+    # The demo's focus setting (issue 13): step cost against W_max and history length, the learned gister.
+    for w_b, n in ((128, 4096), (256, 4096), (256, 16384)):
+        ids = _random_ids(vocab, n + long_steps * R + H, seed=w_b + n)
+        res = run_engine(cfg, lm, gister, RecencyPolicy(), ids, long_steps, w_b, prefill=n)
+        out.append(
+            {
+                "bench": f"step latency, W_max {w_b}, {n:,}-token history",
+                "value": res.summary[M.LATENCY_P50],
+                "unit": "ms",
+                "note": f"p50 of {long_steps}; frozen base on the same positions {res.summary[M.BASELINE_LATENCY_P50]:.1f} ms",
+            }
+        )
     lo, hi = LONG_HISTORIES
     out.append(
         {

@@ -63,6 +63,7 @@ mlflow: setup
 # mlruns/mlflow.db, webserver only): asset graph, a check, a run, an MLflow run; screenshots in
 # artifacts/ui-check/. Needs chromium (apt-get install -y chromium).
 ui-check: setup
+	$(BIN)/python -m pip install -q -e '.[ui]'
 	$(BIN)/python bench/ui_check.py --root $(CURDIR) --config $(CONFIG)
 
 bench: setup

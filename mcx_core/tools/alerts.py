@@ -9,9 +9,9 @@
 
 Inputs are trace records (one dict per runtime step, as `focus.engine.run_engine` writes them, including
 the hidden `.tmp` trace of a run still in progress) or metric histories (`{name: [(step, value)]}`,
-as MLflow and `MemorySink` keep them). `dispatch` hands fired alerts to `alerts.command` (the JSON on
-stdin) and/or POSTs them to `alerts.webhook_url`; a failing hook is logged, never raised. `new_alerts`
-watches the artifacts (and MLflow) between scans and reports each alert once, for a sensor.
+as MLflow and `MemorySink` keep them). `dispatch` hands fired alerts to `alerts.command` (an argv list
+run without a shell, or a shell command line; the JSON on stdin) and/or POSTs them to
+`alerts.webhook_url`; a failing hook is logged, never raised. `new_alerts` watches the artifacts (and MLflow) between scans and reports each alert once, for a sensor.
 """
 
 from __future__ import annotations
@@ -250,12 +250,16 @@ def dispatch(alerts: Sequence[Alert], cfg: AlertsConfig, context: dict[str, Any]
     problems (also logged); never raises. Nothing happens without alerts."""
     if not alerts or not (cfg.command or cfg.webhook_url):
         return []
-    body = json.dumps(payload(alerts, context), default=str)
+    from mcx_core.jsonutil import dumps_strict
+
+    body = dumps_strict(payload(alerts, context), default=str)
     problems = []
     if cfg.command:
+        # An argv list runs without a shell (preferred); a string is a shell command line (`sh -c`): a
+        # config with `alerts.command` is executable, every sensor tick that fires an alert.
         try:
-            done = subprocess.run(cfg.command, shell=True, input=body, text=True, capture_output=True,
-                                  timeout=cfg.hook_timeout_s, check=False)
+            done = subprocess.run(cfg.command, shell=isinstance(cfg.command, str), input=body, text=True,
+                                  capture_output=True, timeout=cfg.hook_timeout_s, check=False)
             if done.returncode:
                 problems.append(f"alerts.command exited {done.returncode}: {done.stderr.strip()[:300]}")
         except (OSError, subprocess.SubprocessError) as err:

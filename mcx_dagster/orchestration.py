@@ -10,7 +10,9 @@ import dagster as dg
 
 from mcx_dagster.defs.partitions import JT_CYCLES, cycle_keys, register_cycles
 
-# The post-hoc analyses, which must run even when a gate failed: a second pass after the main graph.
+# The post-hoc analyses, which must run even when a gate failed: a second pass after the main graph
+# (`run_materialize(..., POST_HOC)`: first the demo's one small sweep cell, job mcx_demo_sweep, then the
+# analyses, job mcx_post_hoc).
 POST_HOC = ["telemetry_analysis"]
 
 
@@ -88,7 +90,8 @@ def cycle_plan(definitions, selection, cfg) -> list[tuple[str | None, set]]:
 
 
 def run_materialize(definitions, selection, instance, resources: dict | None = None,
-                    log_level: str = "INFO") -> Materialized:
+                    log_level: str = "INFO", job_name: str = "mcx_pipeline", partition_key: str | None = None,
+                    run_config: dict | None = None, tags: dict | None = None) -> Materialized:
     """Materialize `selection` (all assets when None) of `definitions`; never raises on step failure.
     `resources` replaces bound resources by key (tests point them at temporary stores). Registers the
     config's cycle partitions, then runs the cycles in order and stops after a cycle whose run failed a
@@ -98,21 +101,49 @@ def run_materialize(definitions, selection, instance, resources: dict | None = N
     register_cycles(instance, cfg)
     assets = list(definitions.assets or []) + list(definitions.asset_checks or [])
     results = []
-    for key, keys in cycle_plan(definitions, selection, cfg):
-        result = dg.materialize(
-            assets,
+    if partition_key is not None:
+        plan = [(job_name, partition_key, set(dg.AssetSelection.from_coercible(selection).resolve(
+            definitions.resolve_asset_graph())), run_config)]
+    elif selection == POST_HOC:  # the second pass: the demo's small sweep, then the analyses
+        plan = [*demo_sweep_plan(definitions, cfg), ("mcx_post_hoc", None, set(
+            dg.AssetSelection.assets(*POST_HOC).resolve(definitions.resolve_asset_graph())), run_config)]
+    else:
+        plan = [(job_name, key, keys, run_config) for key, keys in cycle_plan(definitions, selection, cfg)]
+    for name, key, keys, config in plan:
+        # dg.materialize would name every run `__ephemeral_asset_job__`; named jobs (the code location
+        # defines the same names, mcx_dagster/defs/jobs.py) make CLI runs findable in the UI.
+        job = dg.define_asset_job(name, selection=dg.AssetSelection.assets(*keys))
+        located = dg.Definitions(jobs=[job], assets=assets, resources=resources)
+        result = located.resolve_job_def(name).execute_in_process(
             instance=instance,
-            resources=resources,
-            selection=dg.AssetSelection.assets(*keys),
             partition_key=key,
             raise_on_error=False,
-            tags={"mcx.cycle": key} if key is not None else None,
-            run_config={"loggers": {"console": {"config": {"log_level": log_level}}}},
+            tags={**(tags or {}), **({"mcx.cycle": key} if key in cycle_keys(cfg) else {})} or None,
+            run_config={"loggers": {"console": {"config": {"log_level": log_level}}}, **(config or {})},
         )
         results.append(result)
         if step_failures(result) or failed_checks(result) or any(e.is_step_skipped for e in result.all_events):
             break
     return Materialized(results)
+
+
+def demo_sweep_plan(definitions, cfg) -> list[tuple]:
+    """One small run of the nightly sweep for the demo: one grid cell with `DEMO_SWEEP_SAMPLES` samples
+    (seconds), so `deltas/eval_sweep.parquet` exists after `make demo`. The cell is a partition of the
+    code location's grid (the config it serves, `MCX_CONFIG`): the first one `cfg`'s grid also holds,
+    else its first. None when the code location has no sweep."""
+    from mcx_core.eval.sweep import sweep_partitions
+    from mcx_dagster.defs.sweep import DEMO_SWEEP_SAMPLES, SWEEP_ASSET
+
+    key = dg.AssetKey(SWEEP_ASSET)
+    if key not in definitions.resolve_asset_graph().get_all_asset_keys():
+        return []
+    served = definitions.resolve_assets_def(key).partitions_def.get_partition_keys()
+    wanted = [k for k in served if k in set(sweep_partitions(cfg))]
+    if not served:
+        return []
+    samples = min(DEMO_SWEEP_SAMPLES, cfg.sweep.samples)
+    return [("mcx_demo_sweep", (wanted or served)[0], {key}, {"ops": {SWEEP_ASSET: {"config": {"samples": samples}}}})]
 
 
 def step_failures(result) -> list[str]:

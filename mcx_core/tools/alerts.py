@@ -195,8 +195,15 @@ def trace_files(traces_dir: Path, in_progress: bool = True) -> list[Path]:
     if in_progress:
         files += sorted(Path(traces_dir).glob("**/.*.jsonl.tmp"))
     # The oracle policy scores every candidate with the base model by design (a reference, never a
-    # deployable policy): its traces would always trip the latency alert.
-    return [f for f in files if not f.name.lstrip(".").startswith("oracle_")]
+    # deployable policy): its traces would always trip the latency alert. Only traces that represent a
+    # run: not the policy comparison's few-step traces (traces/compare/), not the per-action tables.
+    from mcx_core.telemetry.schemas import trace_kind
+
+    return [f for f in files if not f.name.lstrip(".").startswith("oracle_") and f.parent.name != COMPARE_DIR
+            and trace_kind(f) == "steps"]
+
+
+COMPARE_DIR = "compare"  # runtime_eval's policy comparison (mcx_core.eval.runtime)
 
 
 def cycle_delta_nll(checkpoints_dir: Path) -> list[tuple[int, float]]:

@@ -1,5 +1,6 @@
-"""DuckDB over the artifacts, sandboxed: views `deltas`, `traces`, one per evaluation table, and the block
-datasets, on a connection that can read only the artifacts root and the datasets folder.
+"""DuckDB over the artifacts, sandboxed: views `deltas` (counterfactual delta tables only), `eval_sweep`
+(the sweep table, its own kind), `traces` (per-step traces), `actions` (the per-action tables
+`traces/run_NNN.jsonl`), one per evaluation table, and the block datasets, on a connection that can read only the artifacts root and the datasets folder.
 
 - Views are a registry (`VIEWS`: name -> builder). A builder gets the connection and a `ViewContext`
   and creates its view(s) over an explicit list of files that it checked first; a file that does not
@@ -148,17 +149,46 @@ def trace_view(con, traces_dir: Path, on_skip: Callable[[str], None] | None = No
     with its `filename`); False when there is no trace to view."""
     root = Path(traces_dir).resolve()
     ctx = ViewContext(root.parent, root.parent / "datasets", **({"on_skip": on_skip} if on_skip else {}))
-    return jsonl_view(con, "traces", readable_jsonl(_files(root, "**/*.jsonl"), ctx))
+    return jsonl_view(con, "traces", readable_jsonl(_of_trace_kind(_files(root, "**/*.jsonl"), "steps"), ctx))
+
+
+def _of_table_kind(paths: list[Path], kind: str) -> list[Path]:
+    from mcx_core.telemetry.schemas import table_kind
+
+    return [p for p in paths if table_kind(p) == kind]
+
+
+def _of_trace_kind(paths: list[Path], kind: str) -> list[Path]:
+    from mcx_core.telemetry.schemas import trace_kind
+
+    return [p for p in paths if trace_kind(p) == kind]
 
 
 @register_view("deltas")
 def _deltas(con, ctx: ViewContext) -> None:
-    parquet_view(con, "deltas", readable_parquet(_files(ctx.artifacts / "deltas", "**/*.parquet"), ctx))
+    """The counterfactual delta tables (not the sweep table that shares `deltas/`)."""
+    files = readable_parquet(_files(ctx.artifacts / "deltas", "**/*.parquet"), ctx)
+    parquet_view(con, "deltas", _of_table_kind(files, "delta"))
+
+
+@register_view("eval_sweep")
+def _eval_sweep(con, ctx: ViewContext) -> None:
+    files = readable_parquet(_files(ctx.artifacts / "deltas", "**/*.parquet"), ctx)
+    parquet_view(con, "eval_sweep", _of_table_kind(files, "eval_sweep"))
 
 
 @register_view("traces")
 def _traces(con, ctx: ViewContext) -> None:
-    jsonl_view(con, "traces", readable_jsonl(_files(ctx.artifacts / "traces", "**/*.jsonl"), ctx))
+    """The per-step traces (one row per step)."""
+    files = _of_trace_kind(_files(ctx.artifacts / "traces", "**/*.jsonl"), "steps")
+    jsonl_view(con, "traces", readable_jsonl(files, ctx))
+
+
+@register_view("actions")
+def _actions(con, ctx: ViewContext) -> None:
+    """The per-action tables (`traces/run_NNN.jsonl`: one row per expand/collapse)."""
+    files = _of_trace_kind(_files(ctx.artifacts / "traces", "**/*.jsonl"), "actions")
+    jsonl_view(con, "actions", readable_jsonl(files, ctx))
 
 
 @register_view("eval")

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import dagster as dg
 
-from mcx_dagster.defs.metadata import floats, markdown_file
+from mcx_dagster.defs.metadata import NOT_CHARTED, OWNERS, code_version, floats, markdown_file, summary_json
 from mcx_dagster.defs.resources import MegaContextSettings, MLflowTracker
 
 ALERT_ASSET = "runtime_eval"  # alerts show as observations of the asset whose telemetry raised them
@@ -22,6 +22,26 @@ def _runtime_eval_mlflow_run(instance) -> tuple[str, str] | None:
     return str(getattr(uri, "value", uri)), str(getattr(run_id, "value", run_id))
 
 
+ALERT_LEDGER = ".alerts_raised.json"  # under the artifacts root: alert keys raised so far
+
+
+def _unraised(root: Path, fired: list) -> list:
+    """The alerts of `fired` not raised before (by `mcx materialize`'s analysis or the sensor), now
+    recorded as raised: each alert (source and name, `alerts.alert_key`) is dispatched once."""
+    from mcx_core.artifacts import write_json
+    from mcx_core.tools.alerts import alert_key
+
+    ledger = Path(root) / ALERT_LEDGER
+    try:
+        raised = set(json.loads(ledger.read_text(encoding="utf-8")))
+    except (OSError, ValueError):
+        raised = set()
+    new = [a for a in fired if alert_key(a) not in raised]
+    if new:
+        write_json(ledger, sorted(raised | {alert_key(a) for a in new}))
+    return new
+
+
 def _tag_mlflow_run(where: tuple[str, str] | None, alerts_: list) -> None:
     from mcx_core.telemetry.mlflow_sink import MLflowSink
     from mcx_core.tools import alerts
@@ -30,10 +50,12 @@ def _tag_mlflow_run(where: tuple[str, str] | None, alerts_: list) -> None:
         MLflowSink(*where).set_tags(alerts.tags(alerts_))
 
 
-# No declared deps on purpose: the analyses matter most when an acceptance check failed, and a
-# failed blocking check would skip everything downstream of it. `mcx materialize` runs this group in a
-# second pass after the main graph; in the UI, materialize it after `runtime_eval` / `gist_eval_report`.
-@dg.asset(group_name="telemetry", kinds={"duckdb"})
+# The analyses read what these wrote. They matter most when an acceptance check failed, and a failed
+# blocking check skips what is downstream of it in the same run, so `mcx materialize` runs this asset in
+# a second run of its own (job mcx_post_hoc) after the main graph; in the UI, materialize it alone.
+@dg.asset(group_name="telemetry", kinds={"duckdb"}, owners=OWNERS, tags={"mcx/stage": "analysis"},
+          code_version=code_version(),
+          deps=["runtime_eval", "gist_eval_report", "baseline_eval", "gistnet_checkpoint"])
 def telemetry_analysis(
     context: dg.AssetExecutionContext, settings: MegaContextSettings, mlflow: MLflowTracker
 ) -> dg.MaterializeResult:
@@ -44,26 +66,31 @@ def telemetry_analysis(
     and `alerts.command` / `alerts.webhook_url` when configured."""
     from mcx_core.artifacts import ArtifactPaths
     from mcx_core.model.base import load_base_model
+    from mcx_core.telemetry.actions import write_run_action_tables
     from mcx_core.tools import alerts, analysis
 
     cfg = settings.load()
     paths = ArtifactPaths.from_config(cfg)
+    action_tables = write_run_action_tables(paths.traces)  # the seed's traces/run_NNN.jsonl
     with mlflow.run(context, cfg, settings.root_dir()) as sink:
         lm = load_base_model(cfg.base_model, cfg.dataset, seed=cfg.seed, root=cfg.root)
         done, skipped, index = analysis.run_all(cfg, sink, lm, synthetic=True)
         fired = alerts.evaluate_artifacts(cfg.alerts, paths.traces, paths.checkpoints)
         alerts.tag_run(sink, fired)
     _tag_mlflow_run(_runtime_eval_mlflow_run(context.instance), fired)
-    for problem in alerts.dispatch(fired, cfg.alerts, {"config": cfg.name, "dagster_run_id": context.run_id}):
+    new = _unraised(paths.root, fired)  # raised once: not again by the sensor's first tick
+    for problem in alerts.dispatch(new, cfg.alerts, {"config": cfg.name, "dagster_run_id": context.run_id}):
         context.log.warning(problem)
-    for a in fired:
+    for a in new:
         context.log.warning("ALERT %s: %s (%s)", a.name, a.message, a.source)
     meta = {}
     for r in done.values():
-        meta.update(floats(r.metrics))
+        meta.update(floats({k: v for k, v in r.metrics.items() if not NOT_CHARTED.search(k)}))
     return dg.MaterializeResult(
         metadata={
             **meta,
+            "metrics": summary_json({k: r.metrics for k, r in done.items()}),
+            "action_tables": dg.MetadataValue.json([str(p) for p in action_tables]),
             "alerts_fired": dg.MetadataValue.int(len(fired)),
             "alerts": dg.MetadataValue.md(alerts.markdown(fired)),
             "index": markdown_file(index),
@@ -114,7 +141,8 @@ def telemetry_alerts(
     scan = alerts.new_alerts(cfg.alerts, paths.traces, paths.checkpoints,
                              json.loads(context.cursor) if context.cursor else None,
                              mlflow=(uri, cfg.mlflow.experiment or cfg.name))
-    new = scan.alerts
+    fresh_keys = {alerts.alert_key(a) for a in _unraised(paths.root, [a for _, a in scan.alerts])}
+    new = [(r, a) for r, a in scan.alerts if alerts.alert_key(a) in fresh_keys]
     events = []
     if new:
         fresh = [a for _, a in new]

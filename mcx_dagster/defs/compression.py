@@ -7,6 +7,7 @@ from mcx_dagster.defs.metadata import (
     gates_result,
     markdown_file,
     problems_result,
+    stage_data_version,
     trained_metadata,
     training_finite_result,
 )
@@ -103,7 +104,9 @@ def gist_eval_report(
             "checkpoint": dg.MetadataValue.path(str(checkpoint)),
             "report": markdown_file(result["report"]["markdown"]),
             "table": dg.MetadataValue.path(str(result["table"])),
-        }
+            "reused": dg.MetadataValue.bool(bool(result.get("cached"))),
+        },
+        data_version=stage_data_version(cfg, "gist_eval"),  # the inputs' fingerprint: unchanged → in sync
     )
 
 

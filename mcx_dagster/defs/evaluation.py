@@ -1,12 +1,26 @@
 """Evaluation assets: ΔNLL@H reports, and their checks."""
 
+import time
+from pathlib import Path
+
 import dagster as dg
 
-from mcx_dagster.defs.metadata import floats, markdown_file, problems_result
+from mcx_dagster.defs.metadata import (
+    OWNERS,
+    charted,
+    code_version,
+    images,
+    markdown_file,
+    problems_result,
+    reuse_metadata,
+    stage_data_version,
+    summary_json,
+)
 from mcx_dagster.defs.resources import MegaContextSettings, MLflowTracker
 
 
-@dg.asset(group_name="evaluation", deps=["block_dataset", "base_model"], kinds={"parquet"})
+@dg.asset(group_name="evaluation", deps=["block_dataset", "base_model"], kinds={"parquet"}, owners=OWNERS,
+          tags={"mcx/stage": "evaluation"}, code_version=code_version())
 def baseline_eval(
     context: dg.AssetExecutionContext, settings: MegaContextSettings, mlflow: MLflowTracker
 ) -> dg.MaterializeResult:
@@ -16,19 +30,24 @@ def baseline_eval(
     from mcx_core.eval import baseline
 
     cfg = settings.load()
+    t0 = time.perf_counter()
     with mlflow.run(context, cfg, settings.root_dir()) as sink:
         lm, _ = pipeline.prepare_base_model(cfg)
         result = baseline.run_baseline_eval(cfg, lm, sink, force=settings.force)
     meta = {}
     for s in result["summary"]:
-        meta.update(floats(s, prefix=f"{s['dataset']}/w{s['w_max']}/"))
+        meta.update(charted(s, prefix=f"{s['dataset']}/w{s['w_max']}/"))
+    report = Path(result["report"]["markdown"])
     return dg.MaterializeResult(
         metadata={
             **meta,
-            "seconds": dg.MetadataValue.float(result["seconds"]),
-            "report": markdown_file(result["report"]["markdown"]),
+            **reuse_metadata(result, time.perf_counter() - t0),
+            "summary": summary_json(result["summary"]),
+            "report": markdown_file(report),
+            **images(sorted(report.parent.glob(f"{report.stem}*.png"))),
             "table": dg.MetadataValue.path(str(result["table"])),
-        }
+        },
+        data_version=stage_data_version(cfg, "baseline_eval"),
     )
 
 

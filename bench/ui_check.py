@@ -1,6 +1,8 @@
 """Browser check of a finished project (`make ui-check`): start the Dagster webserver and the MLflow UI on
-loopback, open the asset graph, an asset check, the newest run and the newest MLflow run in headless
-Chromium, assert key elements of each rendered page, and save screenshots.
+loopback, open the asset graph, two evaluation assets (their `report` markdown opened: a plot must
+render in it), runtime_eval's checks, the newest `mcx_pipeline` run and the newest MLflow run in
+headless Chromium (driven by playwright when installed, else `chromium --screenshot/--dump-dom`), assert
+key elements of each rendered page, and save screenshots.
 
 Read-only: the Dagster instance (`.dagster_home`) and the MLflow store (`mlruns/mlflow.db`) are copied to
 a temporary folder first, and only the webserver runs (no daemon: no schedule, sensor or automation
@@ -64,13 +66,46 @@ def chromium() -> str:
     raise RuntimeError("no chromium on PATH (apt-get install -y chromium)")
 
 
-def render(url: str, png: Path, budget_ms: int = 20000) -> str:
-    """Screenshot `url` to `png` and return its DOM after `budget_ms` of virtual time (SPA rendered)."""
+def render_cli(url: str, png: Path, budget_ms: int = 20000) -> str:
+    """Without playwright: `chromium --headless --screenshot` and `--dump-dom` (no clicks, so Dagster's
+    first-visit dialog stays on the screenshot). Returns the DOM after `budget_ms` of virtual time."""
     common = [chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
               "--window-size=1600,1000", f"--virtual-time-budget={budget_ms}", "--run-all-compositor-stages-before-draw"]
     subprocess.run([*common, f"--screenshot={png}", url], capture_output=True, timeout=180, check=False)
     done = subprocess.run([*common, "--dump-dom", url], capture_output=True, text=True, timeout=180, check=False)
     return done.stdout
+
+
+SHOWN_IMAGES = "Array.from(document.querySelectorAll('img')).filter(i => i.naturalWidth > 0).length"
+
+
+def render_playwright(page, url: str, png: Path, expect: list[str], markdown: str | None) -> tuple[str, list[str]]:
+    """Open `url`, dismiss Dagster's first-visit dialog, wait for each `expect` text; with `markdown`
+    (a metadata key), open that entry's [Show Markdown] and require a rendered image in it."""
+    from playwright.sync_api import TimeoutError as PlaywrightTimeout
+
+    misses = []
+    page.goto(url, wait_until="networkidle", timeout=180_000)
+    skip = page.get_by_role("button", name="Skip")
+    if skip.count():
+        skip.first.click()
+    for text in expect:
+        try:
+            page.get_by_text(text).first.wait_for(timeout=60_000)
+        except PlaywrightTimeout:
+            misses.append(f"{text!r} not on the page")
+    if markdown:
+        row = page.locator("tr", has=page.get_by_text(markdown, exact=True)).get_by_text("[Show Markdown]")
+        if not row.count():
+            misses.append(f"metadata {markdown!r}: no [Show Markdown]")
+        else:
+            before = page.evaluate(SHOWN_IMAGES)
+            row.first.click()
+            page.wait_for_timeout(2000)
+            if page.evaluate(SHOWN_IMAGES) <= before:
+                misses.append(f"metadata {markdown!r}: the markdown shows no image")
+    page.screenshot(path=str(png))
+    return page.content(), misses
 
 
 def newest_mlflow_run(db: Path) -> tuple[str, str] | None:
@@ -111,28 +146,41 @@ def check(root: Path, out: Path, config: str, startup_s: float = 240) -> list[st
             results = runs["runsOrError"]["results"]
             run = next((r for r in results if r["jobName"] == "mcx_pipeline"), results[0] if results else None)
             pages = [
-                ("asset_graph", f"{dagster}/asset-groups", ["Global asset lineage", "evaluation", "telemetry"]),
-                ("asset_baseline_eval", f"{dagster}/assets/baseline_eval", ["baseline_eval", "report"]),
+                ("asset_graph", f"{dagster}/asset-groups", ["Global asset lineage", "evaluation", "telemetry"], None),
+                ("asset_baseline_eval", f"{dagster}/assets/baseline_eval", ["baseline_eval", "reused"], "report"),
+                ("asset_gist_eval_report", f"{dagster}/assets/gist_eval_report", ["gist_eval_report"], "report"),
                 ("check_telemetry_schema_valid", f"{dagster}/assets/runtime_eval?view=checks",
-                 ["telemetry_schema_valid", "runtime_swap_rate"]),
+                 ["telemetry_schema_valid", "runtime_swap_rate"], None),
             ]
             if run:
-                pages.append(("run", f"{dagster}/runs/{run['runId']}", [run["runId"][:8]]))
+                pages.append(("run", f"{dagster}/runs/{run['runId']}", [run["runId"][:8], run["jobName"]], None))
             else:
                 misses.append("dagster: no run in the instance")
             newest = newest_mlflow_run(tmp / "mlruns" / "mlflow.db")
             if newest:
-                pages.append(("mlflow_run", f"{mlflow}/#/experiments/{newest[0]}/runs/{newest[1]}", ["Metrics", "Parameters"]))
+                pages.append(("mlflow_run", f"{mlflow}/#/experiments/{newest[0]}/runs/{newest[1]}",
+                              ["Run ID", "dagster.run_id"], None))
             else:
                 misses.append("mlflow: no run in the store")
-            for name, url, expect in pages:
-                dom = render(url, out / f"{name}.png")
-                (out / f"{name}.html").write_text(dom, encoding="utf-8")
-                for text in expect:
-                    if text not in dom:
-                        misses.append(f"{name} ({url}): {text!r} not on the page")
-                if not (out / f"{name}.png").is_file():
-                    misses.append(f"{name}: no screenshot")
+            try:
+                from playwright.sync_api import sync_playwright
+            except ImportError:
+                sync_playwright = None
+            if sync_playwright is None:
+                for name, url, expect, _ in pages:
+                    dom = render_cli(url, out / f"{name}.png")
+                    (out / f"{name}.html").write_text(dom, encoding="utf-8")
+                    misses += [f"{name} ({url}): {t!r} not on the page" for t in expect if t not in dom]
+            else:
+                with sync_playwright() as pw:
+                    browser = pw.chromium.launch(executable_path=chromium(), args=["--no-sandbox"])
+                    page = browser.new_page(viewport={"width": 1600, "height": 1000})
+                    for name, url, expect, markdown in pages:
+                        dom, missed = render_playwright(page, url, out / f"{name}.png", expect, markdown)
+                        (out / f"{name}.html").write_text(dom, encoding="utf-8")
+                        misses += [f"{name} ({url}): {m}" for m in missed]
+                    browser.close()
+            misses += [f"{name}: no screenshot" for name, *_ in pages if not (out / f"{name}.png").is_file()]
         finally:
             for p in procs:
                 p.terminate()

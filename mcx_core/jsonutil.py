@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as _dt
+import decimal
 import json
 import math
 import os
@@ -23,6 +24,8 @@ def to_jsonable(obj: Any, default: Callable[[Any], Any] | None = None) -> Any:
         return int(obj)
     if isinstance(obj, float):
         return obj if math.isfinite(obj) else None
+    if isinstance(obj, decimal.Decimal):  # DuckDB's DECIMAL
+        return float(obj) if obj.is_finite() else None
     if isinstance(obj, Mapping):
         return {_key(k): to_jsonable(v, default) for k, v in obj.items()}
     if isinstance(obj, list | tuple | set | frozenset):

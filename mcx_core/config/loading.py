@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import glob
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -72,7 +73,10 @@ def _pydantic_problems(err: ValidationError) -> list[str]:
         elif e["type"] == "missing":
             msg = "missing required field"
         msg = msg.removeprefix("Value error, ")
-        problems.append(f"{_loc(loc)}: {msg}")
+        if not loc and re.match(r"[a-z_]+(\.[a-z_0-9]+)+ ", msg):
+            problems.append(msg)  # a cross-section check: its message starts with the field it is about
+        else:
+            problems.append(f"{_loc(loc)}: {msg}")
     return problems
 
 

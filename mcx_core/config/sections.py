@@ -330,6 +330,12 @@ class DeltasConfig(Section):
         "streamed over the history's last trajectory_steps refocus steps, true ages); counted in contexts_per_sample",
     )
     trajectory_steps: int = Field(default=8, gt=0, le=1024, description="refocus steps of an on-policy trajectory")
+    histories: Literal["samples", "runtime"] = Field(
+        default="samples",
+        description="what is labelled: the block dataset's training samples (dataset.context_tokens at "
+        "working_context.w_max), or training-document windows in the runtime evaluation's setting "
+        "(runtime.prefill_tokens at runtime.w_max: LOD2 collapses exist, as in the runtime)",
+    )
 
 
 class RuntimeConfig(Section):
@@ -467,7 +473,11 @@ class AlertsConfig(Section):
     swap_rate_critical: float = 0.5
     latency_ratio_max: float = 1.5
     delta_nll_divergence: float = 0.05
-    command: str | None = None
+    command: list[str] | str | None = Field(
+        default=None,
+        description="hook run with the alerts' JSON on stdin: an argv list (run without a shell; preferred), "
+        "or a string, which is run by the shell (`sh -c`) — a config with a command is executable",
+    )
     webhook_url: str | None = None
     window_steps: int = Field(
         default=10, gt=0, description="swap rate: alert on the mean over this many consecutive steps"
@@ -479,6 +489,15 @@ class AlertsConfig(Section):
         default=2.0, gt=1, description="a latency spike is a step slower than this × its trace's median step"
     )
     hook_timeout_s: float = Field(default=10.0, gt=0, description="alerts.command / webhook_url time limit")
+
+    @field_validator("command")
+    @classmethod
+    def _command(cls, v: list[str] | str | None) -> list[str] | str | None:
+        if isinstance(v, list) and (not v or not v[0].strip()):
+            raise ValueError("an argv list needs the program as its first item")
+        if isinstance(v, str) and not v.strip():
+            raise ValueError("must not be empty (leave it out for no hook)")
+        return v
 
 
 class MLflowConfig(Section):

@@ -293,8 +293,7 @@ def compression_points(rows: list[E.EvalRow]) -> dict[str, tuple[list[float], li
 # ---------------------------------------------------------------------------------------------- any text
 
 
-class TextError(ValueError):
-    pass
+from mcx_core.textstream import TextError, read_text_prefix  # TextError: one class for text problems
 
 
 def samples_from_text(text: str, tokenizer, sample_tokens: int, block_size: int, max_samples: int) -> np.ndarray:
@@ -310,18 +309,10 @@ def samples_from_text(text: str, tokenizer, sample_tokens: int, block_size: int,
     return np.stack([np.asarray(ids[i * stride : i * stride + sample_tokens], dtype=np.int64) for i in range(n)])
 
 
-def read_text_file(path: Path) -> str:
-    if not path.is_file():
-        raise TextError(f"no such file: {path}")
-    raw = path.read_bytes()
-    if not raw.strip():
-        raise TextError(f"{path} is empty")
-    if b"\x00" in raw[:8192]:
-        raise TextError(f"{path} looks binary (NUL bytes); give a UTF-8 text file")
-    try:
-        return raw.decode("utf-8")
-    except UnicodeDecodeError as err:
-        raise TextError(f"{path} is not UTF-8 text ({err.reason} at byte {err.start})") from None
+def read_text_file(path: Path, max_chars: int | None = None) -> str:
+    """A UTF-8 text file's text (at most `max_chars` characters, read incrementally); TextError when it is
+    missing, empty, binary or not UTF-8. To tokenize a prefix, see `mcx_core.textstream.stream_token_prefix`."""
+    return read_text_prefix(Path(path), max_chars)
 
 
 def evaluate_text(

@@ -158,6 +158,26 @@ def _like_prefix(s: str) -> str:
     return s.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
 
 
+def filter_equals(field: str, value: str) -> str:
+    """An MLflow search filter clause that matches `field` (e.g. "tags.`mcx.training_loop`",
+    "attributes.run_name") equal to `value`, whatever quotes or backslashes `value` holds: MLflow's filter
+    grammar has no escape for a quote inside a string literal, so a plain value is quoted as is and any
+    other becomes a LIKE pattern with `_` (one character) for every character that could break it. A LIKE
+    pattern can match more than `value`: keep only the exact matches (`exact_matches`)."""
+    import re
+
+    if re.fullmatch(r"[\w .:/@+,=-]*", value) and "'" not in value:
+        return f"{field} = '{value}'"
+    return f"{field} LIKE '" + re.sub(r"[^\w .:/@+,=-]|_", "_", value) + "'"
+
+
+def exact_matches(runs, value: str, tag: str | None = None, run_name: bool = False) -> list:
+    """The runs whose tag `tag` (or run name) is exactly `value` (after a `filter_equals` search)."""
+    if run_name:
+        return [r for r in runs if r.info.run_name == value]
+    return [r for r in runs if r.data.tags.get(tag) == value]
+
+
 class MLflowSink(NullSink):
     """An MLflow run. Create with `MLflowSink.start(...)`, end with `.end(status)` — or use it as a context
     manager: the run ends FINISHED, or FAILED when the block raises."""
@@ -211,11 +231,12 @@ class MLflowSink(NullSink):
         exp_id = ensure_experiment(tracking_uri, experiment, artifact_location)
         client = mlflow_client(tracking_uri)
 
-        def oldest():
-            return client.search_runs(
-                [exp_id], filter_string=f"tags.`{key_tag}` = '{key}'", max_results=1,
+        def oldest():  # the key escaped: a config named "bob's smoke" is a valid key
+            runs = client.search_runs(
+                [exp_id], filter_string=filter_equals(f"tags.`{key_tag}`", key), max_results=1000,
                 order_by=["attributes.start_time ASC", "attributes.run_id ASC"],
             )
+            return exact_matches(runs, key, tag=key_tag)[:1]
 
         found = oldest()
         if found:

@@ -45,9 +45,11 @@ def resolve_run(client, ref: str) -> tuple[Any, str]:
         by_id = list(client.search_runs(exps, f"attributes.run_id = '{ref}'", max_results=1))
         if by_id:
             return by_id[0], ""
-    quoted = ref.replace("'", "\\'")
-    runs = list(client.search_runs(exps, f"attributes.run_name = '{quoted}'", order_by=["attributes.start_time DESC"],
-                                   max_results=50))
+    from mcx_core.telemetry.mlflow_sink import exact_matches, filter_equals
+
+    runs = exact_matches(client.search_runs(exps, filter_equals("attributes.run_name", ref),
+                                            order_by=["attributes.start_time DESC"], max_results=1000),
+                         ref, run_name=True)[:50]
     if not runs:
         raise RunNotFound(f"no MLflow run with id or name {ref!r} in {client.tracking_uri}")
     note = f"{len(runs)} runs are named {ref!r}; using the newest ({runs[0].info.run_id})" if len(runs) > 1 else ""

@@ -19,6 +19,8 @@ three (explain.md, explain.html, explain.png) plus explain.json.
 from __future__ import annotations
 
 import html
+from array import array
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -44,42 +46,120 @@ def _snippet(text: str, n: int = SNIPPET_CHARS) -> str:
     return flat if len(flat) <= n else flat[: n - 1] + "…"
 
 
+def _chunks(ids) -> Iterator[torch.Tensor]:
+    if isinstance(ids, torch.Tensor | np.ndarray | list | tuple | array):
+        yield torch.as_tensor(np.asarray(ids), dtype=torch.long).flatten()
+        return
+    for chunk in ids:
+        yield torch.as_tensor(np.asarray(chunk), dtype=torch.long).flatten()
+
+
+def check_budget(cfg: MegaContextConfig, w_max: int | None) -> int:
+    """The working budget, or ValueError when it cannot hold the sink, the recent tokens and one gist."""
+    wcc = cfg.working_context
+    w = w_max or wcc.w_max
+    least = wcc.sink_tokens + wcc.recent_tokens + 1
+    if w < least:
+        raise ValueError(
+            f"W_max {w} cannot hold the {wcc.sink_tokens} sink tokens, the {wcc.recent_tokens} recent tokens "
+            f"and one gist (at least {least})"
+        )
+    return w
+
+
 @torch.no_grad()
 def explain_text(
     cfg: MegaContextConfig,
     lm: BaseLM,
     gister: GistFn,
     lensnet: LensNet,
-    ids: torch.Tensor,
+    ids: torch.Tensor | Iterable,
     w_max: int | None = None,
     query_at: int | None = None,
     top_k: int = 8,
     progress: bool = False,
 ) -> dict[str, Any]:
-    """LensNet's scores for the working context of `ids` [T] at token `query_at` (default T - horizon:
-    the last cursor the runtime would refocus at). Raises ValueError for a cursor outside [1, T]."""
-    ids = torch.as_tensor(ids, dtype=torch.long).flatten()
-    cursor = len(ids) - cfg.dataset.horizon if query_at is None else query_at
-    if not 1 <= cursor <= len(ids):
-        raise ValueError(
-            f"cursor {cursor} is outside the text's {len(ids)} tokens"
-            + (f" (default: tokens - horizon {cfg.dataset.horizon})" if query_at is None else "")
-        )
+    """LensNet's scores for the working context of `ids` at token `query_at` (default T - horizon: the
+    last cursor the runtime would refocus at). `ids` is a 1-D tensor [T] or an iterable of token chunks
+    (read lazily: tokens past `query_at` are never read, and a budget that cannot hold the text fails
+    where it overflows, not after the whole text). Raises ValueError for a cursor outside [1, T] or a
+    budget that cannot hold the text (BudgetError)."""
+    check_budget(cfg, w_max)
     if top_k < 1:
         raise ValueError(f"top_k must be >= 1, got {top_k}")
+    if query_at is not None and query_at < 1:
+        raise ValueError(f"cursor {query_at} is outside the text")
+    H, R = cfg.dataset.horizon, cfg.runtime.refocus_every
+    if isinstance(ids, torch.Tensor | np.ndarray | list | tuple | array):  # a known length: check it first
+        n = len(torch.as_tensor(np.asarray(ids)).flatten())
+        cursor = n - H if query_at is None else query_at
+        if not 1 <= cursor <= n:
+            raise ValueError(
+                f"cursor {cursor} is outside the text's {n} tokens"
+                + (f" (default: tokens - horizon {H})" if query_at is None else "")
+            )
     policy = LensNetPolicy(lensnet, lm.embed)
     engine = MegaContextEngine(cfg, lm, gister, policy, w_max)
     tree, wc, allocator = engine.tree, engine.wc, engine.allocator
-    R = cfg.runtime.refocus_every
-    starts = list(range(0, cursor, R))
-    for step, lo in enumerate(tqdm(starts, desc="explain", unit="step", disable=not progress)):
-        tree.ingest(ids[lo : min(lo + R, cursor)])
+    # Tokens read but not ingested; a step ingests R of them once it knows they lie before the cursor
+    # (with the default cursor: once H more tokens follow them). The allocator acts on a step's scores
+    # at the start of the next step, so the last scores (the explanation) are never acted on.
+    buf = torch.empty(0, dtype=torch.long)
+    read, ingested, step = 0, 0, 0
+    scores = None
+    source = _chunks(ids)
+    bar = None  # made at the first step: an error before it prints no progress bar
+
+    def run_step(chunk: torch.Tensor) -> None:
+        nonlocal scores, step, ingested, bar
+        if bar is None:
+            bar = tqdm(desc="explain", unit="tok", disable=not progress)
+        if scores is not None:
+            allocator.step(wc, scores)
+            wc.check_invariants()
+        tree.ingest(chunk)
+        ingested += len(chunk)
         wc.sync()
         allocator.fit(wc)
         scores = policy.scores(wc, tree, step)  # [N]
-        if lo + R < cursor:  # the last scores are the explanation: no action taken on them
-            allocator.step(wc, scores)
         wc.check_invariants()
+        step += 1
+        bar.update(len(chunk))
+
+    ended = False
+    lookahead, limit = (0, query_at) if query_at is not None else (H, None)
+    while True:
+        # Full steps that are certainly before the cursor.
+        # With --at, every token up to the cursor is read first (the tree holds them all anyway), so a
+        # cursor past the end fails before any step; with the default cursor, steps run as text arrives.
+        while len(buf) >= R + lookahead and (limit is None or (read >= limit and ingested + R <= limit)):
+            chunk, buf = buf[:R], buf[R:]
+            run_step(chunk)
+        if ended or (limit is not None and read >= limit and ingested + R > limit):
+            break
+        try:
+            nxt = next(source)
+            buf = torch.cat([buf, nxt])
+            read += len(nxt)
+        except StopIteration:
+            ended = True
+    total = read if ended else None
+    cursor = (read - H) if query_at is None else query_at
+    if total is not None and not 1 <= cursor <= total:
+        if bar is not None:
+            bar.close()
+        raise ValueError(
+            f"cursor {cursor} is outside the text's {total} tokens"
+            + (f" (default: tokens - horizon {H})" if query_at is None else "")
+        )
+    # The rest up to the cursor: one last (possibly short) step, or several.
+    while ingested < cursor:
+        n = min(R, cursor - ingested)
+        chunk, buf = buf[:n], buf[n:]
+        run_step(chunk)
+    if bar is not None:
+        bar.close()
+    starts = list(range(0, cursor, R))
     tokens = tree.tokens.long().tolist()
     entries = []
     for i, (e, s) in enumerate(zip(wc.entries, scores.tolist(), strict=True)):
@@ -93,7 +173,7 @@ def explain_text(
     gists = [e for e in entries if e["level"] > 0]
     return {
         "cursor": cursor,
-        "tokens": len(ids),
+        "tokens": read,
         "w_max": wc.w_max,
         "cost": wc.cost,
         "sink_tokens": wc.sink_cost,

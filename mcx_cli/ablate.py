@@ -18,8 +18,6 @@ def ablate(spec_path: str, only: tuple[str, ...], as_json: bool):
     """Train each variant's GistNet for the same wall-clock budget and print ΔNLL@H, recovery and the
     paired difference to recency (95 % intervals) on the validation split. Finished variants are read
     back, not retrained; the table is also written to artifacts/ablation/<name>/ablation.md."""
-    import json
-
     from mcx_core.config import ConfigError
     from mcx_core.eval import ablation as A
     from mcx_dagster.project import project_home
@@ -49,7 +47,9 @@ def ablate(spec_path: str, only: tuple[str, ...], as_json: bool):
     except FileNotFoundError as err:
         fail(f"{err} (build the datasets first: make demo, or mcx materialize --select block_dataset)")
     if as_json:
-        click.echo(json.dumps(out["rows"], default=str))
+        from mcx_core.jsonutil import dumps_strict
+
+        click.echo(dumps_strict(out["rows"], default=str))
     else:
         click.echo(A.print_table(out["rows"]))
         click.echo(f"\nreport: {out['markdown']}")

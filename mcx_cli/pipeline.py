@@ -5,7 +5,6 @@ definitions the UI loads, run in-process) or as the bare alternating training lo
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import os
 import sys
@@ -233,7 +232,9 @@ def _train_cycles(cfg, cycles: int | None, no_mlflow: bool, no_progress: bool) -
                 parent.log_metrics(cycle_metrics(s["memory"]), step=s["cycle"])
     distributed.wait_for_everyone()
     if main_process:
-        click.echo(json.dumps([{k: s[k] for k in ("cycle", "checkpoints", "seconds", "skipped")} for s in summaries],
+        from mcx_core.jsonutil import dumps_strict
+
+        click.echo(dumps_strict([{k: s[k] for k in ("cycle", "checkpoints", "seconds", "skipped")} for s in summaries],
                               indent=2))
 
 

@@ -164,7 +164,10 @@ def write_text(path: Path, text: str) -> Path:
 
 
 def write_json(path: Path, data: Any) -> Path:
-    return write_text(path, json.dumps(data, indent=2, sort_keys=True, default=str) + "\n")
+    """Strict JSON (NaN/inf written as null: `mcx_core.jsonutil`), atomically."""
+    from mcx_core.jsonutil import dumps_strict
+
+    return write_text(path, dumps_strict(data, indent=2, sort_keys=True, default=str) + "\n")
 
 
 def write_arrow(table, path: Path) -> None:

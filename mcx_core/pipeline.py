@@ -88,7 +88,8 @@ def generate_deltas(cfg: MegaContextConfig, lm: BaseLM, sink: TelemetrySink | No
     """On-policy counterfactual labels from the newest JT1 checkpoint: (table, stats, checkpoint)."""
     ck = checkpoints.jt1_checkpoint(cfg, cycle)
     fp = stage_fingerprint(
-        cfg, ["dataset", "base_model", "working_context", "deltas", "allocator", "seed"],
+        cfg, ["dataset", "base_model", "working_context", "deltas", "allocator", "seed"]
+        + (["runtime"] if cfg.deltas.histories == "runtime" else []),
         data.load_manifest(datasets_dir(cfg))["config_hash"], lm.model_id, checkpoints.checkpoint_id(ck), cycle,
     )
     # Several processes (accelerate launch): rank 0 labels and writes the table; the others then find its stage.
@@ -98,9 +99,17 @@ def generate_deltas(cfg: MegaContextConfig, lm: BaseLM, sink: TelemetrySink | No
             (sink or NullSink()).log_metrics(cached["stats"], step=0)
             log_delta_tables(sink or NullSink(), Path(cached["path"]))
             return Path(cached["path"]), cached["stats"], ck
+        if cfg.deltas.histories == "runtime":  # windows of training documents in the runtime's setting
+            from mcx_core.eval.runtime import runtime_histories
+
+            ids, docs = runtime_histories(cfg, lm.tokenizer, cfg.deltas.samples, cfg.seed + cycle)
+            w_max = cfg.runtime.w_max or cfg.working_context.w_max
+            sample_ids = [f"{d}@{k}" for k, d in enumerate(docs)]
+        else:
+            ids, docs, w_max, sample_ids = data.train_ids(cfg), data.train_doc_ids(cfg), None, None
         path, stats = deltas.generate_delta_table(
-            cfg, lm, load_gister(ck, lm), ck, data.train_ids(cfg), ArtifactPaths.from_config(cfg).deltas,
-            sink or NullSink(), progress, cycle=cycle, doc_ids=data.train_doc_ids(cfg),
+            cfg, lm, load_gister(ck, lm), ck, ids, ArtifactPaths.from_config(cfg).deltas,
+            sink or NullSink(), progress, cycle=cycle, doc_ids=docs, w_max=w_max, sample_ids=sample_ids,
         )
         save_stage(cfg, f"deltas_cycle{cycle}", fp, {"path": path, "stats": stats}, [path, delta_tables.contexts_path(path)])
         log_delta_tables(sink or NullSink(), path)

@@ -310,3 +310,17 @@ def test_on_policy_contexts_follow_the_allocator_and_carry_documents(lm, tmp_pat
             assert wc.cost <= wc.w_max and len(ages) == len(wc.entries) and max(ages) <= 3
     rows = pq.read_table(path).to_pylist()
     assert {r["context_id"] for r in rows} <= {c["context_id"] for c in contexts}
+
+
+def test_longer_histories_at_another_budget_are_labelled_in_that_setting(lm, tmp_path):
+    """`w_max` (deltas.histories: runtime): histories are the rows but the horizon, contexts have that
+    budget, and LOD2 collapses appear among the candidates once the history holds 32 gists."""
+    cfg = _cfg(samples=2, contexts_per_sample=1, max_candidates=64)
+    long_c = 40 * 32
+    ids = random_ids((2, long_c + H), 9).numpy()
+    path, _ = D.generate_delta_table(cfg, lm, MeanPoolGister(), "JT1_cycle0_step1", ids, tmp_path, progress=False,
+                                     w_max=W + 64, doc_ids=["x", "y"])
+    contexts = T.read_contexts(path).to_pylist()
+    assert {c["w_max"] for c in contexts} == {W + 64} and {c["cursor"] for c in contexts} == {long_c}
+    rows = pq.read_table(path).to_pylist()
+    assert any(r["action"] == "collapse" and r["level"] == 1 for r in rows)  # 32 gists -> one LOD2

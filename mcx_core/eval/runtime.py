@@ -29,16 +29,17 @@ from mcx_core.telemetry.sinks import NullSink, OffsetSink, TelemetrySink
 from mcx_core.telemetry.tables import log_focus_tables
 
 
-def held_out_documents(cfg: MegaContextConfig, tokenizer, n: int, min_tokens: int) -> list[tuple[str, np.ndarray]]:
-    """Up to `n` whole documents of the evaluation split with at least `min_tokens` tokens, taken in
-    turn from each corpus (re-read from the sources the block dataset was built from)."""
+def held_out_documents(cfg: MegaContextConfig, tokenizer, n: int, min_tokens: int,
+                       split: str | None = None) -> list[tuple[str, np.ndarray]]:
+    """Up to `n` whole documents of `split` (default: the evaluation split) with at least `min_tokens`
+    tokens, taken in turn from each corpus (re-read from the sources the block dataset was built from)."""
     out = datasets_dir(cfg)
     manifest = data.load_manifest(out)
     per_corpus: dict[str, list[tuple[str, np.ndarray]]] = {}
     for corpus in sorted(manifest["corpora"]):
         if corpus not in cfg.dataset.corpora:
             continue
-        table = data.load_split(out, corpus, cfg.evaluation.split)
+        table = data.load_split(out, corpus, split or cfg.evaluation.split)
         wanted = sorted(set(table.column("doc_id").to_pylist()))
         docs = [d for d in data.iter_documents(corpus, cfg.dataset.corpora[corpus], root=cfg.root) if d.doc_id in wanted]
         ids = data.tokenize_texts(tokenizer, [d.text for d in docs])
@@ -50,10 +51,49 @@ def held_out_documents(cfg: MegaContextConfig, tokenizer, n: int, min_tokens: in
                 chosen.append(per_corpus[corpus].pop(0))
     if not chosen:
         raise ValueError(
-            f"no {cfg.evaluation.split} document has {min_tokens} tokens (runtime.prefill_tokens + "
+            f"no {split or cfg.evaluation.split} document has {min_tokens} tokens (runtime.prefill_tokens + "
             "runtime.steps × runtime.refocus_every + horizon); lower runtime.steps"
         )
     return chosen
+
+
+def runtime_histories(cfg: MegaContextConfig, tokenizer, n: int, seed: int) -> tuple[np.ndarray, list[str]]:
+    """`n` training histories in the runtime evaluation's setting — `runtime.prefill_tokens` tokens + the
+    horizon, one seeded window of a training document each, corpora in turn — and their documents: what
+    the delta tables label when `deltas.histories` is "runtime", so LensNet learns in the setting it is
+    evaluated in. Documents are read in a seeded order and tokenized one at a time until `n` long
+    enough ones are found (a document is reused when a corpus has fewer)."""
+    need = cfg.runtime.prefill_tokens + cfg.dataset.horizon
+    out = datasets_dir(cfg)
+    rng = np.random.default_rng(seed)
+    per_corpus: dict[str, list[tuple[str, np.ndarray]]] = {}
+    corpora = [c for c in sorted(data.load_manifest(out)["corpora"]) if c in cfg.dataset.corpora]
+    for corpus in corpora:
+        wanted = set(data.load_split(out, corpus, "train").column("doc_id").to_pylist())
+        docs = [d for d in data.iter_documents(corpus, cfg.dataset.corpora[corpus], root=cfg.root) if d.doc_id in wanted]
+        found = []
+        for i in rng.permutation(len(docs)):
+            if len(docs[i].text) < need:  # fewer characters than tokens needed: cannot be long enough
+                continue
+            [ids] = data.tokenize_texts(tokenizer, [docs[i].text])
+            if len(ids) >= need:
+                found.append((f"{corpus}/{docs[i].doc_id}", ids))
+            if len(found) >= -(-n // len(corpora)):
+                break
+        if found:
+            per_corpus[corpus] = found
+    if not per_corpus:
+        raise ValueError(f"no training document has {need} tokens (runtime.prefill_tokens + horizon)")
+    turns = [d for k in range(max(map(len, per_corpus.values()))) for c in sorted(per_corpus)
+             for d in per_corpus[c][k % len(per_corpus[c]) : k % len(per_corpus[c]) + 1]]
+    rows, names = [], []
+    for k in range(n):
+        name, ids = turns[k % len(turns)]
+        start = int(rng.integers(0, len(ids) - need + 1))
+        rows.append(np.asarray(ids[start : start + need], dtype=np.int64))
+        names.append(name)
+    return np.stack(rows), names
+
 
 def run_runtime_eval(cfg: MegaContextConfig, lm: BaseLM, sink: TelemetrySink | None = None,
                      progress: bool = True, force: bool = False) -> dict:

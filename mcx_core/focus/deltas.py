@@ -271,6 +271,7 @@ def generate_delta_table(
     run_id: str | None = None,
     sample_ids: list[str] | None = None,
     doc_ids: list[str] | None = None,
+    w_max: int | None = None,
 ) -> tuple[Path, dict[str, float]]:
     """Label `deltas.samples` training samples (a seeded choice per cycle) × `deltas.contexts_per_sample`
     contexts (the recency one always among them) with the counterfactual ΔNLL of their candidate actions.
@@ -280,14 +281,18 @@ def generate_delta_table(
 
     `gister` must be the GistNet of `gistnet_checkpoint` (a checkpoint directory or an id; its name is
     stored in every row). `train_ids` [N, >= C + H]; `sample_ids` name its rows (default `train-{row}`),
-    `doc_ids` their documents (default: each sample its own; JT2 holds out whole documents);
+    `doc_ids` their documents (default: each sample its own; JT2 holds out whole documents); with
+    `w_max` the contexts have that budget and histories are the rows of `train_ids` but the horizon;
     `run_id` defaults to the config's name. Writes `delta_table_path(out_dir, cycle, gistnet_checkpoint)`
     and its contexts file atomically and returns (that path, stats). The stats (`deltas/*` metric names)
     are also logged to `sink` at step `cycle`.
     """
     dcfg, wcc = cfg.deltas, cfg.working_context
-    C, H, K = cfg.dataset.context_tokens, cfg.dataset.horizon, cfg.dataset.block_size
+    if w_max is not None:
+        wcc = wcc.model_copy(update={"w_max": w_max})
+    H, K = cfg.dataset.horizon, cfg.dataset.block_size
     train_ids = np.asarray(train_ids)
+    C = train_ids.shape[1] - H if train_ids.ndim == 2 and w_max is not None else cfg.dataset.context_tokens
     if train_ids.ndim != 2 or train_ids.shape[1] < C + H:
         raise ValueError(
             f"train_ids must be [N, >= {C + H}] (context_tokens + horizon), got {train_ids.shape}"

@@ -172,16 +172,23 @@ def test_checkpoint_logged_model_has_signature_and_leaves_the_optimizer_out(tmp_
 
 
 def test_gate_registers_a_version_and_only_a_pass_moves_the_champion(tmp_path):
+    """What `poc_acceptance` does with the evidence's checkpoint set (`log_checkpoint_set`, then
+    `register_candidate`), three times: pass, fail, pass."""
+    from mcx_dagster.defs.resources import log_checkpoint_set
+
     uri, artifacts = _store(tmp_path)
-    ck = _checkpoint(tmp_path, "JT3_cycle0_step2", parts=("gistnet", "lensnet", "lora"))
+    evidence = {"cycle": 0, "checkpoints": {
+        "gistnet": str(_checkpoint(tmp_path, "JT1_cycle0_step6")),
+        "lensnet": str(_checkpoint(tmp_path, "JT2_cycle0_step4", parts=("gistnet", "lensnet"))),
+        "lora": str(_checkpoint(tmp_path, "JT3_cycle0_step2", parts=("gistnet", "lensnet", "lora"))),
+    }}
     name = S.registered_model_name("smoke")
     client = MlflowClient(uri)
-
     models = []
 
     def gate(passed: bool) -> str:
         with MLflowSink.start(uri, "smoke", "poc_acceptance", artifact_location=artifacts) as sink:
-            models.append(sink.log_checkpoint_model("checkpoint-set", {p: ck / p for p in ("gistnet", "lensnet", "lora")}))
+            models.append(log_checkpoint_set(sink, evidence))
             return S.register_candidate(sink, "smoke", models[-1], passed)
 
     assert gate(True) == "1"
@@ -196,6 +203,9 @@ def test_gate_registers_a_version_and_only_a_pass_moves_the_champion(tmp_path):
     assert v3.source == f"models:/{models[-1]}"
     assert client.get_model_version_download_uri(name, "3") == client.get_logged_model(models[-1]).artifact_location
     assert mlflow.get_tracking_uri() != uri  # the registry call left the global tracking URI alone
+    where = Path(client.get_logged_model(models[-1]).artifact_location.removeprefix("file://"))
+    assert sorted(p.name for p in where.iterdir()) == ["MLmodel", "config.yaml", "gistnet", "lensnet", "lora"]
+    assert client.get_logged_model(models[-1]).tags["mcx.checkpoint.lora"] == "JT3_cycle0_step2"
 
 
 # ---------------------------------------------------------------------------------------------- datasets
@@ -349,3 +359,45 @@ def test_jt1_logs_a_validation_curve_and_one_loss_per_objective(lm, tmp_path):
     gister = jt1.load_gister(tmp_path / "ckpt" / "JT1_cycle0_step6", lm)
     again = jt1.validation_metrics(gister, lm, jt1.validation_batch(lm, val, cfg), cfg)
     assert again[M.VAL_DELTA_NLL_MEAN] == pytest.approx(sink.last(M.VAL_DELTA_NLL_MEAN), abs=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------- the real graph
+
+
+def test_jt1_asset_logs_datasets_checkpoint_model_and_curves_under_a_spanning_parent(tiny_project):
+    """`+gistnet_checkpoint` of the smoke config through the real definitions: the JT1 run lists the
+    train and val splits as inputs, logs its checkpoint as a logged model and the validation curve; the
+    training loop's parent spans it; the data/model runs sit under this Dagster run's parent."""
+    from mcx_dagster.definitions import defs
+    from mcx_dagster.orchestration import run_materialize, step_failures
+
+    root, cfg_path = tiny_project
+    uri = S.default_tracking_uri(root)
+    resources = {"settings": MegaContextSettings(config_path=str(cfg_path), root=str(root)), "mlflow": MLflowTracker()}
+    with dg.DagsterInstance.ephemeral() as instance:
+        result = run_materialize(defs(), "+gistnet_checkpoint", instance, resources=resources)
+        assert step_failures(result) == []
+        meta = result.asset_materializations_for_node("gistnet_checkpoint")[0].metadata
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name("smoke")
+    assert [e.name for e in client.search_experiments()] == ["smoke"]
+    assert exp.tags[S.EXPERIMENT_KIND_TAG] == "custom_model_development"
+    runs = client.search_runs([exp.experiment_id])
+    jt1 = next(r for r in runs if r.info.run_name == "cycle0-jt1")
+    assert meta["mlflow_run"].url.endswith(f"/runs/{jt1.info.run_id}")
+
+    contexts = {i.dataset.name: {t.key: t.value for t in i.tags}["mlflow.data.context"] for i in jt1.inputs.dataset_inputs}
+    assert contexts == {"smoke/code/train": "train", "smoke/code/val": "validation",
+                        "smoke/narrative/train": "train", "smoke/narrative/val": "validation"}
+    [output] = jt1.outputs.model_outputs
+    model = client.get_logged_model(output.model_id)
+    assert model.name == "jt1-gistnet" and model.tags["mcx.checkpoint"] == "JT1_cycle0_step6"
+    assert len(client.get_metric_history(jt1.info.run_id, M.VAL_DELTA_NLL_MEAN)) >= 3  # start + each phase end
+    assert client.get_metric_history(jt1.info.run_id, M.train_loss_of("pooling_mse"))
+
+    loop = client.get_run(jt1.data.tags["mlflow.parentRunId"])
+    assert loop.data.tags["mcx.role"] == "training_loop" and loop.info.status == "FINISHED"
+    assert loop.info.end_time >= jt1.info.end_time
+    data_run = next(r for r in runs if r.data.tags.get("dagster.asset_key") == "block_dataset")
+    pipeline = client.get_run(data_run.data.tags["mlflow.parentRunId"])
+    assert pipeline.data.tags["mcx.role"] == "pipeline_run" and pipeline.info.end_time >= data_run.info.end_time

@@ -22,6 +22,7 @@ SUITES = {
     "runtime": "bench_runtime",
     "lora": "bench_lora",
     "cycle": "bench_cycle",
+    "text": "bench_text",
 }
 
 

@@ -102,7 +102,27 @@ def runtime_table(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-BLOCKS: dict[str, Callable[[dict], str]] = {"gist_eval": gist_table, "runtime_eval": runtime_table}
+def policy_table(report: dict) -> str:
+    """The runtime evaluation's policy comparison (same documents, same W_max), then LensNet minus each
+    policy, paired over the same (document, step) samples, with its 95 % interval."""
+    keys = [("policy", "policy"), ("Loss@H", "loss_at_h"), ("swap rate", "swap_rate"), ("expands", "expands"),
+            ("swaps", "swaps"), ("mean residency", "mean_residency"), ("residency samples", "residency_samples"),
+            ("age-out collapses", "age_out_collapses"), ("utilization", "utilization"), ("p50 ms/step", "latency_p50_ms")]
+    lines = ["| " + " | ".join(k for k, _ in keys) + " |", "|" + "---|" * len(keys)]
+    for r in report.get("comparison") or []:
+        lines.append("| " + " | ".join(str(r.get(v)) if isinstance(r.get(v), int | str) else _num(r.get(v))
+                                       for _, v in keys) + " |")
+    paired = report.get("paired") or []
+    if paired:
+        lines += ["", "| LensNet − policy, Loss@H (paired) | difference [95 % CI] | beats |", "|---|---|---|"]
+        for p in paired:
+            lines.append(f"| {p['versus']} | {_num(p['difference'])} [{_num(p['ci_low'])}, {_num(p['ci_high'])}] "
+                         f"| {'yes' if p['beats'] else 'no'} |")
+    return "\n".join(lines) + "\n"
+
+
+BLOCKS: dict[str, Callable[[dict], str]] = {"gist_eval": gist_table, "runtime_eval": runtime_table,
+                                            "runtime_policies": policy_table}
 
 
 def render(name: str, reports_dir: Path) -> str:

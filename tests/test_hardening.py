@@ -202,11 +202,14 @@ def test_unwritable_artifacts_dir_and_impossible_runtime_steps_are_file_problems
     data["artifacts_dir"] = str(tmp_path / "a_file" / "artifacts")
     data["dataset"]["corpora"] = {"mine": {"source": str(tmp_path / "docs" / "*.txt")}}
     data["runtime"]["steps"] = 1000
+    data["mlflow"] = {"tracking_uri": f"sqlite:///{tmp_path / 'a_file' / 'mlflow.db'}"}
     problems = check_files(parse_config(data, "c", tmp_path))
     assert any(p.startswith("artifacts_dir:") and "not a directory" in p for p in problems), problems
+    assert any(p.startswith("mlflow.tracking_uri:") and "not a directory" in p for p in problems), problems
     assert any(p.startswith("runtime.steps:") and "10000 bytes" in p for p in problems), problems
     data["runtime"]["steps"] = 5
     data["artifacts_dir"] = str(tmp_path / "fine")
+    data["mlflow"] = {"tracking_uri": f"sqlite:///{tmp_path / 'fine' / 'mlflow.db'}"}
     assert check_files(parse_config(data, "c", tmp_path)) == []
 
 

@@ -151,6 +151,12 @@ def check_files(cfg: MegaContextConfig, root: str | os.PathLike | None = None) -
         problem = unwritable_dir(resolve_path(value, root))
         if problem:
             problems.append(f"{field}: {problem}")
+    uri = cfg.mlflow.tracking_uri
+    if uri and uri.startswith("sqlite:///"):  # the store's folder must be writable (created on first use)
+        db = resolve_path(uri.removeprefix("sqlite:///"), root)
+        problem = unwritable_dir(db.parent)
+        if problem:
+            problems.append(f"mlflow.tracking_uri: {problem}")
     problems += _runtime_length_problems(cfg, root)
     return problems
 

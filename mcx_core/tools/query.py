@@ -261,7 +261,7 @@ def check_read_only(con, sql: str) -> str:
         raise QueryError(f"give one statement per query (got {len(statements)})")
     kind = statements[0].type.name
     if kind not in READ_STATEMENTS:
-        raise QueryError(f"only read queries run here (SELECT, EXPLAIN), not {kind}")
+        raise QueryError(f"only read queries run here (SELECT, EXPLAIN), not {'INSTALL/LOAD' if kind == 'LOAD' else kind}")
     return sql
 
 

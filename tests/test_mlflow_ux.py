@@ -142,6 +142,7 @@ def test_one_parent_per_dagster_run_and_links_both_ways(tiny_project):
     for key, run in runs.items():
         assert run.data.tags["mlflow.parentRunId"] == parent.info.run_id
         assert run.data.tags["dagster.run_url"] == f"http://dagster.test:3000/runs/{result.run_id}"
+        assert f"(http://dagster.test:3000/runs/{result.run_id})" in run.data.tags["mlflow.note.content"]
         meta = result.asset_materializations_for_node(key)[0].metadata
         assert isinstance(meta["mlflow_run"], dg.UrlMetadataValue)
         assert meta["mlflow_run"].url == f"http://mlflow.test:5000/#/experiments/{exp.experiment_id}/runs/{run.info.run_id}"
@@ -317,7 +318,6 @@ def test_readme_search_runs_query_runs_against_a_store(tmp_path, monkeypatch):
 
 
 def test_tensorboard_sink_writes_the_metrics_mlflow_gets(tmp_path):
-    pytest.importorskip("tensorboard")
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     from mcx_core.telemetry.tensorboard import TensorBoardSink, tensorboard_dir

@@ -48,7 +48,6 @@ class MegaContextSettings(dg.ConfigurableResource):
             self._lock.close()
             self._lock = None
 
-
     def root_dir(self) -> Path:
         return Path(self.root).resolve() if self.root else project_home()
 
@@ -135,6 +134,8 @@ class MLflowTracker(dg.ConfigurableResource):
         }
         if context.has_partition_key:
             tags["dagster.partition_key"] = context.partition_key
+        # The run's description in the MLflow UI: a clickable link back to the Dagster run.
+        tags["mlflow.note.content"] = f"`{asset}` of Dagster run [{context.run_id[:8]}]({tags['dagster.run_url']})"
         run_name = name or f"{asset}-{context.run_id[:8]}"
         t0 = time.perf_counter()
         parent.child_started()

@@ -191,7 +191,8 @@ def test_compare_reports_the_changed_param_and_both_runs_metrics(store, tmp_path
     assert result["params"] == [{"param": "allocator.tau_expand", "a": "0.2", "b": "0.3"}]
     metrics = {r["metric"]: r for r in result["metrics"]}
     assert metrics[M.SWAP_RATE]["a"] == pytest.approx(0.14) and metrics[M.SWAP_RATE]["b"] == pytest.approx(0.18)
-    assert math.isnan(metrics["only/run-a"]["b"]) and math.isnan(metrics["only/run-b"]["a"])
+    # A metric one run lacks is undefined there: null in strict JSON (never NaN, which is not JSON).
+    assert metrics["only/run-a"]["b"] is None and metrics["only/run-b"]["a"] is None
     assert set(result["curves"]) == {M.SWAP_RATE, M.LATENCY_MS}
     md = (out / "compare.md").read_text()
     assert "allocator.tau_expand" in md and "run-a" in md and "run-b" in md and (out / "compare_curves.png").is_file()

@@ -167,9 +167,15 @@ def _first_line(err: BaseException) -> str:
     return text.splitlines()[0] if text else type(err).__name__
 
 
-def _free_space() -> str:
+def _free_space(path: str | None) -> str:
+    """How much is free on the file system of `path` (its nearest existing parent)."""
+    if not path:
+        return "a file being written filled its disk"
+    p = os.path.abspath(path)
+    while p != os.path.dirname(p) and not os.path.exists(p):
+        p = os.path.dirname(p)
     try:
-        return f"{shutil.disk_usage(os.getcwd()).free / 2**20:.0f} MiB free here"
+        return f"{shutil.disk_usage(p).free / 2**20:.1f} MiB free on the disk of {p}"
     except OSError:
         return "free space unknown"
 
@@ -181,13 +187,13 @@ def describe_error(err: BaseException) -> tuple[str, int]:
         if isinstance(e, OSError) and (e.errno in _ERRNO_WORDS or e.filename):
             what = _ERRNO_WORDS.get(e.errno) or e.strerror or _first_line(e)
             where = e.filename if e.filename is None else os.fspath(e.filename)
-            extra = f" ({_free_space()})" if e.errno in (errno.ENOSPC, errno.EDQUOT) else ""
+            extra = f" ({_free_space(where)})" if e.errno in (errno.ENOSPC, errno.EDQUOT) else ""
             return (f"{what}: {where}{extra}" if where else f"{what}{extra}"), EXIT_USAGE
     for e in _causes(err):
         text = str(e)
         # torch.save on a full disk: "PytorchStreamWriter failed writing file ...: file write failed"
         if isinstance(e, RuntimeError) and ("PytorchStreamWriter" in text or "file write failed" in text):
-            return f"writing a file failed (no space left on device? {_free_space()}): {_first_line(e)}", EXIT_USAGE
+            return f"writing a file failed (no space left on device?): {_first_line(e)}", EXIT_USAGE
         mod = type(e).__module__.split(".")[0]
         if mod in ("mlflow", "sqlalchemy"):
             return f"MLflow tracking store: {_first_line(e)}", EXIT_USAGE

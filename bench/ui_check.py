@@ -59,6 +59,26 @@ def graphql(base: str, query: str) -> dict:
         return json.loads(r.read())["data"]
 
 
+LOCATIONS = ("{ workspaceOrError { ... on Workspace { locationEntries { name loadStatus "
+             "locationOrLoadError { __typename ... on PythonError { message } } } } } }")
+
+
+def wait_code_location(base: str, timeout_s: float) -> None:
+    """Until every code location has loaded (the webserver answers before its code server is up);
+    RuntimeError naming the load error of a location that failed."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        entries = graphql(base, LOCATIONS)["workspaceOrError"].get("locationEntries") or []
+        if entries and all(e["loadStatus"] == "LOADED" for e in entries):
+            for e in entries:
+                if (e["locationOrLoadError"] or {}).get("__typename") == "PythonError":
+                    raise RuntimeError(f"code location {e['name']} failed to load: "
+                                       f"{e['locationOrLoadError']['message'].strip()[:500]}")
+            return
+        time.sleep(2)
+    raise RuntimeError(f"the code locations did not load within {timeout_s:.0f} s")
+
+
 def chromium() -> str:
     for name in CHROMIUM:
         if shutil.which(name):
@@ -84,28 +104,44 @@ def render_playwright(page, url: str, png: Path, expect: list[str], markdown: st
     (a metadata key), open that entry's [Show Markdown] and require a rendered image in it."""
     from playwright.sync_api import TimeoutError as PlaywrightTimeout
 
+    def dismiss_dialogs() -> None:  # Dagster's "Join the Dagster community" dialog, shown on first visits
+        skip = page.get_by_role("button", name="Skip")
+        try:
+            skip.first.wait_for(timeout=3000)
+            skip.first.click()
+        except PlaywrightTimeout:
+            pass
+
     misses = []
     page.goto(url, wait_until="networkidle", timeout=180_000)
-    skip = page.get_by_role("button", name="Skip")
-    if skip.count():
-        skip.first.click()
+    dismiss_dialogs()
     for text in expect:
         try:
             page.get_by_text(text).first.wait_for(timeout=60_000)
         except PlaywrightTimeout:
             misses.append(f"{text!r} not on the page")
     if markdown:
+        search = page.get_by_placeholder("Filter metadata keys")  # the table renders only rows in view
+        if search.count():
+            search.first.fill(markdown)
+            page.wait_for_timeout(1000)
         row = page.locator("tr", has=page.get_by_text(markdown, exact=True)).get_by_text("[Show Markdown]")
         if not row.count():
             misses.append(f"metadata {markdown!r}: no [Show Markdown]")
         else:
+            dismiss_dialogs()
             before = page.evaluate(SHOWN_IMAGES)
-            row.first.click()
-            page.wait_for_timeout(2000)
-            if page.evaluate(SHOWN_IMAGES) <= before:
-                misses.append(f"metadata {markdown!r}: the markdown shows no image")
+            try:
+                row.first.click(timeout=30_000)
+                page.wait_for_timeout(2000)
+                if page.evaluate(SHOWN_IMAGES) <= before:
+                    misses.append(f"metadata {markdown!r}: the markdown shows no image")
+            except PlaywrightTimeout:
+                misses.append(f"metadata {markdown!r}: [Show Markdown] could not be opened")
     page.screenshot(path=str(png))
-    return page.content(), misses
+    content = page.content()
+    page.keyboard.press("Escape")  # close the markdown dialog before the next page
+    return content, misses
 
 
 def newest_mlflow_run(db: Path) -> tuple[str, str] | None:
@@ -142,6 +178,7 @@ def check(root: Path, out: Path, config: str, startup_s: float = 240) -> list[st
             dagster, mlflow = f"http://127.0.0.1:{d_port}", f"http://127.0.0.1:{m_port}"
             wait_http(f"{dagster}/server_info", startup_s, procs[0])
             wait_http(f"{mlflow}/health", startup_s, procs[1])
+            wait_code_location(dagster, startup_s)
             runs = graphql(dagster, "{ runsOrError(limit: 20) { ... on Runs { results { runId jobName status } } } }")
             results = runs["runsOrError"]["results"]
             run = next((r for r in results if r["jobName"] == "mcx_pipeline"), results[0] if results else None)
@@ -205,6 +242,9 @@ def main(argv: list[str] | None = None) -> int:
     except FileNotFoundError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except RuntimeError as err:  # a server that did not come up, a code location that did not load
+        print(f"MISSING {err}")
+        return 1
     for m in misses:
         print(f"MISSING {m}")
     print(f"{'ui-check passed' if not misses else f'{len(misses)} missing'}; screenshots in {out}")

@@ -240,9 +240,9 @@ def profile(config_path, checkpoint, text_path, prefill, warmup, policy, out_dir
     R, H = cfg.runtime.refocus_every, cfg.dataset.horizon
     pre = cfg.runtime.prefill_tokens if prefill is None else prefill
     ids = _profile_tokens(cfg, lm, text_path, (warmup + 2) * R + H + (1 if text_path else pre))
-    pol = focus_policy(policy, ck, lm, H, cfg.seed, ids)
     traces = Path(out_dir) if out_dir else ArtifactPaths.from_config(cfg).traces / "profile"
-    try:
+    try:  # a corrupt checkpoint is a CheckpointError (a ValueError): one line
+        pol = focus_policy(policy, ck, lm, H, cfg.seed, ids)
         res = profiling.profile_runtime_step(cfg, lm, load_gister(ck, lm), pol, ids, traces, output_dir(cfg),
                                              prefill=prefill, warmup_steps=warmup)
     except ValueError as err:

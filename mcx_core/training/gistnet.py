@@ -394,7 +394,7 @@ def train_gistnet(
     """
     t_start = time.perf_counter()
     tcfg = cfg.gistnet.training
-    C, H, K = cfg.dataset.context_tokens, cfg.dataset.horizon, cfg.dataset.block_size
+    C, K = cfg.dataset.context_tokens, cfg.dataset.block_size
     checkpoints_dir = Path(checkpoints_dir)
     base_checksum = lm.weights_checksum()
     sink, rank, world = distributed.main_sink(sink), distributed.process_index(), distributed.world_size()

@@ -59,6 +59,8 @@ class ViewContext:
 
     def skip(self, path: Path, why: str) -> None:
         msg = f"skipped {path}: {why}"
+        if msg in self.skipped:  # two views over one folder (deltas, eval_sweep): one warning per file
+            return
         self.skipped.append(msg)
         self.on_skip(msg)
 

@@ -151,7 +151,8 @@ def assert_no_run_left_open(root: Path) -> None:
     exps = [e.experiment_id for e in client.search_experiments()]
     runs = client.search_runs(exps, max_results=1000)
     assert not [r.info.run_id for r in runs if r.info.status == "RUNNING"]
-    marked = [r for r in runs if "mcx.failure_reason" in r.data.tags]
+    # A parent run (`mcx.role`) marked failed is re-opened by the next child and ends with it; the rest stay FAILED.
+    marked = [r for r in runs if "mcx.failure_reason" in r.data.tags and "mcx.role" not in r.data.tags]
     assert marked and all(r.info.status == "FAILED" for r in marked)
 
 

@@ -45,3 +45,22 @@ def test_missing_report_or_unknown_block_is_one_line_exit_2(tmp_path, capsys):
     md.write_text("<!-- numbers:begin nope -->\nx\n<!-- numbers:end -->\n")
     assert readme.main(["--readme", str(md), "--reports", str(tmp_path / "reports")]) == 2
     assert "unknown" in capsys.readouterr().err
+
+
+def test_policy_block_lists_each_policy_and_the_paired_lensnet_rows():
+    report = {
+        "comparison": [
+            {"policy": "recency", "loss_at_h": 3.344, "swap_rate": 0.0085, "expands": 0, "swaps": 0,
+             "mean_residency": None, "residency_samples": 0, "age_out_collapses": 36, "utilization": 0.908,
+             "latency_p50_ms": 700.0},
+            {"policy": "lensnet", "loss_at_h": 3.3136, "swap_rate": 0.0141, "expands": 12, "swaps": 12,
+             "mean_residency": 3.1429, "residency_samples": 7, "age_out_collapses": 36, "utilization": 0.908,
+             "latency_p50_ms": 710.0},
+        ],
+        "paired": [{"policy": "lensnet", "versus": "recency", "difference": -0.0308, "ci_low": -0.0531,
+                    "ci_high": -0.0109, "beats": True, "samples": 32}],
+    }
+    text = readme.policy_table(report)
+    assert "| recency | 3.344 | 0.009 | 0 | 0 | — | 0 | 36 | 0.908 | 700.000 |" in text
+    assert "| lensnet | 3.314 | 0.014 | 12 | 12 | 3.143 | 7 | 36 |" in text
+    assert "| recency | -0.031 [-0.053, -0.011] | yes |" in text

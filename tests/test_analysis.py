@@ -225,7 +225,7 @@ def test_gist_drift_across_checkpoints(tmp_path):
     (tmp_path / "JT1_cycle2_step1").mkdir()  # incomplete: no trainer state
     cks = checkpoints.list_checkpoints(tmp_path, 1)
     assert [c.name for c in cks] == ["JT1_cycle0_step3", "JT1_cycle0_step10", "JT1_cycle1_step2"]
-    lm = SimpleNamespace(device=torch.device("cpu"))
+    lm = SimpleNamespace(device=torch.device("cpu"), d_model=64, model_id=None)  # checkpoints validated against it
     rows = A.drift_rows(cks, lm, torch.randn(6, K, 64))
     assert rows[1]["cosine_to_first"] == pytest.approx(1.0, abs=1e-5)
     assert rows[2]["cosine_to_first"] < 0.99 and rows[2]["cosine_to_previous"] == pytest.approx(rows[2]["cosine_to_first"])

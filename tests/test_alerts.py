@@ -186,12 +186,16 @@ def test_sensor_raises_each_new_alert_once(tmp_path, monkeypatch):
         "settings": MegaContextSettings(config_path=str(tmp_path / "smoke.yaml"), root=str(tmp_path)),
         "mlflow": MLflowTracker(tracking_uri=f"sqlite:///{tmp_path / 'none' / 'mlflow.db'}"),
     }
+    def tick(instance, cursor=None):  # resources with setup/teardown (the project lock) need the context manager
+        with dg.build_sensor_context(instance=instance, resources=resources, cursor=cursor) as ctx:
+            return telemetry_alerts(ctx)
+
     with dg.instance_for_test() as instance:
-        first = telemetry_alerts(dg.build_sensor_context(instance=instance, resources=resources))
+        first = tick(instance)
         assert first.asset_events == [] and "no new alert" in first.skip_reason.skip_message
 
         (traces / "bad.jsonl").write_text("\n".join(json.dumps(r) for r in records([0.9] * 12, 40.0)) + "\n")
-        second = telemetry_alerts(dg.build_sensor_context(instance=instance, resources=resources, cursor=first.cursor))
+        second = tick(instance, first.cursor)
         (obs,) = second.asset_events
         assert obs.asset_key == dg.AssetKey("runtime_eval")
         assert obs.metadata["alerts_fired"].value == 2
@@ -201,5 +205,5 @@ def test_sensor_raises_each_new_alert_once(tmp_path, monkeypatch):
         assert len(hook) == 1 and {a["name"] for a in hook[0]["alerts"]} == {"swap_rate", "latency"}
 
         (traces / "bad.jsonl").touch()  # re-read, same alerts: not raised again
-        third = telemetry_alerts(dg.build_sensor_context(instance=instance, resources=resources, cursor=second.cursor))
+        third = tick(instance, second.cursor)
         assert third.asset_events == [] and len((tmp_path / "hook.jsonl").read_text().split("\n\n")) == 1

@@ -113,15 +113,28 @@ def render_playwright(page, url: str, png: Path, expect: list[str], markdown: st
             pass
 
     misses = []
-    page.goto(url, wait_until="networkidle", timeout=180_000)
+    page.goto(url, wait_until="load", timeout=180_000)
+    try:  # Dagster settles; MLflow's pages keep polling, so networkidle may never come
+        page.wait_for_load_state("networkidle", timeout=20_000)
+    except PlaywrightTimeout:
+        pass
     dismiss_dialogs()
+    search = page.get_by_placeholder("Filter metadata keys")  # the metadata table renders only rows in view
     for text in expect:
         try:
-            page.get_by_text(text).first.wait_for(timeout=60_000)
+            page.get_by_text(text).first.wait_for(timeout=30_000)
+            continue
+        except PlaywrightTimeout:
+            pass
+        try:  # a metadata key further down: filter the table to it
+            if not search.count():
+                raise PlaywrightTimeout("no metadata table")
+            search.first.fill(text)
+            page.get_by_text(text, exact=True).first.wait_for(timeout=10_000)
+            search.first.fill("")
         except PlaywrightTimeout:
             misses.append(f"{text!r} not on the page")
     if markdown:
-        search = page.get_by_placeholder("Filter metadata keys")  # the table renders only rows in view
         if search.count():
             search.first.fill(markdown)
             page.wait_for_timeout(1000)

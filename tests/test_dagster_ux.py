@@ -15,6 +15,7 @@ from mcx_core.telemetry.schemas import table_kind, validate_artifacts
 from mcx_dagster.definitions import defs
 from mcx_dagster.defs.analysis import ALERT_LEDGER, telemetry_alerts
 from mcx_dagster.defs.resources import MegaContextSettings, MLflowTracker
+from mcx_dagster.defs.sweep import DEMO_SWEEP_SAMPLES
 from mcx_dagster.orchestration import POST_HOC, run_materialize, step_failures
 
 
@@ -45,7 +46,7 @@ def test_cli_runs_are_named_jobs_and_the_demo_writes_one_small_sweep(done):
     table = done["art"] / "deltas" / "eval_sweep.parquet"
     assert table_kind(table) == "eval_sweep"
     rows = pq.read_table(table).to_pylist()
-    assert len(rows) == 2 and all(r["compression_ratio"] > 1 for r in rows)  # DEMO_SWEEP_SAMPLES
+    assert len(rows) == DEMO_SWEEP_SAMPLES and all(r["compression_ratio"] > 1 for r in rows)
 
 
 def test_the_sweep_does_not_touch_the_gate_and_has_its_own_view(done):
@@ -57,7 +58,7 @@ def test_the_sweep_does_not_touch_the_gate_and_has_its_own_view(done):
     con = connect(done["art"])
     assert con.execute("SELECT count(*) FROM deltas WHERE filename LIKE '%eval_sweep%'").fetchone()[0] == 0
     assert con.execute("SELECT count(*) FROM deltas WHERE action IS NULL").fetchone()[0] == 0
-    assert con.execute("SELECT count(*) FROM eval_sweep WHERE compression_ratio > 1").fetchone()[0] == 2
+    assert con.execute("SELECT count(*) FROM eval_sweep WHERE compression_ratio > 1").fetchone()[0] == DEMO_SWEEP_SAMPLES
     n_actions = con.execute("SELECT count(*) FROM actions").fetchone()[0]
     per_step = con.execute("SELECT coalesce(sum(len(actions)), 0) FROM traces WHERE filename LIKE '%runtime_eval%'")
     assert n_actions == per_step.fetchone()[0]  # one row per expand/collapse of the run traces

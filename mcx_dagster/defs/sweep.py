@@ -16,7 +16,7 @@ from mcx_dagster.defs.resources import MegaContextSettings, MLflowTracker
 from mcx_dagster.project import DEFAULT_CONFIG, load_project_config, project_home
 
 SWEEP_ASSET = "eval_sweep"
-DEMO_SWEEP_SAMPLES = 2  # the demo's one sweep cell (mcx_dagster.orchestration.demo_sweep_plan): seconds
+DEMO_SWEEP_SAMPLES = 1  # the demo's one sweep cell (orchestration.demo_sweep_plan): measured ~12 s on SmolLM2-135M, 2 loaded CPU cores
 
 
 class SweepRunConfig(dg.Config):

@@ -2,11 +2,11 @@
 
 import dagster as dg
 
-from mcx_dagster.defs.metadata import floats, problems_result
+from mcx_dagster.defs.metadata import OWNERS, floats, problems_result
 from mcx_dagster.defs.resources import MegaContextSettings, MLflowTracker
 
 
-@dg.asset(group_name="data", kinds={"arrow"})
+@dg.asset(group_name="data", kinds={"arrow"}, owners=OWNERS, tags={"mcx/stage": "data"})
 def block_dataset(
     context: dg.AssetExecutionContext, settings: MegaContextSettings, mlflow: MLflowTracker
 ) -> dg.MaterializeResult:

@@ -2,11 +2,11 @@
 
 import dagster as dg
 
-from mcx_dagster.defs.metadata import floats
+from mcx_dagster.defs.metadata import OWNERS, floats
 from mcx_dagster.defs.resources import MegaContextSettings, MLflowTracker
 
 
-@dg.asset(group_name="models", kinds={"pytorch"})
+@dg.asset(group_name="models", kinds={"pytorch"}, owners=OWNERS, tags={"mcx/stage": "model"})
 def base_model(
     context: dg.AssetExecutionContext, settings: MegaContextSettings, mlflow: MLflowTracker
 ) -> dg.MaterializeResult:

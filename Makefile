@@ -12,7 +12,7 @@ export PIP_DISABLE_PIP_VERSION_CHECK := 1
 # MLflow reads this from the environment on every artifact transfer (no API): no tqdm bars in the logs.
 export MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR := false
 
-.PHONY: setup demo test test-slow dev mlflow bench validate lint clean-artifacts ablate train-long lock
+.PHONY: setup demo test test-slow dev mlflow bench validate lint clean-artifacts ablate train-long ui-check lock
 
 setup: $(STAMP) $(DAGSTER_HOME)/dagster.yaml
 

@@ -147,7 +147,7 @@ def run_runtime_eval(cfg: MegaContextConfig, lm: BaseLM, sink: TelemetrySink | N
         "age_out_collapses": int(summary[M.AGE_OUT_COLLAPSES]), "residency_samples": int(summary[M.RESIDENCY_SAMPLES]),
     }
     sink.log_metrics({f"runtime_eval/{k}": v for k, v in summary.items()}, step=len(records))
-    comparison, paired = [], []
+    comparison, paired, done = [], [], None
     if rc.compare_steps and rc.compare_policies:
         factories = standard_policies(lm, H, seed=cfg.seed, lensnet=lensnet, oracle="oracle" in rc.compare_policies)
         chosen = {k: factories[k] for k in rc.compare_policies if k in factories}
@@ -174,7 +174,9 @@ def run_runtime_eval(cfg: MegaContextConfig, lm: BaseLM, sink: TelemetrySink | N
                          {k: result[k] for k in ("summary", "per_document", "comparison", "paired", "seconds")})
     for p in [*report.values(), *traces]:
         sink.log_artifact(p, "runtime")
-    compared = [paths.traces / "compare" / f"{r['policy']}_doc{d}.jsonl" for r in comparison for d in range(len(docs))]
+    reused = set(done or {})  # their traces are the evaluation's own, not compare/'s
+    compared = [paths.traces / "compare" / f"{r['policy']}_doc{d}.jsonl" for r in comparison
+                for d in range(len(docs)) if r["policy"] not in reused]
     save_stage(cfg, "runtime_eval", fp, result, [*report.values(), *traces, *compared],
                owns=[trace_dir, paths.traces / "compare"])
     return result

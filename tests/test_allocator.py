@@ -458,3 +458,18 @@ def test_residency_counts_only_spans_an_action_placed_and_age_outs_apart():
     assert len(mine) == 1 and mine[0].cause in ("voluntary", "forced") and mine[0].residency == 4
     assert residencies == [4]  # the only residency sample of the run
     assert sum(c == ("collapse", "age_out") for cs in causes for c in cs) >= 7
+
+
+def test_settle_lets_a_prefilled_context_act_at_once():
+    """A prefilled history's initial context was never acted on: after `settle`, minimum residency does
+    not hold its entries (without it every entry is age 0 and blocked for min_residency steps)."""
+    cfg = AllocatorConfig(min_residency=3, cooldown_steps=2)
+    scores_for = lambda wc: torch.tensor([0.9 if e.level == 1 else -0.5 for e in wc.entries])  # noqa: E731
+    fresh_wc, settled_wc = _gist_context(12, lod0=frozenset({3})), _gist_context(12, lod0=frozenset({3}))
+    fresh, settled = FocusAllocator(cfg, fresh_wc.w_max), FocusAllocator(cfg, settled_wc.w_max)
+    settled.settle(settled_wc)
+    assert fresh.step(fresh_wc, scores_for(fresh_wc)).actions == []
+    stats = settled.step(settled_wc, scores_for(settled_wc))
+    assert [a.kind for a in stats.actions][-1] == "expand" and stats.num_swaps == 1
+    assert_full_coverage(settled_wc)
+    assert settled.ages(settled_wc).max() == cfg.min_residency + 1

@@ -145,6 +145,14 @@ class FocusAllocator:
 
     # ------------------------------------------------------------------------------------------ ages
 
+    def settle(self, wc: WorkingContext, age: int | None = None) -> None:
+        """Treat the entries now in `wc` as having sat at their levels for `age` steps (default
+        `min_residency`): a prefilled history's initial context was never changed by an action, so
+        minimum residency has nothing to protect in it. Call before the first step."""
+        age = self.cfg.min_residency if age is None else age
+        for e in wc.entries:
+            self._born[_key(e)] = self.t - age
+
     def ages(self, wc: WorkingContext) -> torch.Tensor:
         """[N] steps each entry has been at its level (0 for entries not seen yet): LensNet's age feature."""
         return torch.tensor([self.t - self._born.get(_key(e), self.t) for e in wc.entries], dtype=torch.long)

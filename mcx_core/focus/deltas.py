@@ -231,6 +231,7 @@ def on_policy_context(
     tree.ingest(history[:start])
     wc = WorkingContext.initial(tree, wcc.w_max, wcc.recent_tokens, wcc.position_scheme, wcc.sink_tokens)
     alloc = FocusAllocator(allocator_cfg, wcc.w_max)
+    alloc.settle(wc)  # as the runtime engine does after a prefill
     gen = torch.Generator().manual_seed(seed)
     for lo in range(start, C, refocus_every):
         tree.ingest(history[lo : min(lo + refocus_every, C)])

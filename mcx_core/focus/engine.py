@@ -228,6 +228,8 @@ class MegaContextEngine:
             self.wc = WorkingContext(self.tree, self.w_max, wcc.recent_tokens, wcc.position_scheme,
                                      sink_tokens=wcc.sink_tokens)
         self.allocator = FocusAllocator(cfg.allocator, self.w_max)
+        if prefill_ids is not None and len(prefill_ids):
+            self.allocator.settle(self.wc)  # the prefilled context was never acted on: no residency to protect
         if isinstance(policy, LensNetPolicy):
             policy.ages_fn = self.allocator.ages  # LensNet's age feature is the allocator's
         self.steps = 0

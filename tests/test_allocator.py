@@ -464,7 +464,7 @@ def test_settle_lets_a_prefilled_context_act_at_once():
     """A prefilled history's initial context was never acted on: after `settle`, minimum residency does
     not hold its entries (without it every entry is age 0 and blocked for min_residency steps)."""
     cfg = AllocatorConfig(min_residency=3, cooldown_steps=2)
-    scores_for = lambda wc: torch.tensor([0.9 if e.level == 1 else -0.5 for e in wc.entries])  # noqa: E731
+    scores_for = lambda wc: torch.tensor([0.9 if e.level == 1 else -0.5 for e in wc.entries])
     fresh_wc, settled_wc = _gist_context(12, lod0=frozenset({3})), _gist_context(12, lod0=frozenset({3}))
     fresh, settled = FocusAllocator(cfg, fresh_wc.w_max), FocusAllocator(cfg, settled_wc.w_max)
     settled.settle(settled_wc)

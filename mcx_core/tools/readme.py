@@ -123,12 +123,13 @@ def policy_table(report: dict) -> str:
 
 BLOCKS: dict[str, Callable[[dict], str]] = {"gist_eval": gist_table, "runtime_eval": runtime_table,
                                             "runtime_policies": policy_table}
+REPORT_OF = {"runtime_policies": "runtime_eval"}  # blocks that read another block's report
 
 
 def render(name: str, reports_dir: Path) -> str:
     if name not in BLOCKS:
         raise ReadmeError(f"README block {name!r}: unknown (known: {', '.join(sorted(BLOCKS))})")
-    path = Path(reports_dir) / f"{name}.json"
+    path = Path(reports_dir) / f"{REPORT_OF.get(name, name)}.json"
     try:
         report = json.loads(path.read_text(encoding="utf-8"))
         return BLOCKS[name](report)
